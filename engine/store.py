@@ -1,0 +1,537 @@
+"""The DuckDB store: schema, the single writer, read-only readers and Polars views.
+
+Only this module speaks SQL to the database file. One process (the run's driver) holds the
+read-write connection; every patient's rows go in within one transaction, deleting any earlier
+rows for the same key first, so a retried or resumed patient can never leave duplicates.
+
+While a run holds the file, DuckDB refuses other processes; readers then fall back to the
+snapshot that the writer refreshes after commits (``<db>.snapshot.duckdb``), which always holds a
+committed, consistent state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+#: Default database file, relative to the working directory.
+DEFAULT_DB = "agg2exp.duckdb"
+
+SCHEMA_VERSION = 1
+
+PATIENT_STATUSES = ("pending", "running", "done", "failed")
+STATS = ("mass", "mean")
+SIGNS = ("abs", "pos", "neg")
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    kind VARCHAR NOT NULL,              -- 'engine' (computed here) or 'import' (reference CSV)
+    job_name VARCHAR,
+    config JSON,
+    versions JSON,
+    started_at TIMESTAMPTZ,
+    finished_at TIMESTAMPTZ,
+    status VARCHAR NOT NULL,            -- running, done, partial, failed, interrupted
+    report JSON
+);
+CREATE TABLE IF NOT EXISTS patients (
+    run_id VARCHAR NOT NULL,
+    patient_id VARCHAR NOT NULL,
+    image_path VARCHAR,
+    label_path VARCHAR,
+    metadata JSON,
+    status VARCHAR NOT NULL,
+    error VARCHAR,
+    traceback VARCHAR,
+    attempts INTEGER DEFAULT 0,
+    worker VARCHAR,
+    seconds DOUBLE,
+    timings JSON,
+    updated_at TIMESTAMPTZ,
+    PRIMARY KEY (run_id, patient_id)
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    run_id VARCHAR NOT NULL,
+    patient_id VARCHAR NOT NULL,
+    class VARCHAR NOT NULL,
+    voxels BIGINT,
+    dice DOUBLE,
+    iou DOUBLE,
+    PRIMARY KEY (run_id, patient_id, class)
+);
+CREATE TABLE IF NOT EXISTS importances (
+    run_id VARCHAR NOT NULL,
+    patient_id VARCHAR NOT NULL,
+    method VARCHAR NOT NULL,
+    target VARCHAR NOT NULL,
+    roi VARCHAR NOT NULL,
+    stat VARCHAR NOT NULL,
+    sign VARCHAR NOT NULL,
+    value DOUBLE,
+    PRIMARY KEY (run_id, patient_id, method, target, roi, stat, sign)
+);
+CREATE TABLE IF NOT EXISTS anomaly_models (
+    model_id VARCHAR PRIMARY KEY,
+    run_id VARCHAR NOT NULL,            -- the run that was scored
+    fit_run_id VARCHAR NOT NULL,        -- the run the forests were fitted on
+    mode VARCHAR NOT NULL,              -- 'within-run' or 'reference'
+    method VARCHAR NOT NULL,
+    sign VARCHAR NOT NULL,
+    seed BIGINT,
+    params JSON,
+    features JSON,
+    spearman_dice DOUBLE,
+    spearman_p DOUBLE,
+    created_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS anomaly_scores (
+    model_id VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    patient_id VARCHAR NOT NULL,
+    target VARCHAR NOT NULL,            -- a class name, or '__mean__' for the mean over classes
+    score DOUBLE,                       -- anomaly score, -score_samples: higher is more anomalous
+    raw_score DOUBLE,                   -- scikit-learn score_samples
+    decision DOUBLE,                    -- scikit-learn decision_function (= raw_score - offset)
+    "offset" DOUBLE,
+    PRIMARY KEY (model_id, patient_id, target)
+);
+"""
+
+#: Column order and Polars dtypes of the importances table (the long format).
+IMPORTANCE_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String(),
+    "patient_id": pl.String(),
+    "method": pl.String(),
+    "target": pl.String(),
+    "roi": pl.String(),
+    "stat": pl.String(),
+    "sign": pl.String(),
+    "value": pl.Float64(),
+}
+
+PREDICTION_SCHEMA: dict[str, pl.DataType] = {
+    "run_id": pl.String(),
+    "patient_id": pl.String(),
+    "class": pl.String(),
+    "voxels": pl.Int64(),
+    "dice": pl.Float64(),
+    "iou": pl.Float64(),
+}
+
+
+
+class StoreError(RuntimeError):
+    """A store problem the user can act on (missing file, unknown run, locked database)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def snapshot_path(path: str | os.PathLike[str]) -> Path:
+    """Where the writer publishes consistent snapshots for live readers."""
+    p = Path(path)
+    return p.with_name(p.name + ".snapshot.duckdb")
+
+
+@dataclass(frozen=True)
+class PatientResult:
+    """What one patient's processing sends back to the writer: small records only."""
+
+    patient_id: str
+    importances: pl.DataFrame  # method, target, roi, stat, sign, value
+    predictions: pl.DataFrame  # class, voxels, dice, iou
+    worker: str | None = None
+    seconds: float | None = None
+    timings: Mapping[str, float] | None = None
+
+
+class Store:
+    """A connection to one store file.
+
+    ``read_only=True`` (the default for readers) never takes the write lock; when another
+    process is writing, it transparently opens the latest snapshot instead and sets
+    ``is_snapshot``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = True) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self.is_snapshot = False
+        self._last_snapshot = 0.0
+        self._last_snapshot_cost = 0.0
+        if read_only:
+            self.con = self._open_reader()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.con = duckdb.connect(str(self.path))
+            except duckdb.IOException as exc:
+                raise StoreError(
+                    f"cannot open {self.path} for writing: {exc}. Another run may be writing to it; "
+                    "wait for it to finish or pass a different --db"
+                ) from exc
+            self.con.execute(_DDL)
+            self.con.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    # ------------------------------------------------------------------ opening
+    def _open_reader(self) -> duckdb.DuckDBPyConnection:
+        if not self.path.exists():
+            raise StoreError(
+                f"no store at {self.path}; run `agg2exp demo` or `agg2exp run JOB.toml` first, "
+                "or pass --db PATH"
+            )
+        try:
+            return duckdb.connect(str(self.path), read_only=True)
+        except (duckdb.IOException, duckdb.ConnectionException):
+            snap = snapshot_path(self.path)
+            if not snap.exists():
+                raise StoreError(
+                    f"{self.path} is locked by a running job and it has not published a snapshot "
+                    "yet; try again in a few seconds"
+                ) from None
+            self.is_snapshot = True
+            return duckdb.connect(str(snap), read_only=True)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_writer(self) -> None:
+        if self.read_only:
+            raise StoreError("this store was opened read-only; open it with read_only=False to write")
+
+    # ------------------------------------------------------------------ runs
+    def create_run(
+        self,
+        run_id: str,
+        *,
+        config: Mapping[str, Any],
+        versions: Mapping[str, str] | None = None,
+        job_name: str | None = None,
+        kind: str = "engine",
+    ) -> bool:
+        """Create a run, or mark an existing one running again; returns True if it was new."""
+        self._require_writer()
+        exists = self.con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchall()
+        if exists:
+            self.con.execute(
+                "UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", [run_id]
+            )
+            return False
+        self.con.execute(
+            "INSERT INTO runs (run_id, kind, job_name, config, versions, started_at, status) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'running')",
+            [run_id, kind, job_name, json.dumps(config, default=str),
+             json.dumps(dict(versions or {})), _now()],
+        )
+        return True
+
+    def finish_run(self, run_id: str, *, status: str, report: Mapping[str, Any] | None = None) -> None:
+        self._require_writer()
+        self.con.execute(
+            "UPDATE runs SET status = ?, finished_at = ?, report = ? WHERE run_id = ?",
+            [status, _now(), json.dumps(report or {}, default=str), run_id],
+        )
+        self.publish_snapshot(force=True)
+
+    def run_ids(self) -> list[str]:
+        return [r[0] for r in self.con.execute("SELECT run_id FROM runs ORDER BY started_at").fetchall()]
+
+    def latest_run(self) -> str:
+        rows = self.con.execute(
+            "SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1"
+        ).fetchall()
+        row = rows[0] if rows else None
+        if row is None:
+            raise StoreError(f"{self.path} holds no runs yet")
+        return str(row[0])
+
+    def require_run(self, run_id: str | None) -> str:
+        """The given run id if it exists (the latest run when None); a clear error otherwise."""
+        if run_id is None:
+            return self.latest_run()
+        if not self.con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchall():
+            known = ", ".join(self.run_ids()) or "none"
+            raise StoreError(f"run {run_id!r} is not in {self.path}; known runs: {known}")
+        return run_id
+
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        rows = self.frame("SELECT * FROM runs WHERE run_id = ?", [run_id]).to_dicts()
+        if not rows:
+            raise StoreError(f"run {run_id!r} is not in {self.path}")
+        out = rows[0]
+        for key in ("config", "versions", "report"):
+            if isinstance(out.get(key), str):
+                out[key] = json.loads(out[key])
+        return out
+
+    # ------------------------------------------------------------------ patients
+    def register_patients(self, run_id: str, manifest: pl.DataFrame) -> int:
+        """Add manifest rows as ``pending`` patients; existing patients keep their state.
+
+        ``manifest`` needs ``patient_id`` and ``image_path``; ``label_path`` is optional and every
+        other column is kept as metadata. Returns the number of newly added patients.
+        """
+        self._require_writer()
+        meta_cols = [c for c in manifest.columns if c not in ("patient_id", "image_path", "label_path")]
+        rows = []
+        for rec in manifest.iter_rows(named=True):
+            meta = {c: rec[c] for c in meta_cols}
+            rows.append((
+                run_id, str(rec["patient_id"]), str(rec.get("image_path") or ""),
+                rec.get("label_path"), json.dumps(meta, default=str), "pending", _now(),
+            ))
+        before = self._count("patients", run_id)
+        self.con.begin()
+        self.con.executemany(
+            "INSERT INTO patients (run_id, patient_id, image_path, label_path, metadata, status, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            rows,
+        )
+        self.con.commit()
+        return self._count("patients", run_id) - before
+
+    def _count(self, table: str, run_id: str) -> int:
+        assert table in ("patients", "importances", "predictions")
+        return int(self.con.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]).fetchall()[0][0])  # noqa: S608
+
+    def patient_ids(self, run_id: str, *, status: Sequence[str] | None = None) -> list[str]:
+        if status is None:
+            rows = self.con.execute(
+                "SELECT patient_id FROM patients WHERE run_id = ? ORDER BY patient_id", [run_id]
+            ).fetchall()
+        else:
+            rows = self.con.execute(
+                "SELECT patient_id FROM patients WHERE run_id = ? AND list_contains(?, status) "
+                "ORDER BY patient_id",
+                [run_id, list(status)],
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def status_counts(self, run_id: str) -> dict[str, int]:
+        rows = self.con.execute(
+            "SELECT status, count(*) FROM patients WHERE run_id = ? GROUP BY status", [run_id]
+        ).fetchall()
+        return {s: 0 for s in PATIENT_STATUSES} | {r[0]: int(r[1]) for r in rows}
+
+    def write_patient(self, run_id: str, result: PatientResult) -> int:
+        """Store one patient's rows in one transaction, replacing earlier rows for the same key.
+
+        Returns the number of importance rows written.
+        """
+        self._require_writer()
+        imp = result.importances.with_columns(
+            pl.lit(run_id).alias("run_id"), pl.lit(result.patient_id).alias("patient_id")
+        ).select(list(IMPORTANCE_SCHEMA)).cast(IMPORTANCE_SCHEMA)  # type: ignore[arg-type]
+        pred = result.predictions.with_columns(
+            pl.lit(run_id).alias("run_id"), pl.lit(result.patient_id).alias("patient_id")
+        )
+        for col in ("dice", "iou"):
+            if col not in pred.columns:
+                pred = pred.with_columns(pl.lit(None, dtype=pl.Float64).alias(col))
+        pred = pred.select(list(PREDICTION_SCHEMA)).cast(PREDICTION_SCHEMA)  # type: ignore[arg-type]
+        methods = imp["method"].unique().to_list()
+        self.con.begin()
+        try:
+            self.con.execute(
+                "DELETE FROM importances WHERE run_id = ? AND patient_id = ? AND list_contains(?, method)",
+                [run_id, result.patient_id, methods],
+            )
+            self.con.execute(
+                "DELETE FROM predictions WHERE run_id = ? AND patient_id = ?", [run_id, result.patient_id]
+            )
+            self.con.register("_imp", imp.to_arrow())
+            self.con.register("_pred", pred.to_arrow())
+            self.con.execute("INSERT INTO importances SELECT * FROM _imp")
+            self.con.execute("INSERT INTO predictions SELECT * FROM _pred")
+            self.con.unregister("_imp")
+            self.con.unregister("_pred")
+            self.con.execute(
+                "UPDATE patients SET status = 'done', error = NULL, traceback = NULL, worker = ?, "
+                "seconds = ?, timings = ?, attempts = attempts + 1, updated_at = ? "
+                "WHERE run_id = ? AND patient_id = ?",
+                [result.worker, result.seconds, json.dumps(dict(result.timings or {})), _now(),
+                 run_id, result.patient_id],
+            )
+            self.con.commit()
+        except Exception:
+            self.con.rollback()
+            raise
+        return imp.height
+
+    def mark_failed(
+        self, run_id: str, patient_id: str, *, error: str, traceback: str | None = None,
+        worker: str | None = None,
+    ) -> None:
+        """Record a patient as failed with a readable reason; its earlier rows are kept."""
+        self._require_writer()
+        self.con.execute(
+            "UPDATE patients SET status = 'failed', error = ?, traceback = ?, worker = ?, "
+            "attempts = attempts + 1, updated_at = ? WHERE run_id = ? AND patient_id = ?",
+            [error, traceback, worker, _now(), run_id, patient_id],
+        )
+
+    # ------------------------------------------------------------------ snapshots
+    def publish_snapshot(self, *, force: bool = False, min_interval: float = 2.0) -> Path | None:
+        """Publish a consistent copy for live readers.
+
+        The copy is made by DuckDB itself (``COPY FROM DATABASE``) into a temporary file that is
+        then renamed over the previous snapshot, so readers only ever see committed states. The
+        main file is never opened by Python: closing any descriptor of it would drop DuckDB's
+        POSIX lock. Copies are throttled to at most one per ``min_interval`` seconds, or ten
+        times the last copy's duration when that is longer, so that a large store does not
+        spend its time copying.
+        """
+        if self.read_only:
+            return None
+        now = time.monotonic()
+        interval = max(min_interval, 10.0 * self._last_snapshot_cost)
+        if not force and now - self._last_snapshot < interval:
+            return None
+        final = snapshot_path(self.path)
+        tmp = final.with_name(final.name + f".{os.getpid()}.tmp")
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            if leftover.exists():
+                leftover.unlink()
+        current = self.con.execute("SELECT current_database()").fetchall()[0][0]
+        self.con.execute("ATTACH ? AS _snapshot", [str(tmp)])
+        try:
+            self.con.execute(f'COPY FROM DATABASE "{current}" TO _snapshot')
+        finally:
+            self.con.execute("DETACH _snapshot")
+        os.replace(tmp, final)
+        self._last_snapshot = time.monotonic()
+        self._last_snapshot_cost = self._last_snapshot - now
+        return final
+
+    # ------------------------------------------------------------------ reading
+    def frame(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pl.DataFrame:
+        """Run a read query with bound parameters and return a Polars frame."""
+        return self.con.sql(sql, params=params or None).pl()
+
+    def importances(self, run_id: str | None = None, *, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
+        """The importances table (one run, or all), in the long format."""
+        if run_id is None:
+            df = self.frame("SELECT * FROM importances")
+        else:
+            df = self.frame("SELECT * FROM importances WHERE run_id = ?", [self.require_run(run_id)])
+        return df.lazy() if lazy else df
+
+    def predictions(self, run_id: str | None = None) -> pl.DataFrame:
+        if run_id is None:
+            return self.frame("SELECT * FROM predictions")
+        return self.frame("SELECT * FROM predictions WHERE run_id = ?", [self.require_run(run_id)])
+
+    def patients(self, run_id: str | None = None, *, unnest_metadata: bool = True) -> pl.DataFrame:
+        """Patients with their status; manifest metadata unnested into columns."""
+        if run_id is None:
+            df = self.frame("SELECT * FROM patients ORDER BY run_id, patient_id")
+        else:
+            df = self.frame(
+                "SELECT * FROM patients WHERE run_id = ? ORDER BY patient_id", [self.require_run(run_id)]
+            )
+        if unnest_metadata and df.height:
+            meta = pl.DataFrame([json.loads(m or "{}") for m in df["metadata"].to_list()],
+                                infer_schema_length=None)
+            meta = meta.select([c for c in meta.columns if c not in df.columns])
+            df = pl.concat([df.drop("metadata"), meta], how="horizontal")
+        return df
+
+    def anomaly_scores(self, run_id: str | None = None) -> pl.DataFrame:
+        if run_id is None:
+            return self.frame("SELECT * FROM anomaly_scores")
+        return self.frame("SELECT * FROM anomaly_scores WHERE run_id = ?", [self.require_run(run_id)])
+
+    def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pl.DataFrame:
+        """Ad-hoc read-only SQL. Statements that would write are refused before they run."""
+        check_read_only_sql(query)
+        return self.frame(query, params)
+
+    def table_counts(self, run_id: str) -> dict[str, int]:
+        return {t: self._count(t, run_id) for t in ("patients", "predictions", "importances")}
+
+    # ------------------------------------------------------------------ anomaly
+    def write_anomaly(
+        self, *, model: Mapping[str, Any], scores: pl.DataFrame
+    ) -> None:
+        """Store one anomaly model's description and its scores, replacing an earlier model_id."""
+        self._require_writer()
+        model_id = str(model["model_id"])
+        cols = ["model_id", "run_id", "fit_run_id", "mode", "method", "sign", "seed", "params",
+                "features", "spearman_dice", "spearman_p"]
+        vals = [model.get(c) for c in cols]
+        for i, c in enumerate(cols):
+            if c in ("params", "features"):
+                vals[i] = json.dumps(vals[i], default=str)
+        self.con.begin()
+        try:
+            self.con.execute("DELETE FROM anomaly_scores WHERE model_id = ?", [model_id])
+            self.con.execute("DELETE FROM anomaly_models WHERE model_id = ?", [model_id])
+            self.con.execute(
+                f"INSERT INTO anomaly_models ({', '.join(cols)}, created_at) "
+                f"VALUES ({', '.join('?' * len(cols))}, ?)",
+                [*vals, _now()],
+            )
+            out = scores.with_columns(pl.lit(model_id).alias("model_id")).select(
+                "model_id", "run_id", "patient_id", "target", "score", "raw_score", "decision", "offset"
+            )
+            self.con.register("_scores", out.to_arrow())
+            self.con.execute("INSERT INTO anomaly_scores SELECT * FROM _scores")
+            self.con.unregister("_scores")
+            self.con.commit()
+        except Exception:
+            self.con.rollback()
+            raise
+
+
+def check_read_only_sql(query: str) -> None:
+    """Refuse SQL that would write, with a message that says where writes belong."""
+    import re
+
+    stripped = re.sub(r"--[^\n]*|/\*.*?\*/", " ", query, flags=re.S).strip().lower()
+    statements = [s.strip() for s in stripped.split(";") if s.strip()]
+    if len(statements) != 1:
+        raise StoreError("give exactly one SQL statement (no ';'-separated scripts)")
+    first = statements[0].split(None, 1)[0] if statements[0] else ""
+    if first not in ("select", "with", "from", "describe", "show", "summarize", "explain", "values", "table"):
+        raise StoreError(
+            f"only read-only SQL is allowed here (got a {first.upper() or 'empty'} statement); "
+            "the store is written by runs and analytics commands"
+        )
+    # The reader connection is opened read_only, so DuckDB itself refuses any write that slips
+    # past this check; the check exists to give a clear message before anything runs.
+
+
+def open(path: str | os.PathLike[str] = DEFAULT_DB) -> Store:  # noqa: A001 - mirrors duckdb.connect
+    """Open a store read-only for exploration (notebooks, the CLI)."""
+    return Store(path, read_only=True)
+
+
+def open_writer(path: str | os.PathLike[str] = DEFAULT_DB) -> Store:
+    """Open a store for writing; only one process may do so at a time."""
+    return Store(path, read_only=False)
+
+
+def rows_from_records(records: Iterable[Mapping[str, Any]], schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    """Build a frame with a fixed schema (empty input gives an empty, typed frame)."""
+    return pl.DataFrame(list(records), schema=dict(schema))
