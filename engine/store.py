@@ -24,6 +24,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from engine.errors import UserError
+
 #: Default database file, relative to the working directory.
 DEFAULT_DB = "agg2exp.duckdb"
 
@@ -132,7 +134,7 @@ PREDICTION_SCHEMA: dict[str, pl.DataType] = {
 
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """A store problem the user can act on (missing file, unknown run, locked database)."""
 
 

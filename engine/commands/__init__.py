@@ -1,0 +1,1 @@
+"""One module per ``agg2exp`` command; each exposes ``register(subparsers)``."""
