@@ -1,0 +1,218 @@
+"""``explain_volume``: one volume in, predicted label map and RoI importances out.
+
+Steps, all on the compute device: stitched clean prediction (MONAI sliding windows) → masks M_c →
+per-class gradient maps for the chosen method (classes batched per window, memory bounded to the
+K maps being accumulated) → one scatter pass per class into RoI statistics. Maps are freed unless
+``return_maps`` asks to keep them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import torch
+
+from engine.aggregate import RoISet, aggregate
+from engine.attribution.gradients import GRADIENT_METHODS, GradientMethod, gradient_method
+from engine.attribution.sliding import BlendMode, VJPMode, stitched_forward, window_geometry, window_gradients
+from engine.attribution.targets import TargetSeeds, resolve_target_kind
+from engine.labels import resolve_class_names
+
+ClassRef = int | str
+
+
+@dataclass
+class Explanation:
+    """What ``explain_volume`` returns.
+
+    ``prediction`` is the (D, H, W) label map of the clean stitched prediction; ``importances`` is
+    the long format (target, roi, stat, sign, value); ``maps`` (class name → (D, H, W) attribution,
+    summed over input channels) only when ``return_maps=True``; ``logits`` the stitched logits
+    when ``return_logits=True``.
+    """
+
+    prediction: torch.Tensor
+    importances: pl.DataFrame
+    class_names: tuple[str, ...]
+    targets: tuple[str, ...]
+    method: str
+    options: dict[str, Any]
+    maps: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    work: dict[str, int] = field(default_factory=dict)
+
+    def voxels(self) -> dict[str, int]:
+        """Predicted voxel count per class."""
+        counts = torch.bincount(self.prediction.flatten().long(), minlength=len(self.class_names))
+        return {n: int(c) for n, c in zip(self.class_names, counts.tolist())}
+
+
+def _resolve_targets(targets: Sequence[ClassRef] | None, names: tuple[str, ...], present: list[int]) -> list[int]:
+    if targets is None:
+        return present
+    out = []
+    for t in targets:
+        if isinstance(t, str):
+            if t not in names:
+                raise ValueError(f"unknown target class {t!r}; classes are {list(names)}")
+            out.append(names.index(t))
+        else:
+            if not 0 <= int(t) < len(names):
+                raise ValueError(f"target index {t} is out of range for {len(names)} classes")
+            out.append(int(t))
+    return [c for c in dict.fromkeys(out) if c in present]
+
+
+def _device_of(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def compute_maps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    prediction: torch.Tensor,
+    classes: Sequence[int],
+    method: GradientMethod,
+    *,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    blend: BlendMode = "constant",
+    target: str = "sum",
+    seed: int = 0,
+    window_batch: int = 1,
+    class_chunk: int | None = None,
+    vjp: VJPMode = "auto",
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Attribution maps (K, C_in, *S) of ``classes`` for input ``x`` (1, C_in, *S).
+
+    ``class_chunk`` bounds how many class maps are accumulated at once (each chunk repeats the
+    forwards); the noise of every chunk is the same, since the generator restarts from ``seed``.
+    """
+    geometry = window_geometry(x.shape[2:], roi_size, overlap=overlap, blend=blend, device=x.device)
+    seeds = TargetSeeds(
+        target, prediction, geometry, model=model, blend=blend, overlap=overlap,
+        window_batch=window_batch, autocast_dtype=autocast_dtype,
+    )
+    chunk = len(classes) if not class_chunk else max(1, int(class_chunk))
+    out = torch.zeros((len(classes), x.shape[1], *x.shape[2:]), device=x.device)
+    work = {"forwards": 0, "vjps": 0, "passes": 0}
+    for lo in range(0, len(classes), chunk):
+        part = list(classes[lo:lo + chunk])
+        generator = torch.Generator(device=x.device).manual_seed(int(seed))
+        acc = out[lo:lo + chunk]
+        for xi, weight in method.passes(x, generator=generator):
+            _, counters = window_gradients(
+                model, xi, geometry, part, seeds.seed_fn(xi), window_batch=window_batch, vjp=vjp,
+                autocast_dtype=autocast_dtype, out=acc, scale=weight,
+            )
+            work["forwards"] += counters["forwards"]
+            work["vjps"] += counters["vjps"]
+            work["passes"] += 1
+    method.finalize(x, out)
+    return out, work
+
+
+def explain_volume(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    *,
+    method: str = "smoothgrad",
+    targets: Sequence[ClassRef] | None = None,
+    class_names: Sequence[str] | None = None,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    blend: BlendMode = "constant",
+    seed: int = 0,
+    return_maps: bool = False,
+    return_logits: bool = False,
+    device: torch.device | str | None = None,
+    target: str = "sum",
+    rois: RoISet | None = None,
+    window_batch: int = 1,
+    class_chunk: int | None = None,
+    vjp: VJPMode = "auto",
+    autocast_dtype: torch.dtype | None = None,
+    **method_options: Any,
+) -> Explanation:
+    """Explain every (or each requested) predicted class of one volume and aggregate into RoIs.
+
+    ``model`` maps (B, C_in, *roi_size) to (B, C_out, *roi_size) logits; ``image`` is (C_in, D, H, W).
+    ``targets=None`` explains every class present in the prediction. RoIs default to the predicted
+    segments (named like the classes); pass ``rois`` for custom or joined RoIs. Method options:
+    ``n_samples``, ``sigma`` (SmoothGrad); ``steps``, ``baseline`` (IG).
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be (C_in, D, H, W), got shape {tuple(image.shape)}")
+    if not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values; fix or exclude the volume")
+    resolve_target_kind(target)
+    if method not in GRADIENT_METHODS:
+        from engine.attribution import perturbation
+
+        if method in perturbation.PERTURBATION_METHODS:
+            return perturbation.explain_volume_perturbation(
+                model, image, method=method, targets=targets, class_names=class_names, roi_size=roi_size,
+                overlap=overlap, blend=blend, seed=seed, device=device, target=target, rois=rois,
+                window_batch=window_batch, **method_options,
+            )
+    grad_method = gradient_method(method, **method_options)
+    dev = _device_of(model, device)
+    was_training = model.training
+    model.eval()
+    timings: dict[str, float] = {}
+    try:
+        x = image.to(dev, torch.float32)[None]
+        t0 = time.perf_counter()
+        geometry = window_geometry(x.shape[2:], roi_size, overlap=overlap, blend=blend, device=dev)
+        logits = stitched_forward(
+            model, x, geometry, blend=blend, overlap=overlap, window_batch=window_batch,
+            autocast_dtype=autocast_dtype,
+        )[0]
+        names = resolve_class_names(logits.shape[0], class_names)
+        prediction = logits.argmax(0)
+        timings["predict"] = time.perf_counter() - t0
+        present = torch.unique(prediction).tolist()
+        classes = _resolve_targets(targets, names, present)
+        t0 = time.perf_counter()
+        maps, work = compute_maps(
+            model, x, prediction, classes, grad_method, roi_size=roi_size, overlap=overlap, blend=blend,
+            target=target, seed=seed, window_batch=window_batch, class_chunk=class_chunk, vjp=vjp,
+            autocast_dtype=autocast_dtype,
+        )
+        maps = maps.sum(dim=1)  # over input channels: (K, *S)
+        work["forwards"] += geometry.n_windows
+        timings["attribute"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        roi_set = rois if rois is not None else RoISet(prediction, names)
+        target_names = [names[c] for c in classes]
+        importances = aggregate(maps, roi_set, target_names) if classes else aggregate(
+            maps.new_zeros((0, *maps.shape[1:])), roi_set, []
+        )
+        timings["aggregate"] = time.perf_counter() - t0
+        kept = {n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None
+        return Explanation(
+            prediction=prediction.cpu(),
+            importances=importances,
+            class_names=names,
+            targets=tuple(target_names),
+            method=grad_method.name,
+            options={**grad_method.options(), "target": target, "blend": blend, "overlap": overlap,
+                     "roi_size": list(roi_size), "seed": seed},
+            maps=kept,
+            logits=logits.cpu() if return_logits else None,
+            timings=timings,
+            work=work,
+        )
+    finally:
+        model.train(was_training)
+
