@@ -9,7 +9,7 @@ K maps being accumulated) → one scatter pass per class into RoI statistics. Ma
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,7 @@ def explain_volume(
     device: torch.device | str | None = None,
     target: str = "sum",
     rois: RoISet | None = None,
+    joined_rois: Mapping[str, Sequence[str]] | None = None,
     window_batch: int = 1,
     class_chunk: int | None = None,
     vjp: VJPMode = "auto",
@@ -148,7 +149,8 @@ def explain_volume(
 
     ``model`` maps (B, C_in, *roi_size) to (B, C_out, *roi_size) logits; ``image`` is (C_in, D, H, W).
     ``targets=None`` explains every class present in the prediction. RoIs default to the predicted
-    segments (named like the classes); pass ``rois`` for custom or joined RoIs. Method options:
+    segments (named like the classes), plus ``joined_rois`` (e.g. ``{"lung": (five lobes)}``); pass
+    ``rois`` for custom RoIs (a :class:`~engine.aggregate.RoISet`). Method options:
     ``n_samples``, ``sigma`` (SmoothGrad); ``steps``, ``baseline`` (IG).
     """
     if image.dim() != 4:
@@ -193,7 +195,9 @@ def explain_volume(
         work["forwards"] += geometry.n_windows
         timings["attribute"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        roi_set = rois if rois is not None else RoISet(prediction, names)
+        roi_set = rois if rois is not None else RoISet(
+            prediction, names, {k: tuple(v) for k, v in (joined_rois or {}).items()}
+        )
         target_names = [names[c] for c in classes]
         importances = aggregate(maps, roi_set, target_names) if classes else aggregate(
             maps.new_zeros((0, *maps.shape[1:])), roi_set, []
