@@ -1,0 +1,159 @@
+"""One patient, start to finish, without Ray: read → preprocess → model → attribution → RoI rows.
+
+:class:`PatientProcessor` loads and validates the model once, then turns manifest records into
+small results (RoI importance rows, predicted voxel counts, Dice) or a failure with a readable
+reason. The Ray runtime wraps it in actors; tests and notebooks can use it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from engine.aggregate import RoISet
+from engine.attribution import explain_volume
+from engine.errors import UserError
+from engine.jobs import JobSpec
+from engine.metrics import dice_iou
+from engine.store import PatientResult
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A patient that could not be processed: the reason for the user and a traceback summary."""
+
+    patient_id: str
+    error: str
+    traceback: str
+    worker: str
+
+
+Outcome = PatientResult | Failure
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("[runtime] device = 'cuda' but no CUDA device is visible to this worker")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_model(spec: JobSpec) -> Any:
+    """The job's model (``engine.models.LoadedModel``), validated before any patient is processed."""
+    from engine import models
+
+    model_cfg = dict(spec.model)
+    if model_cfg.get("kind", "demo") == "demo":
+        extra = sorted(set(model_cfg) - {"kind", "weights"})
+        if extra:
+            raise UserError(f"[model] kind = 'demo' takes only `weights`; remove {extra}")
+        weights = model_cfg.get("weights")
+        loaded = models.demo_model(weights=spec.resolve_path(weights)) if weights else models.demo_model()
+    else:
+        loaded = models.load_model(models.ModelSpec.from_dict(model_cfg, base_dir=spec.base_dir))
+    models.validate_model(loaded)
+    return loaded
+
+
+class PatientProcessor:
+    """Holds one loaded model and processes patients one at a time."""
+
+    def __init__(self, spec: JobSpec, *, worker_name: str | None = None) -> None:
+        from engine import io
+
+        self.spec = spec
+        self.worker = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.device = resolve_device(spec.runtime.device)
+        self.loaded = build_model(spec)
+        self.model = self.loaded.module.to(self.device).eval()
+        self.preprocess = io.PreprocessSpec.from_dict(spec.preprocess)
+        self.rois = io.RoISpec.from_dict(spec.rois, base_dir=spec.base_dir)
+        self.autocast = _AUTOCAST.get(spec.attribution.autocast or "") if self.device.type == "cuda" else None
+
+    # -- stages --------------------------------------------------------------------------------
+    def load(self, record: Mapping[str, Any]) -> Any:
+        """CPU stage: read and preprocess one case (``engine.io.Case``)."""
+        from engine import io
+
+        return io.load_case(record, preprocess=self.preprocess)
+
+    def compute(self, case: Any, *, timings: dict[str, float] | None = None) -> PatientResult:
+        """Device stage: explain every class of one case and reduce to RoI rows."""
+        from engine import io
+
+        a = self.spec.attribution
+        names = self.loaded.class_names
+        t0 = time.perf_counter()
+        rois = None
+        if self.rois.source != "prediction":
+            base = io.build_rois(dataclasses.replace(self.rois, joined=()), case=case, class_names=names)
+            labels, roi_names = base  # type: ignore[misc]
+            rois = RoISet(labels.to(self.device), tuple(roi_names), self.rois.joined_parts())
+        explanation = explain_volume(
+            self.model, case.image, method=a.method, targets=a.targets, class_names=names,
+            roi_size=self.loaded.roi_size, overlap=a.overlap, blend=a.blend, seed=a.seed,  # type: ignore[arg-type]
+            return_maps=case.patient_id in a.save_maps, device=self.device, target=a.target, rois=rois,
+            joined_rois=self.rois.joined_parts() if rois is None else None,
+            window_batch=a.window_batch, class_chunk=a.class_chunk, vjp=a.vjp,  # type: ignore[arg-type]
+            autocast_dtype=self.autocast, **a.method_options(),
+        )
+        voxels = explanation.voxels()
+        dice = dice_iou(explanation.prediction, case.label, len(names)) if case.label is not None else None
+        predictions = pl.DataFrame(
+            {
+                "class": list(names),
+                "voxels": [voxels[n] for n in names],
+                "dice": [None if dice is None else dice[0][i] for i in range(len(names))],
+                "iou": [None if dice is None else dice[1][i] for i in range(len(names))],
+            },
+            schema={"class": pl.String, "voxels": pl.Int64, "dice": pl.Float64, "iou": pl.Float64},
+        )
+        importances = explanation.importances.with_columns(pl.lit(self.spec.attribution.method).alias("method"))
+        if explanation.maps is not None:
+            self._save_maps(case, explanation)
+        stage = dict(timings or {})
+        stage.update({k: round(v, 4) for k, v in explanation.timings.items()})
+        stage["compute"] = round(time.perf_counter() - t0, 4)
+        stage.update({f"work_{k}": v for k, v in explanation.work.items()})
+        return PatientResult(
+            patient_id=case.patient_id, importances=importances, predictions=predictions, worker=self.worker,
+            seconds=sum(v for k, v in stage.items() if k in ("load", "compute")), timings=stage,
+        )
+
+    def process(self, record: Mapping[str, Any]) -> Outcome:
+        """Both stages; any error becomes a :class:`Failure` so the run goes on."""
+        pid = str(record.get("patient_id"))
+        try:
+            t0 = time.perf_counter()
+            case = self.load(record)
+            return self.compute(case, timings={"load": round(time.perf_counter() - t0, 4)})
+        except Exception as exc:  # noqa: BLE001 - every error is recorded against its patient
+            return failure_of(pid, exc, self.worker)
+
+    def _save_maps(self, case: Any, explanation: Any) -> None:
+        from engine.report.nifti import export_explanation
+
+        out_dir = Path(self.spec.resolve_path("agg2exp_out")) / "maps" / case.patient_id
+        export_explanation(case, explanation, out_dir)
+
+
+def failure_of(patient_id: str, exc: BaseException, worker: str) -> Failure:
+    """A readable failure: user errors keep their message; others get their type in front."""
+    message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4))
+    return Failure(patient_id=patient_id, error=message.strip() or type(exc).__name__, traceback=tb[-4000:], worker=worker)
