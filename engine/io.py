@@ -1,0 +1,908 @@
+"""Reading CT volumes, label maps, RoI masks and cohort manifests.
+
+Every patient goes through :func:`load_case`, which reads a NIfTI file or a DICOM series
+with MONAI readers, checks that what it read is a usable 3D volume (errors are
+``VolumeError`` naming the patient, the file, what is wrong and what to do), and puts the
+image, its label map and any custom RoI masks on the model grid with the same MONAI
+spatial transforms (orientation, spacing, foreground crop, padding).  The model grid can
+be mapped back onto the original CT with :func:`resample_to_source`, so that maps saved
+for 3D Slicer overlay the scan.
+
+Cohorts are described by manifests (CSV or Parquet, :func:`read_manifest`) or found by
+walking a folder (:func:`scan_cohort`).
+
+RoI sets
+--------
+Attributions are aggregated per region of interest (RoI).  A RoI set has one of two forms:
+
+* ``RoILabelMap = (labels, names)``: an int64 tensor ``(X, Y, Z)`` whose value ``i``
+  means ``names[i]``; RoIs are disjoint and every voxel belongs to exactly one of them
+  (index 0 is ``"background"`` for maps built here).  Compact, and aggregation is one
+  ``bincount``/``index_add`` per attribution map.
+* ``RoIMasks = [(name, mask), ...]``: boolean tensors ``(X, Y, Z)``, possibly
+  overlapping, e.g. a joined RoI ``lung`` next to its five lobes.
+
+:func:`build_rois` turns a :class:`RoISpec` (predicted segments, the case's label map,
+or a custom mask, optionally renamed with a label id -> name mapping such as
+TotalSegmentator -> thorax, plus joined RoIs) into the label form when no joined RoIs
+are asked for, and into the mask form otherwise; :func:`as_masks` normalises either form
+to masks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import json
+import logging
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import polars as pl
+import torch
+
+from engine.errors import JobSpecError, VolumeError
+from engine.labels import JOINED_ROIS, totalsegmentator_to_thorax
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: Exclusive RoIs: int64 label map (X, Y, Z) whose value i means names[i].
+RoILabelMap = tuple[torch.Tensor, tuple[str, ...]]
+#: Possibly overlapping RoIs: (name, boolean mask (X, Y, Z)) pairs.
+RoIMasks = list[tuple[str, torch.Tensor]]
+RoIs = Union[RoILabelMap, RoIMasks]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _tuple3(value: Any, *, what: str, cast: type) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value,) * 3
+    try:
+        out = tuple(cast(v) for v in value)
+    except (TypeError, ValueError):
+        raise JobSpecError(f"preprocess: {what} must be a number or a list of 3 numbers, got {value!r}")
+    if len(out) != 3 or any(v <= 0 for v in out):
+        raise JobSpecError(f"preprocess: {what} must be 3 positive numbers, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How volumes are put on the model grid; the same spec must be used for every patient.
+
+    ``interpolation`` applies to the image only: label maps and RoI masks are always
+    resampled with nearest neighbour so that their ids survive.  Intensities are windowed
+    from ``[a_min, a_max]`` HU to ``[b_min, b_max]`` (clipped when ``clip``).
+    ``crop_foreground`` crops all volumes to the bounding box of image voxels > ``b_min``;
+    ``pad_to`` pads (never crops) so that each dimension is at least the sliding window.
+    """
+
+    orientation: str | None = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    interpolation: str = "bilinear"
+    a_min: float = -1024.0
+    a_max: float = 1024.0
+    b_min: float = 0.0
+    b_max: float = 1.0
+    clip: bool = True
+    crop_foreground: bool = False
+    pad_to: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.orientation is not None:
+            codes = str(self.orientation).upper()
+            if len(codes) != 3 or not all(c in "RLAPSI" for c in codes) or len({_axis_of(c) for c in codes}) != 3:
+                raise JobSpecError(
+                    f"preprocess: orientation {self.orientation!r} is not three axis codes "
+                    "(one of R/L, A/P, S/I each), e.g. 'RAS'"
+                )
+            object.__setattr__(self, "orientation", codes)
+        if self.spacing is not None:
+            object.__setattr__(self, "spacing", _tuple3(self.spacing, what="spacing", cast=float))
+        if self.pad_to is not None:
+            object.__setattr__(self, "pad_to", _tuple3(self.pad_to, what="pad_to", cast=int))
+        allowed = ("nearest", "bilinear", "trilinear", "bicubic")
+        if self.interpolation not in allowed:
+            raise JobSpecError(
+                f"preprocess: interpolation {self.interpolation!r} is not one of {', '.join(allowed)}"
+            )
+        if self.interpolation == "trilinear":  # MONAI's Spacing calls it bilinear in 3D
+            object.__setattr__(self, "interpolation", "bilinear")
+        for name in ("a_min", "a_max", "b_min", "b_max"):
+            try:
+                object.__setattr__(self, name, float(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise JobSpecError(f"preprocess: {name} must be a number, got {getattr(self, name)!r}")
+        if not self.a_max > self.a_min:
+            raise JobSpecError(f"preprocess: a_max ({self.a_max}) must be greater than a_min ({self.a_min})")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PreprocessSpec:
+        """Build from a job-spec table; unknown keys are a ``JobSpecError`` (typos must not pass)."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                     for k in unknown]
+            raise JobSpecError(f"preprocess: unknown key(s) {', '.join(hints)}; known keys: {', '.join(sorted(known))}")
+        for key in ("clip", "crop_foreground"):
+            if key in d and not isinstance(d[key], bool):
+                raise JobSpecError(f"preprocess: {key} must be true or false, got {d[key]!r}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples), suitable for TOML/JSON and for ``from_dict``."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def _axis_of(code: str) -> int:
+    return {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}[code]
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One patient on the model grid.
+
+    ``image`` is float32 ``(C, X, Y, Z)``; ``label`` int64 ``(X, Y, Z)`` or None; ``rois``
+    maps custom RoI names to int64 label maps on the same grid.  ``affine`` is the model
+    grid's voxel -> RAS mm matrix; ``source_affine``/``source_shape`` describe the original
+    image grid (RAS, as nibabel writes it), for :func:`resample_to_source`.
+    """
+
+    patient_id: str
+    image: torch.Tensor
+    label: torch.Tensor | None
+    rois: dict[str, torch.Tensor]
+    affine: np.ndarray
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size of the model grid in mm."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the model grid."""
+        return tuple(int(s) for s in self.image.shape[1:])  # type: ignore[return-value]
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value).strip() != ""
+
+
+class _Fail:
+    """Builds per-case VolumeErrors: 'patient P: <role> <path>: <what>; <todo>'."""
+
+    def __init__(self, patient_id: str) -> None:
+        self.patient_id = patient_id
+
+    def __call__(self, role: str, path: Any, what: str, todo: str) -> VolumeError:
+        return VolumeError(f"patient {self.patient_id}: {role} {path}: {what}; {todo}")
+
+
+def _dicom_series(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
+    """DICOM image files directly in ``folder``, grouped by SeriesInstanceUID (headers only)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError):
+            continue
+        if "Rows" not in ds:  # no pixel data: SR, RTSTRUCT, DICOMDIR ...
+            continue
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append((f, ds))
+    return groups
+
+
+def _reader_for(path: Path, fail: _Fail, role: str, series_uid: str | None) -> tuple[str, dict[str, Any]]:
+    """MONAI reader name and reader kwargs for ``path``; validates DICOM folders."""
+    if path.is_dir():
+        groups = _dicom_series(path)
+        if not groups:
+            subdirs = sorted(p.name for p in path.iterdir() if p.is_dir())
+            hint = (f" (it has sub-folders {', '.join(subdirs[:5])}: point {role}_path at one series folder,"
+                    " or run `agg2exp cohort scan` on it)") if subdirs else ""
+            raise fail(role, path, f"folder contains no DICOM image files{hint}",
+                       "give a NIfTI file or a folder holding one DICOM series")
+        if series_uid:
+            if series_uid not in groups:
+                raise fail(role, path, f"series {series_uid} is not in this folder (found {', '.join(groups)})",
+                           "fix series_uid in the manifest")
+            groups = {series_uid: groups[series_uid]}
+        if len(groups) > 1:
+            desc = "; ".join(
+                f"{uid} ({len(items)} files, {items[0][1].get('Modality', '?')} "
+                f"'{items[0][1].get('SeriesDescription', '')}')" for uid, items in groups.items()
+            )
+            raise fail(role, path, f"folder holds {len(groups)} DICOM series: {desc}",
+                       "choose one: add a series_uid column to the manifest, or put each series in its own folder")
+        files = next(iter(groups.values()))
+        regex = "(?:" + "|".join(re.escape(str(f)) for f, _ in files) + r")\Z"
+        return "PydicomReader", {"fname_regex": regex}
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        _check_nifti_header(path, fail, role)
+        return "NibabelReader", {}
+    if name.endswith(".dcm"):
+        return "PydicomReader", {}
+    raise fail(role, path, "unsupported file type",
+               "give a NIfTI file (.nii or .nii.gz) or a folder holding one DICOM series "
+               "(convert other formats, e.g. with `SimpleITK` or 3D Slicer, to NIfTI)")
+
+
+def _check_nifti_header(path: Path, fail: _Fail, role: str) -> None:
+    import nibabel as nib
+
+    try:
+        nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for bad files
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+        if magic == b"\x1f\x8b":
+            raise fail(role, path, f"gzip file is truncated or corrupt ({exc})",
+                       "re-export or re-download the file") from exc
+        raise fail(role, path, f"not a NIfTI image ({type(exc).__name__}: {exc})",
+                   "check that the path points at the image, not at another file with a .nii name") from exc
+
+
+def _load_raw(path_value: Any, *, role: str, fail: _Fail, series_uid: str | None, image: bool) -> Any:
+    """LoadImage + EnsureChannelFirst one file; returns a MetaTensor (C, X, Y, Z)."""
+    from monai.transforms import EnsureChannelFirst, LoadImage
+
+    path = Path(str(path_value)).expanduser()
+    if not path.exists():
+        raise fail(role, path, "does not exist", "fix the path in the manifest (relative paths are "
+                   "resolved against the manifest's folder)")
+    reader, kwargs = _reader_for(path, fail, role, series_uid)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. optional nvImageCodec plugin missing
+            loader = LoadImage(reader=reader, image_only=True, dtype=np.float32, **kwargs)
+            img = loader(str(path))
+            img = EnsureChannelFirst()(img)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise fail(role, path, f"file is truncated or corrupt ({type(exc).__name__}: {exc})",
+                   "re-export or re-download the file") from exc
+    except Exception as exc:
+        raise fail(role, path, f"could not be read as an image ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                   "check that it is a valid NIfTI file or DICOM series") from exc
+    spatial = tuple(int(s) for s in img.shape[1:])
+    if len(spatial) != 3 or min(spatial) < 2:
+        raise fail(role, path, f"is not a 3D volume (spatial shape {spatial})",
+                   "give a 3D CT volume; 2D images and single slices cannot be explained by a 3D model")
+    if image and img.shape[0] < 1:
+        raise fail(role, path, "has no channels", "give a 3D CT volume")
+    if not bool(torch.isfinite(img.as_tensor()).all()):
+        n_bad = int((~torch.isfinite(img.as_tensor())).sum())
+        raise fail(role, path, f"contains {n_bad} NaN or infinite voxel(s)",
+                   "fix or re-export the volume (replace NaN/inf by a valid value)")
+    return img
+
+
+def _as_label(img: Any, *, role: str, path: Any, fail: _Fail) -> Any:
+    """Check that a loaded map holds non-negative integer ids (one channel)."""
+    if img.shape[0] != 1:
+        raise fail(role, path, f"has {img.shape[0]} channels", "give a single-channel integer label map")
+    t = img.as_tensor()
+    rounded = torch.round(t)
+    if bool((t - rounded).abs().max() > 1e-3) or bool((rounded < 0).any()):
+        raise fail(role, path, "does not hold non-negative integer label ids (looks like a probability or "
+                   "intensity map)", "give an integer label map (0 = background)")
+    img.data = rounded  # keep meta, drop float noise
+    return img
+
+
+def _same_grid(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> bool:
+    tol = 0.1 * float(min(spacing))
+    return bool(np.allclose(a[:3, :3], b[:3, :3], atol=1e-3 * max(1.0, float(max(spacing))))
+                and np.allclose(a[:3, 3], b[:3, 3], atol=tol))
+
+
+def _spatial_transforms(spec: PreprocessSpec, image_key: str, label_keys: list[str]) -> list:
+    from monai.transforms import CropForegroundd, Orientationd, ScaleIntensityRanged, Spacingd, SpatialPadd
+
+    keys = [image_key, *label_keys]
+    out: list = []
+    if spec.orientation:
+        out.append(Orientationd(keys=keys, axcodes=spec.orientation))
+    if spec.spacing:
+        out.append(Spacingd(keys=keys, pixdim=spec.spacing,
+                            mode=[spec.interpolation] + ["nearest"] * len(label_keys),
+                            padding_mode=["border"] + ["zeros"] * len(label_keys),
+                            dtype=[np.float32] * len(keys)))
+    out.append(ScaleIntensityRanged(keys=image_key, a_min=spec.a_min, a_max=spec.a_max,
+                                    b_min=spec.b_min, b_max=spec.b_max, clip=spec.clip))
+    if spec.crop_foreground:
+        threshold = spec.b_min + 1e-6 * (spec.b_max - spec.b_min)
+        out.append(CropForegroundd(keys=keys, source_key=image_key, select_fn=lambda x: x > threshold,
+                                   allow_smaller=True))
+    if spec.pad_to:
+        out.append(SpatialPadd(keys=image_key, spatial_size=spec.pad_to, value=spec.b_min))
+        if label_keys:
+            out.append(SpatialPadd(keys=label_keys, spatial_size=spec.pad_to, value=0))
+    return out
+
+
+def load_case(
+    record: Mapping[str, Any],
+    *,
+    preprocess: PreprocessSpec,
+    roi_masks: Mapping[str, str] | None = None,
+) -> Case:
+    """Read one patient and put image, label and RoI masks on the model grid.
+
+    ``record`` is a manifest row: ``patient_id``, ``image_path`` (NIfTI file or DICOM series
+    folder), optional ``label_path``, ``series_uid`` (to pick one series from a folder) and
+    ``roi_<name>`` mask paths; ``roi_masks`` adds or overrides RoI masks by name.  Raises
+    ``VolumeError`` naming the patient and file when anything cannot be used.
+    """
+    from monai.transforms import Compose
+
+    if not _present(record.get("patient_id")) or not _present(record.get("image_path")):
+        raise VolumeError(f"case record {dict(record)!r} needs patient_id and image_path")
+    pid = str(record["patient_id"])
+    fail = _Fail(pid)
+    series_uid = str(record["series_uid"]) if _present(record.get("series_uid")) else None
+
+    image = _load_raw(record["image_path"], role="image", fail=fail, series_uid=series_uid, image=True)
+    source_affine = np.asarray(image.affine, dtype=np.float64)
+    source_shape = tuple(int(s) for s in image.shape[1:])
+    src_spacing = tuple(float(v) for v in np.linalg.norm(source_affine[:3, :3], axis=0))
+
+    extra: dict[str, Any] = {}
+    if _present(record.get("label_path")):
+        extra["label"] = record["label_path"]
+    masks = {k[4:]: v for k, v in record.items() if k.startswith("roi_") and _present(v)}
+    masks.update({k: v for k, v in (roi_masks or {}).items() if _present(v)})
+    for name, p in masks.items():
+        extra[f"roi_{name}"] = p
+
+    data: dict[str, Any] = {"image": image}
+    for key, p in extra.items():
+        role = "label map" if key == "label" else f"RoI mask '{key[4:]}'"
+        img = _load_raw(p, role=role, fail=fail, series_uid=None, image=False)
+        img = _as_label(img, role=role, path=p, fail=fail)
+        shape = tuple(int(s) for s in img.shape[1:])
+        if shape != source_shape:
+            raise fail(role, p, f"has shape {shape} but its image {record['image_path']} has shape {source_shape}",
+                       "give a map on the image's voxel grid (same size and geometry as the CT)")
+        if not _same_grid(np.asarray(img.affine, dtype=np.float64), source_affine, src_spacing):
+            # same shape but maybe another axis order: compare after reorienting both
+            from monai.transforms import Orientation
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a = np.asarray(Orientation(axcodes="RAS")(image).affine, dtype=np.float64)
+                b = np.asarray(Orientation(axcodes="RAS")(img).affine, dtype=np.float64)
+            if not _same_grid(a, b, src_spacing):
+                raise fail(role, p, "has the image's shape but a different position or orientation in space "
+                           f"(affine\n{np.round(b, 3)}\nvs image\n{np.round(a, 3)})",
+                           "re-export the map on the image's grid")
+        data[key] = img
+
+    label_keys = [k for k in data if k != "image"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = Compose(_spatial_transforms(preprocess, "image", label_keys))(data)
+
+    img = out["image"]
+    label = out["label"].as_tensor()[0].round().to(torch.int64) if "label" in out else None
+    rois = {k[4:]: out[k].as_tensor()[0].round().to(torch.int64) for k in label_keys if k.startswith("roi_")}
+    affine = np.asarray(img.affine, dtype=np.float64)
+    import nibabel as nib
+
+    meta = {
+        "image_path": str(record["image_path"]),
+        "label_path": str(extra["label"]) if "label" in extra else None,
+        "roi_paths": {k: str(v) for k, v in masks.items()},
+        "series_uid": series_uid,
+        "source_spacing": src_spacing,
+        "source_orientation": "".join(nib.aff2axcodes(source_affine)),
+        "spacing": tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)),
+        "orientation": "".join(nib.aff2axcodes(affine)),
+        "preprocess": preprocess.to_dict(),
+    }
+    return Case(
+        patient_id=pid,
+        image=img.as_tensor().to(torch.float32).contiguous(),
+        label=label,
+        rois=rois,
+        affine=affine,
+        source_affine=source_affine,
+        source_shape=source_shape,  # type: ignore[arg-type]
+        meta=meta,
+    )
+
+
+def resample_to_source(map: torch.Tensor, case: Case, *, mode: str | None = None) -> np.ndarray:
+    """Put a model-grid map ``(X, Y, Z)`` or ``(C, X, Y, Z)`` back on the original image grid.
+
+    Uses MONAI ``SpatialResample`` from ``case.affine`` to ``case.source_affine``, so the
+    result saved with ``source_affine`` overlays the CT in 3D Slicer.  ``mode`` defaults to
+    nearest for integer/bool maps and bilinear otherwise; voxels outside the model grid
+    (e.g. removed by a foreground crop) become 0.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    t = torch.as_tensor(map)
+    squeeze = t.ndim == 3
+    if squeeze:
+        t = t[None]
+    if t.ndim != 4 or tuple(t.shape[1:]) != case.shape:
+        raise ValueError(f"map of shape {tuple(map.shape)} is not on the model grid {case.shape} of "
+                         f"patient {case.patient_id}")
+    discrete = not (t.is_floating_point() or t.is_complex())
+    if mode is None:
+        mode = "nearest" if discrete else "bilinear"
+    src = MetaTensor(t.to(torch.float64 if discrete else torch.float32), affine=torch.as_tensor(case.affine))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = SpatialResample(mode=mode, padding_mode="zeros", dtype=np.float64)(
+            src, dst_affine=torch.as_tensor(case.source_affine), spatial_size=case.source_shape
+        )
+    arr = np.asarray(out.detach().cpu().numpy())
+    if discrete:
+        arr = np.rint(arr).astype(np.asarray(t.numpy()).dtype if t.dtype != torch.bool else bool)
+    else:
+        arr = arr.astype(np.float32)
+    return arr[0] if squeeze else arr
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    if not _present(value):
+        return None
+    p = Path(str(value).strip()).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def read_manifest(path: str | os.PathLike) -> pl.DataFrame:
+    """Read a cohort manifest (CSV or Parquet) and resolve its relative paths.
+
+    Needs ``patient_id`` and ``image_path``; optional ``label_path``, ``series_uid`` and
+    ``roi_<name>`` columns (custom RoI masks); other columns (age, site, ...) are kept as
+    metadata.  Paths are resolved against the manifest's folder; files are not opened here,
+    so that a bad volume fails only its own patient.  Problems are ``JobSpecError``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise JobSpecError(f"manifest {p} does not exist; give a CSV or Parquet file listing the patients")
+    try:
+        if p.suffix.lower() in (".parquet", ".pq"):
+            df = pl.read_parquet(p)
+        else:
+            df = pl.read_csv(p, infer_schema=False, null_values=[""])
+    except Exception as exc:
+        raise JobSpecError(f"manifest {p} cannot be read ({type(exc).__name__}: {exc}); "
+                           "give a CSV with a header row, or a Parquet file") from exc
+    df = df.rename({c: c.strip() for c in df.columns})
+    missing = [c for c in ("patient_id", "image_path") if c not in df.columns]
+    if missing:
+        raise JobSpecError(f"manifest {p} lacks column(s) {', '.join(missing)} (it has {', '.join(df.columns) or 'none'}); "
+                           "add them: patient_id, image_path[, label_path, roi_<name>...]")
+    bad_roi = [c for c in df.columns if c.startswith("roi_") and not re.fullmatch(r"roi_[A-Za-z0-9_.-]+", c)]
+    if bad_roi or "roi_" in df.columns:
+        raise JobSpecError(f"manifest {p}: RoI column(s) {bad_roi or ['roi_']} need a name after 'roi_' "
+                           "(letters, digits, _ . -), e.g. roi_tumour")
+    if df.height == 0:
+        raise JobSpecError(f"manifest {p} lists no patients; add one row per patient")
+    path_cols = ["image_path", "label_path", *[c for c in df.columns if c.startswith("roi_")]]
+    df = df.with_columns(
+        pl.col("patient_id").cast(pl.String).str.strip_chars(),
+        *[pl.col(c).cast(pl.String) for c in [*path_cols, "series_uid"] if c in df.columns],
+    )
+    row_no = (lambda i: i + 2) if p.suffix.lower() not in (".parquet", ".pq") else (lambda i: i + 1)
+    where = "line" if p.suffix.lower() not in (".parquet", ".pq") else "row"
+    for col in ("patient_id", "image_path"):
+        empty = [i for i, v in enumerate(df[col].to_list()) if not _present(v)]
+        if empty:
+            raise JobSpecError(f"manifest {p}: {col} is empty on {where}(s) {', '.join(str(row_no(i)) for i in empty[:10])}; "
+                               "fill it in or remove those rows")
+    ids = df["patient_id"].to_list()
+    seen: dict[str, list[int]] = {}
+    for i, v in enumerate(ids):
+        seen.setdefault(v, []).append(row_no(i))
+    dupes = {k: v for k, v in seen.items() if len(v) > 1}
+    if dupes:
+        desc = "; ".join(f"{k!r} on {where}s {', '.join(map(str, v))}" for k, v in list(dupes.items())[:10])
+        raise JobSpecError(f"manifest {p}: duplicate patient_id(s): {desc}; each patient must appear once")
+    base = p.resolve().parent
+    df = df.with_columns(
+        *[pl.col(c).map_elements(lambda v, b=base: _resolve(v, b), return_dtype=pl.String)
+          for c in path_cols if c in df.columns]
+    )
+    if "label_path" not in df.columns:
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("label_path"))
+    return df
+
+
+def manifest_rois(manifest: pl.DataFrame) -> tuple[str, ...]:
+    """Names of the custom RoI masks a manifest provides (its ``roi_<name>`` columns)."""
+    return tuple(c[4:] for c in manifest.columns if c.startswith("roi_"))
+
+
+# --------------------------------------------------------------------------- cohort scan
+
+_LABEL_TOKENS = {"seg", "segs", "segmentation", "segmentations", "label", "labels", "mask", "masks", "gt", "labelmap"}
+_GENERIC_STEMS = {"ct", "image", "img", "volume", "vol", "scan", "data"}
+
+
+def _nifti_stem(name: str) -> str:
+    low = name.lower()
+    for suf in (".nii.gz", ".nii"):
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _looks_like_label(path: Path, dtype: Any) -> bool:
+    tokens = set(re.split(r"[^a-z0-9]+", _nifti_stem(path.name).lower()))
+    return bool(tokens & _LABEL_TOKENS) or np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(bool))
+
+
+def scan_cohort(root: str | os.PathLike) -> tuple[pl.DataFrame, list[tuple[str, str]]]:
+    """Find CT volumes under ``root``: NIfTI files and DICOM series (grouped by SeriesInstanceUID).
+
+    Returns a manifest (``patient_id, image_path, label_path, format, series_uid``; absolute
+    paths) and the list of ``(path, reason)`` that were skipped.  NIfTI files that look like
+    label maps (name contains seg/label/mask/gt, or uint8 data) become the ``label_path`` of
+    the one image with the same grid in the same folder (or, failing that, the one DICOM
+    series in a sub-folder with that grid size), else are skipped.  Only headers are
+    read, so truncated data is found later by :func:`load_case`.
+    """
+    import nibabel as nib
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise VolumeError(f"cohort folder {base} does not exist or is not a folder; give the folder holding the scans")
+    base = base.resolve()
+    skipped: list[tuple[str, str]] = []
+    images: list[dict[str, Any]] = []  # patient_id, image_path, format, series_uid, shape, affine, dir
+    labels: list[tuple[Path, tuple[int, ...], np.ndarray, str]] = []
+
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        d = Path(dirpath)
+        if d.name.lower() == "segmentations" and d != base:
+            skipped.append((str(d), "per-structure masks folder (TotalSegmentator layout): not images; "
+                                    "use them as roi_<name> columns or merge them into a label map"))
+            dirnames[:] = []
+            continue
+        series: dict[str, list[Any]] = {}
+        for fname in sorted(filenames):
+            f = d / fname
+            if fname.lower().endswith(NIFTI_SUFFIXES):
+                try:
+                    img = nib.load(str(f))
+                    shape = tuple(int(s) for s in img.shape)
+                    dtype = img.get_data_dtype()
+                except Exception as exc:
+                    skipped.append((str(f), f"unreadable NIfTI ({type(exc).__name__}: {exc})"))
+                    continue
+                if len(shape) < 3 or min(shape[:3]) < 2:
+                    skipped.append((str(f), f"not a 3D volume (shape {shape})"))
+                    continue
+                if _looks_like_label(f, dtype):
+                    labels.append((f, shape[:3], np.asarray(img.affine), ""))
+                    continue
+                images.append({"stem": _nifti_stem(fname), "image_path": str(f), "format": "nifti",
+                               "series_uid": None, "shape": shape[:3], "affine": np.asarray(img.affine), "dir": d})
+                continue
+            if fname.startswith("."):
+                continue
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, KeyError, TypeError):
+                skipped.append((str(f), "not a NIfTI or DICOM file"))
+                continue
+            if "Rows" not in ds:
+                skipped.append((str(f), f"DICOM without image data (Modality {ds.get('Modality', '?')})"))
+                continue
+            series.setdefault(str(ds.get("SeriesInstanceUID", "unknown")), []).append(ds)
+        multi = len(series) > 1
+        for uid, slices in series.items():
+            first = slices[0]
+            where = f"{d} (series {uid})" if multi else str(d)
+            modality = str(first.get("Modality", "?"))
+            if modality != "CT":
+                skipped.append((where, f"not a CT series (Modality {modality}, {len(slices)} file(s))"))
+                continue
+            if len(slices) < 2 and int(first.get("NumberOfFrames", 1) or 1) < 2:
+                skipped.append((where, "single-slice CT series: not a 3D volume"))
+                continue
+            stem = str(d.relative_to(base)).replace(os.sep, "_") if d != base else d.name
+            if multi:
+                stem += f"_s{first.get('SeriesNumber', uid[-6:])}"
+            n = len(slices) if len(slices) > 1 else int(first.get("NumberOfFrames", 1))
+            images.append({"stem": stem, "image_path": str(d), "format": "dicom", "series_uid": uid if multi else None,
+                           "shape": (int(first.Columns), int(first.Rows), n), "affine": None, "dir": d})
+
+    # patient ids: file stem, or the folder name for generic stems; unique
+    used: dict[str, int] = {}
+    for im in images:
+        pid = im["stem"]
+        if im["format"] == "nifti" and pid.lower() in _GENERIC_STEMS and im["dir"] != base:
+            pid = str(im["dir"].relative_to(base)).replace(os.sep, "_")
+        if pid in used:
+            used[pid] += 1
+            pid = f"{pid}_{used[pid]}"
+        else:
+            used[pid] = 1
+        im["patient_id"] = pid
+        im["label_path"] = None
+
+    for lab, shape, affine, _ in labels:
+        def _fits(im: dict[str, Any]) -> bool:
+            if sorted(im["shape"]) != sorted(shape):
+                return False
+            return im["affine"] is None or im["shape"] != shape or _same_grid(
+                im["affine"], affine, np.linalg.norm(affine[:3, :3], axis=0))
+
+        cands = [im for im in images if im["dir"] == lab.parent and _fits(im)] or [
+            im for im in images if im["format"] == "dicom" and im["dir"].parent == lab.parent and _fits(im)]
+        free = [im for im in cands if im["label_path"] is None]
+        if len(free) == 1:
+            free[0]["label_path"] = str(lab)
+        elif not cands:
+            skipped.append((str(lab), f"looks like a label map and no image in its folder has its grid {shape}; "
+                                      "if it is a CT, rename it, else add it as label_path by hand"))
+        else:
+            skipped.append((str(lab), f"looks like a label map matching {len(cands)} images in its folder "
+                                      f"({', '.join(im['patient_id'] for im in cands)}); add it as label_path by hand"))
+
+    manifest = pl.DataFrame(
+        {
+            "patient_id": [im["patient_id"] for im in images],
+            "image_path": [im["image_path"] for im in images],
+            "label_path": [im["label_path"] for im in images],
+            "format": [im["format"] for im in images],
+            "series_uid": [im["series_uid"] for im in images],
+        },
+        schema={c: pl.String for c in ("patient_id", "image_path", "label_path", "format", "series_uid")},
+    )
+    return manifest, skipped
+
+
+# --------------------------------------------------------------------------- RoIs
+
+
+def read_label_names(path: str | os.PathLike) -> dict[int, str]:
+    """Read label names from JSON: a list (index = id) or an object ``{id: name}``."""
+    p = Path(path).expanduser()
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise JobSpecError(f"label names file {p} does not exist")
+    except (OSError, ValueError) as exc:
+        raise JobSpecError(f"label names file {p} is not valid JSON ({exc}); give a list or an object {{id: name}}")
+    if isinstance(raw, list):
+        return {i: str(n) for i, n in enumerate(raw)}
+    if isinstance(raw, dict):
+        try:
+            return {int(k): str(v) for k, v in raw.items()}
+        except ValueError:
+            raise JobSpecError(f"label names file {p}: keys must be integer label ids, got {list(raw)[:5]}")
+    raise JobSpecError(f"label names file {p} must hold a JSON list or object, not {type(raw).__name__}")
+
+
+@dataclass(frozen=True)
+class RoISpec:
+    """Which RoIs attributions are aggregated over.
+
+    ``source``: ``"prediction"`` (the model's predicted segments, default), ``"label"`` (the
+    case's label map) or the name of a custom RoI mask (manifest column ``roi_<name>``).
+    ``label_names``: label id -> RoI name for label/mask sources (a mapping or a JSON file);
+    default: the model's class names for ``"label"``, ``{1: <mask name>}`` for a mask.
+    ``preset``: ``"totalsegmentator_thorax"`` maps TotalSegmentator ``total`` ids (named by
+    ``label_names``) onto the thorax classes with ``engine.labels.totalsegmentator_to_thorax``.
+    ``joined``: extra, overlapping RoIs: names from ``engine.labels.JOINED_ROIS`` or
+    ``{name: [parts...]}``; asking for any makes :func:`build_rois` return masks.
+    """
+
+    source: str = "prediction"
+    label_names: Mapping[int, str] | str | None = None
+    preset: str | None = None
+    joined: tuple[str, ...] | Mapping[str, Sequence[str]] = ()
+
+    PRESETS = ("totalsegmentator_thorax",)
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in self.PRESETS:
+            raise JobSpecError(f"rois: preset {self.preset!r} unknown; known: {', '.join(self.PRESETS)}")
+        if not isinstance(self.joined, Mapping):
+            joined = (self.joined,) if isinstance(self.joined, str) else tuple(self.joined)
+            unknown = [j for j in joined if j not in JOINED_ROIS]
+            if unknown:
+                raise JobSpecError(f"rois: joined RoI(s) {unknown} unknown; known: {', '.join(JOINED_ROIS)} "
+                                   "(or give a table name = [parts])")
+            object.__setattr__(self, "joined", joined)
+        if not self.source:
+            raise JobSpecError("rois: source must be 'prediction', 'label' or a custom RoI name")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, *, base_dir: str | os.PathLike | None = None) -> RoISpec:
+        """Build from a job-spec table; relative ``label_names`` files resolve against ``base_dir``."""
+        d = dict(d or {})
+        known = {"source", "label_names", "preset", "joined"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise JobSpecError(f"rois: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}")
+        names = d.get("label_names")
+        if isinstance(names, str) and base_dir is not None and not Path(names).is_absolute():
+            d["label_names"] = str(Path(base_dir) / names)
+        elif isinstance(names, Mapping):
+            try:
+                d["label_names"] = {int(k): str(v) for k, v in names.items()}
+            except ValueError:
+                raise JobSpecError("rois: label_names keys must be integer label ids")
+        elif isinstance(names, list):
+            d["label_names"] = {i: str(v) for i, v in enumerate(names)}
+        return cls(**d)
+
+    def joined_parts(self) -> dict[str, tuple[str, ...]]:
+        """Joined RoIs as ``{name: parts}``."""
+        if isinstance(self.joined, Mapping):
+            return {str(k): tuple(v) for k, v in self.joined.items()}
+        return {j: JOINED_ROIS[j] for j in self.joined}
+
+
+def rois_from_prediction(prediction: torch.Tensor, class_names: Sequence[str]) -> RoILabelMap:
+    """Predicted segments: argmax of logits ``(C, X, Y, Z)`` (or an int map ``(X, Y, Z)``)."""
+    names = tuple(class_names)
+    if prediction.is_floating_point():
+        if prediction.ndim != 4 or prediction.shape[0] != len(names):
+            raise ValueError(f"prediction {tuple(prediction.shape)} does not have one channel per class ({len(names)})")
+        labels = prediction.argmax(0)
+    else:
+        labels = prediction
+    return labels.to(torch.int64), names
+
+
+def rois_from_label_map(
+    label_map: torch.Tensor,
+    id_to_name: Mapping[int, str],
+    *,
+    names: Sequence[str] | None = None,
+    background: str = "background",
+) -> RoILabelMap:
+    """Rename a user label map into a RoI label map; several ids may share a name.
+
+    Ids not in ``id_to_name`` (and id 0 unless mapped) become ``background`` (index 0).
+    ``names`` fixes the output order (it must contain ``background`` and every mapped
+    name); by default: background, then names in order of their smallest id.
+    """
+    mapped = {int(k): str(v) for k, v in id_to_name.items() if str(v) != background}
+    if names is None:
+        order: list[str] = [background]
+        for _, n in sorted(mapped.items()):
+            if n not in order:
+                order.append(n)
+        names = order
+    names = tuple(names)
+    if not names or names[0] != background:
+        names = (background, *[n for n in names if n != background])
+    index = {n: i for i, n in enumerate(names)}
+    missing = sorted({n for n in mapped.values() if n not in index})
+    if missing:
+        raise JobSpecError(f"RoI names {missing} are mapped from label ids but not in the RoI list {list(names)}")
+    lm = label_map.to(torch.int64)
+    max_id = int(max(int(lm.max()) if lm.numel() else 0, max(mapped, default=0)))
+    lut = torch.zeros(max_id + 1, dtype=torch.int64)
+    for i, n in mapped.items():
+        if i >= 0:
+            lut[i] = index[n]
+    return lut[lm.clamp(min=0)], names
+
+
+def join_rois(rois: RoILabelMap, joined: Mapping[str, Sequence[str]]) -> RoIMasks:
+    """Masks for every RoI of a label map plus joined RoIs (unions of their parts)."""
+    labels, names = rois
+    out = as_masks(rois)
+    for name, parts in joined.items():
+        missing = [p for p in parts if p not in names]
+        if missing:
+            raise JobSpecError(f"joined RoI {name!r}: part(s) {missing} are not among the RoIs {list(names)}")
+        ids = torch.tensor([names.index(p) for p in parts], dtype=torch.int64)
+        out.append((str(name), torch.isin(labels, ids)))
+    return out
+
+
+def is_label_map(rois: RoIs) -> bool:
+    """True for the exclusive ``(labels, names)`` form."""
+    return isinstance(rois, tuple) and len(rois) == 2 and isinstance(rois[0], torch.Tensor)
+
+
+def as_masks(rois: RoIs) -> RoIMasks:
+    """Either RoI form as ``[(name, bool mask), ...]``."""
+    if is_label_map(rois):
+        labels, names = rois  # type: ignore[misc]
+        return [(n, labels == i) for i, n in enumerate(names)]
+    return [(str(n), torch.as_tensor(m).bool()) for n, m in rois]  # type: ignore[union-attr]
+
+
+def build_rois(
+    spec: RoISpec,
+    *,
+    case: Case,
+    class_names: Sequence[str],
+    prediction: torch.Tensor | None = None,
+) -> RoIs:
+    """The RoI set of one case: label form, or masks when ``spec`` asks for joined RoIs."""
+    if spec.source == "prediction":
+        if prediction is None:
+            raise ValueError("build_rois: source 'prediction' needs the model's prediction")
+        rois = rois_from_prediction(prediction, class_names)
+    else:
+        if spec.source == "label":
+            lm, what = case.label, "label map (label_path)"
+            default = dict(enumerate(class_names))
+        else:
+            lm, what = case.rois.get(spec.source), f"RoI mask column roi_{spec.source}"
+            default = {1: spec.source}
+        if lm is None:
+            raise VolumeError(f"patient {case.patient_id}: RoIs come from {spec.source!r} but the case has no "
+                              f"{what}; add it to the manifest or use source = 'prediction'")
+        names_map = (read_label_names(spec.label_names) if isinstance(spec.label_names, str)
+                     else dict(spec.label_names) if spec.label_names is not None else default)
+        order = None
+        if spec.preset == "totalsegmentator_thorax":
+            names_map = totalsegmentator_to_thorax(names_map)
+            from engine.labels import THORAX_CLASSES
+
+            order = THORAX_CLASSES
+        elif spec.source == "label" and spec.label_names is None:
+            order = tuple(class_names)
+        rois = rois_from_label_map(lm, names_map, names=order)
+    joined = spec.joined_parts()
+    return join_rois(rois, joined) if joined else rois
+
+
+__all__ = [
+    "Case",
+    "PreprocessSpec",
+    "RoIs",
+    "RoILabelMap",
+    "RoIMasks",
+    "RoISpec",
+    "as_masks",
+    "build_rois",
+    "is_label_map",
+    "join_rois",
+    "load_case",
+    "manifest_rois",
+    "read_label_names",
+    "read_manifest",
+    "resample_to_source",
+    "rois_from_label_map",
+    "rois_from_prediction",
+    "scan_cohort",
+]
+
