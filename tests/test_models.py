@@ -166,7 +166,8 @@ def test_demo_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.save(loaded.module.state_dict(), p)
     assert demo_model(weights=p).module.state_dict().keys() == loaded.module.state_dict().keys()
     # the architecture is read from the constant at call time
-    monkeypatch.setattr(models, "DEMO_ARCH", {**models.DEMO_ARCH, "channels": (8, 16, 32, 64)})
+    halved = tuple(max(2, c // 2) for c in models.DEMO_ARCH["channels"])
+    monkeypatch.setattr(models, "DEMO_ARCH", {**models.DEMO_ARCH, "channels": halved})
     smaller = demo_model(weights=None)
     assert sum(t.numel() for t in smaller.module.parameters()) < sum(t.numel() for t in loaded.module.parameters())
 
