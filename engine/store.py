@@ -505,6 +505,247 @@ class Store:
             self.con.rollback()
             raise
 
+    # ================================================================== analytics additions
+    # Added for the analytics layer (reference import, named queries, audits, graph edges).
+    # Tables created here are created on demand by the writer, so older stores keep working.
+    _ANALYTICS_DDL = """
+    CREATE TABLE IF NOT EXISTS audits (
+        audit_id VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        model_id VARCHAR,                   -- anomaly model whose scores defined the outliers
+        params JSON,
+        "rank" BIGINT,
+        "column" VARCHAR NOT NULL,
+        family VARCHAR,                     -- 'outlier' or 'importance'
+        target VARCHAR,
+        roi VARCHAR,
+        test VARCHAR,
+        groups VARCHAR,
+        n BIGINT,
+        statistic DOUBLE,
+        p_value DOUBLE,
+        q_value DOUBLE,                     -- Benjamini-Hochberg within the column
+        effect VARCHAR,
+        effect_size DOUBLE,
+        ci_low DOUBLE,
+        ci_high DOUBLE,
+        significant BOOLEAN,
+        created_at TIMESTAMPTZ
+    );
+    CREATE TABLE IF NOT EXISTS graph_edges (
+        graph_id VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        subgroup VARCHAR NOT NULL,          -- 'all', or a group of the --by column
+        params JSON,
+        source VARCHAR NOT NULL,            -- the RoI
+        target VARCHAR NOT NULL,            -- the explained class
+        weight DOUBLE,
+        "rank" BIGINT,
+        cumweight DOUBLE,
+        created_at TIMESTAMPTZ
+    );
+    """
+
+    def _ensure_analytics_tables(self) -> None:
+        self._require_writer()
+        self.con.execute(self._ANALYTICS_DDL).fetchall()
+
+    def _has_table(self, name: str) -> bool:
+        return bool(self.con.execute(
+            "SELECT 1 FROM information_schema.tables WHERE table_name = ?", [name]
+        ).fetchall())
+
+    def import_frames(
+        self,
+        run_id: str,
+        *,
+        importances: pl.DataFrame,
+        predictions: pl.DataFrame,
+        metadata: pl.DataFrame | None = None,
+        config: Mapping[str, Any] | None = None,
+        kind: str = "import",
+    ) -> dict[str, int]:
+        """Store a whole run computed elsewhere (e.g. the reference CSV) in one transaction.
+
+        ``importances``/``predictions`` are long frames with ``patient_id`` (no ``run_id``);
+        ``metadata`` optionally gives ``patient_id`` plus metadata columns. Re-importing the same
+        run id replaces its rows. Returns the table counts of the run.
+        """
+        self._require_writer()
+        self.create_run(run_id, config=dict(config or {}), kind=kind)
+        imp = importances.with_columns(pl.lit(run_id).alias("run_id")).with_columns(
+            pl.col("patient_id").cast(pl.String)
+        ).select(list(IMPORTANCE_SCHEMA)).cast(IMPORTANCE_SCHEMA)  # type: ignore[arg-type]
+        pred = predictions.with_columns(pl.lit(run_id).alias("run_id"), pl.col("patient_id").cast(pl.String))
+        for col in ("voxels", "dice", "iou"):
+            if col not in pred.columns:
+                pred = pred.with_columns(pl.lit(None).alias(col))
+        pred = pred.select(list(PREDICTION_SCHEMA)).cast(PREDICTION_SCHEMA)  # type: ignore[arg-type]
+        ids = sorted(set(imp["patient_id"].to_list()) | set(pred["patient_id"].to_list()))
+        meta_by_id: dict[str, dict[str, Any]] = {}
+        if metadata is not None:
+            cols = [c for c in metadata.columns if c != "patient_id"]
+            for rec in metadata.iter_rows(named=True):
+                meta_by_id[str(rec["patient_id"])] = {c: rec[c] for c in cols}
+        now = _now()
+        rows = [(run_id, pid, "", None, json.dumps(meta_by_id.get(pid, {}), default=str), "done", 1, now)
+                for pid in ids]
+        self.con.begin()
+        try:
+            for table in ("importances", "predictions", "patients"):
+                self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # noqa: S608
+            self.con.executemany(
+                "INSERT INTO patients (run_id, patient_id, image_path, label_path, metadata, status, "
+                "attempts, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self.con.register("_imp", imp.to_arrow())
+            self.con.register("_pred", pred.to_arrow())
+            self.con.execute("INSERT INTO importances SELECT * FROM _imp")
+            self.con.execute("INSERT INTO predictions SELECT * FROM _pred")
+            self.con.unregister("_imp")
+            self.con.unregister("_pred")
+            self.con.commit()
+        except Exception:
+            self.con.rollback()
+            raise
+        counts = self.table_counts(run_id)
+        self.finish_run(run_id, status="done", report={"imported": counts})
+        return counts
+
+    def import_reference_csv(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        run_id: str | None = None,
+        method: str = "smoothgrad",
+        metadata: pl.DataFrame | None = None,
+    ) -> str:
+        """Import the reference implementation's wide CSV as a run of kind 'import'.
+
+        The run id defaults to ``import-<file stem>``; returns the run id.
+        """
+        from engine.analytics.reference import read_reference_csv
+
+        data = read_reference_csv(path, method=method)
+        rid = run_id or f"import-{Path(path).stem}"
+        self.import_frames(
+            rid, importances=data.importances, predictions=data.predictions, metadata=metadata,
+            config={"source": str(Path(path).resolve()), "method": method, "format": "agg2exp-reference-csv"},
+            kind="import",
+        )
+        return rid
+
+    def run_named_query(self, sql: str, params: Mapping[str, Any] | None = None) -> pl.DataFrame:
+        """Run a read-only query with DuckDB named parameters (``$name``) bound, never formatted."""
+        from engine.errors import QueryError
+
+        try:
+            check_read_only_sql(sql)
+        except StoreError as exc:
+            raise QueryError(str(exc)) from None
+        try:
+            return self.con.sql(sql, params=dict(params) if params else None).pl()
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QueryError(f"the query failed: {first}") from None
+
+    def latest_anomaly_model(self, run_id: str) -> str | None:
+        """The most recently created anomaly model that scored ``run_id`` (None if none)."""
+        rows = self.con.execute(
+            "SELECT model_id FROM anomaly_models WHERE run_id = ? ORDER BY created_at DESC LIMIT 1", [run_id]
+        ).fetchall()
+        return str(rows[0][0]) if rows else None
+
+    def anomaly_model_scores(self, run_id: str, model_id: str | None = None) -> pl.DataFrame:
+        """Scores of one model for a run (the latest model when ``model_id`` is None)."""
+        run_id = self.require_run(run_id)
+        if model_id is None:
+            model_id = self.latest_anomaly_model(run_id)
+            if model_id is None:
+                return self.frame("SELECT * FROM anomaly_scores WHERE false")
+        elif not self.con.execute(
+            "SELECT 1 FROM anomaly_models WHERE model_id = ? AND run_id = ?", [model_id, run_id]
+        ).fetchall():
+            raise StoreError(f"anomaly model {model_id!r} did not score run {run_id!r}; "
+                             f"run `agg2exp anomaly --run {run_id}` first")
+        return self.frame("SELECT * FROM anomaly_scores WHERE model_id = ?", [model_id])
+
+    def write_audit(
+        self, *, audit_id: str, run_id: str, results: pl.DataFrame, model_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Store one audit's ranked results, replacing an earlier audit with the same id."""
+        self._ensure_analytics_tables()
+        cols = ["rank", "column", "family", "target", "roi", "test", "groups", "n", "statistic", "p_value",
+                "q_value", "effect", "effect_size", "ci_low", "ci_high", "significant"]
+        out = results.select(cols).with_columns(
+            pl.lit(audit_id).alias("audit_id"), pl.lit(run_id).alias("run_id"),
+            pl.lit(model_id, dtype=pl.String).alias("model_id"),
+            pl.lit(json.dumps(dict(params or {}), default=str)).alias("params"),
+        ).select("audit_id", "run_id", "model_id", "params", *cols)
+        quoted = ", ".join(f'"{c}"' for c in out.columns)
+        self.con.begin()
+        try:
+            self.con.execute("DELETE FROM audits WHERE audit_id = ?", [audit_id])
+            self.con.register("_audit", out.to_arrow())
+            self.con.execute(f"INSERT INTO audits ({quoted}, created_at) SELECT *, ? FROM _audit", [_now()])
+            self.con.unregister("_audit")
+            self.con.commit()
+        except Exception:
+            self.con.rollback()
+            raise
+
+    def audits(self, run_id: str | None = None) -> pl.DataFrame:
+        """Stored audit results (empty when no audit was ever written)."""
+        if not self._has_table("audits"):
+            return pl.DataFrame()
+        if run_id is None:
+            return self.frame('SELECT * FROM audits ORDER BY audit_id, "column", "rank"')
+        return self.frame('SELECT * FROM audits WHERE run_id = ? ORDER BY audit_id, "column", "rank"', [run_id])
+
+    def write_graph(
+        self, *, graph_id: str, run_id: str, edges: Mapping[str, pl.DataFrame],
+        params: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Store the kept edges of each subgroup under one graph id (replacing it); returns the count."""
+        self._ensure_analytics_tables()
+        frames = [
+            e.select("source", "target", "weight", "rank", "cumweight").with_columns(
+                pl.lit(group).alias("subgroup"))
+            for group, e in edges.items()
+        ]
+        out = (pl.concat(frames) if frames else pl.DataFrame(
+            schema={"source": pl.String, "target": pl.String, "weight": pl.Float64, "rank": pl.Int64,
+                    "cumweight": pl.Float64, "subgroup": pl.String})).with_columns(
+            pl.lit(graph_id).alias("graph_id"), pl.lit(run_id).alias("run_id"),
+            pl.lit(json.dumps(dict(params or {}), default=str)).alias("params"),
+        ).select("graph_id", "run_id", "subgroup", "params", "source", "target", "weight", "rank", "cumweight")
+        self.con.begin()
+        try:
+            self.con.execute("DELETE FROM graph_edges WHERE graph_id = ?", [graph_id])
+            self.con.register("_edges", out.to_arrow())
+            self.con.execute(
+                'INSERT INTO graph_edges (graph_id, run_id, subgroup, params, source, target, weight, "rank", '
+                "cumweight, created_at) SELECT *, ? FROM _edges", [_now()]
+            )
+            self.con.unregister("_edges")
+            self.con.commit()
+        except Exception:
+            self.con.rollback()
+            raise
+        return out.height
+
+    def graph_edges(self, run_id: str | None = None) -> pl.DataFrame:
+        """Stored graph edges (empty when no graph was ever saved)."""
+        if not self._has_table("graph_edges"):
+            return pl.DataFrame()
+        if run_id is None:
+            return self.frame('SELECT * FROM graph_edges ORDER BY graph_id, subgroup, target, "rank"')
+        return self.frame('SELECT * FROM graph_edges WHERE run_id = ? ORDER BY graph_id, subgroup, target, "rank"',
+                          [run_id])
+    # ================================================================== end of analytics additions
+
 
 def check_read_only_sql(query: str) -> None:
     """Refuse SQL that would write, with a message that says where writes belong."""

@@ -1,0 +1,49 @@
+"""``agg2exp anomaly --run ID``: per-class isolation forests on RoI masses, scores stored."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine import store
+from engine.analytics.anomaly import MEAN_TARGET, score_run
+from engine.commands.query import add_db_argument
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Fit within the run (or on --reference-run), score the run, store model and scores."""
+    with store.open_writer(args.db) as s:
+        run_id = s.require_run(args.run)
+        ref = s.require_run(args.reference_run) if args.reference_run else None
+        contamination = args.contamination if args.contamination == "auto" else float(args.contamination)
+        model, scores = score_run(
+            s, run_id=run_id, reference_run_id=ref, seed=args.seed, n_estimators=args.n_estimators,
+            contamination=contamination, method=args.method, sign=args.sign,
+        )
+        s.write_anomaly(model=model, scores=scores)
+        s.publish_snapshot(force=True)
+    mean = scores.filter(scores["target"] == MEAN_TARGET).sort("score", descending=True)
+    print(f"model {model['model_id']} ({model['mode']}, fitted on {model['fit_run_id']}): "
+          f"{mean.height} patients scored over {len(model['features'])} classes")
+    if model["spearman_dice"] is not None:
+        print(f"Spearman(mean score, mean foreground Dice) = {model['spearman_dice']:.3f} "
+              f"(p = {model['spearman_p']:.3g})")
+    print("most anomalous: " + ", ".join(f"{r['patient_id']} ({r['score']:.3f})"
+                                          for r in mean.head(args.show).iter_rows(named=True)))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "anomaly", help="score patients with per-class isolation forests on RoI importances",
+        description="One isolation forest per class on the patients' RoI mass vectors; higher score = more anomalous.",
+    )
+    p.add_argument("--run", default=None, help="run to score (default the latest run)")
+    p.add_argument("--reference-run", default=None, help="fit the forests on this run instead of the scored one")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the forests (default 0)")
+    p.add_argument("--n-estimators", type=int, default=100, help="trees per forest (default 100)")
+    p.add_argument("--contamination", default="auto", help="'auto' or a fraction (default auto)")
+    p.add_argument("--method", default=None, help="attribution method (needed when the run holds several)")
+    p.add_argument("--sign", default="abs", choices=store.SIGNS, help="attribution sign (default abs)")
+    p.add_argument("--show", type=int, default=5, help="how many top patients to print (default 5)")
+    add_db_argument(p)
+    p.set_defaults(handler=handle)

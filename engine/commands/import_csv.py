@@ -1,0 +1,31 @@
+"""``agg2exp import-csv FILE``: import the reference implementation's CSV as a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine import store
+from engine.commands.query import add_db_argument
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Parse the wide CSV and store it as a run of kind 'import'."""
+    with store.open_writer(args.db) as s:
+        run_id = s.import_reference_csv(args.file, run_id=args.run_id, method=args.method)
+        counts = s.table_counts(run_id)
+    print(f"imported {args.file} as run {run_id}: {counts['patients']} patients, "
+          f"{counts['importances']} importance rows, {counts['predictions']} prediction rows")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "import-csv", help="import a reference aggregated-explanations CSV as a run",
+        description="Import the reference code's wide CSV (one row per patient) into the store.",
+    )
+    p.add_argument("file", type=Path, help="the CSV file")
+    p.add_argument("--run-id", default=None, help="run id (default import-<file stem>)")
+    p.add_argument("--method", default="smoothgrad", help="attribution method of the file (default smoothgrad)")
+    add_db_argument(p)
+    p.set_defaults(handler=handle)

@@ -1,0 +1,31 @@
+"""``agg2exp sql "SELECT ..."``: ad-hoc read-only SQL against the store."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine import store
+from engine.commands.query import add_db_argument, add_output_arguments, write_frame
+from engine.errors import QueryError
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run one read-only statement; statements that would write are refused before they run."""
+    with store.open(args.db) as s:
+        try:
+            df = s.run_named_query(args.statement, None)
+        except store.StoreError as exc:
+            raise QueryError(str(exc)) from None
+    write_frame(df, fmt=args.format, out=args.out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "sql", help="run one read-only SQL statement against the store",
+        description="Ad-hoc read-only SQL (SELECT, WITH, DESCRIBE, ...); writes are refused.",
+    )
+    p.add_argument("statement", help='the SQL, e.g. "SELECT run_id, status FROM runs"')
+    add_output_arguments(p)
+    add_db_argument(p)
+    p.set_defaults(handler=handle)

@@ -1,0 +1,33 @@
+-- name: top_anomalies
+-- answers: Which patients of a run have the most anomalous explanations? The k highest mean
+--   isolation-forest scores (latest anomaly model of the run), with the patient's mean
+--   foreground Dice and manifest metadata.
+-- params: run_id (string, default latest run), k (integer, default 10)
+WITH model AS (
+    SELECT model_id FROM anomaly_models
+    WHERE run_id = $run_id
+    ORDER BY created_at DESC
+    LIMIT 1
+),
+dice AS (
+    SELECT patient_id, avg(dice) AS mean_dice
+    FROM predictions
+    WHERE run_id = $run_id AND class <> 'background' AND dice IS NOT NULL
+    GROUP BY patient_id
+)
+SELECT
+    row_number() OVER (ORDER BY s.score DESC, s.patient_id) AS rank,
+    s.patient_id,
+    s.score,
+    s.decision,
+    s.decision < 0 AS outlier,
+    d.mean_dice,
+    CAST(p.metadata AS VARCHAR) AS metadata,
+    s.model_id
+FROM anomaly_scores AS s
+JOIN model USING (model_id)
+LEFT JOIN dice AS d ON d.patient_id = s.patient_id
+LEFT JOIN patients AS p ON p.run_id = $run_id AND p.patient_id = s.patient_id
+WHERE s.target = '__mean__'
+ORDER BY s.score DESC, s.patient_id
+LIMIT $k

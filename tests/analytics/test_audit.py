@@ -1,0 +1,170 @@
+"""Bias audit, checked against scipy called directly on hand-built data."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats
+
+from engine.analytics.audit import (
+    SingleGroupError,
+    UnknownColumnError,
+    audit,
+    audit_column,
+    bh,
+    compare_groups,
+    group_labels,
+    outlier_flags,
+    rank_biserial,
+)
+from engine.analytics.reference import read_reference_csv
+from engine.errors import UserError
+from tests.analytics._store import reference_csv, synthetic_metadata
+
+N = 24
+
+
+@pytest.fixture()
+def cohort() -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    rng = np.random.default_rng(11)
+    ids = [f"p{i:02d}" for i in range(N)]
+    sex = ["F" if i < N // 2 else "M" for i in range(N)]
+    site = ["abc"[i % 3] for i in range(N)]
+    age = rng.integers(20, 90, N).astype(float)
+    patients = pl.DataFrame({"patient_id": ids, "sex": sex, "site": site, "age": age, "const": ["x"] * N})
+    rows = []
+    for i, pid in enumerate(ids):
+        shift = 0.3 if sex[i] == "M" else 0.0  # heart-in-heart differs by sex
+        rows.append((pid, "m", "heart", "heart", "mass", "abs", 0.2 + shift + 0.05 * rng.standard_normal()))
+        rows.append((pid, "m", "heart", "aorta", "mass", "abs", 0.1 + 0.05 * rng.standard_normal()))
+    imp = pl.DataFrame(rows, schema=["patient_id", "method", "target", "roi", "stat", "sign", "value"], orient="row")
+    score = rng.random(N)
+    scores = pl.DataFrame({"patient_id": ids, "target": ["__mean__"] * N, "score": score,
+                           "decision": 0.5 - score})
+    return patients, imp, scores
+
+
+def test_importance_tests_match_scipy(cohort) -> None:
+    patients, imp, _ = cohort
+    res = audit_column(patients, imp, column="sex", n_boot=200, seed=0)
+    assert res.height == 2 and set(res["family"]) == {"importance"}
+    heart = imp.filter(pl.col("roi") == "heart").join(patients, on="patient_id")
+    f = heart.filter(pl.col("sex") == "F")["value"].to_numpy()
+    m = heart.filter(pl.col("sex") == "M")["value"].to_numpy()
+    mw = stats.mannwhitneyu(f, m, alternative="two-sided")
+    row = res.filter(pl.col("roi") == "heart").row(0, named=True)
+    assert row["test"] == "mann-whitney" and row["groups"] == "F vs M" and row["n"] == N
+    assert row["statistic"] == pytest.approx(mw.statistic)
+    assert row["p_value"] == pytest.approx(mw.pvalue)
+    assert row["effect_size"] == pytest.approx(2 * mw.statistic / (f.size * m.size) - 1)
+    assert row["effect_size"] < -0.9  # M larger
+    assert row["ci_low"] <= row["effect_size"] <= row["ci_high"]
+    # BH by hand over the column's two p-values
+    p = np.sort(res["p_value"].to_numpy())
+    q_hand = np.minimum.accumulate((p * 2 / np.arange(1, 3))[::-1])[::-1]
+    np.testing.assert_allclose(np.sort(res["q_value"].to_numpy()), np.minimum(q_hand, 1))
+    assert res["rank"].to_list() == [1, 2] and res["roi"][0] == "heart" and res["significant"][0]
+
+
+def test_bh_by_hand() -> None:
+    p = np.array([0.01, 0.04, 0.03, 0.5, np.nan])
+    # sorted 0.01, 0.03, 0.04, 0.5 with m = 4: 0.04, 0.06, 0.0533 -> 0.0533 (monotone), 0.5
+    expected = np.array([0.04, 0.16 / 3, 0.16 / 3, 0.5, np.nan])
+    np.testing.assert_allclose(bh(p), expected)
+
+
+def test_kruskal_and_epsilon_squared(cohort) -> None:
+    patients, imp, _ = cohort
+    res = audit_column(patients, imp, column="site", n_boot=100, seed=1)
+    row = res.filter(pl.col("roi") == "aorta").row(0, named=True)
+    joined = imp.filter(pl.col("roi") == "aorta").join(patients, on="patient_id")
+    groups = [joined.filter(pl.col("site") == s)["value"].to_numpy() for s in "abc"]
+    kw = stats.kruskal(*groups)
+    assert row["test"] == "kruskal-wallis" and row["groups"] == "a vs b vs c"
+    assert row["statistic"] == pytest.approx(kw.statistic)
+    assert row["p_value"] == pytest.approx(kw.pvalue)
+    assert row["effect_size"] == pytest.approx(kw.statistic / (N - 1))
+    assert row["ci_low"] <= row["ci_high"]
+
+
+def test_bootstrap_kruskal_matches_scipy_on_each_resample() -> None:
+    from engine.analytics.audit import _kruskal_h_batch
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, size=(6, 12)).astype(float)  # many ties
+    h = _kruskal_h_batch(values, [4, 5, 3])
+    for b in range(values.shape[0]):
+        ref = stats.kruskal(values[b, :4], values[b, 4:9], values[b, 9:]).statistic
+        assert h[b] == pytest.approx(ref)
+
+
+def test_numeric_column_is_split_at_the_median(cohort) -> None:
+    patients, imp, _ = cohort
+    labels = group_labels(patients, "age")
+    median = float(np.median(patients["age"].to_numpy()))
+    assert set(labels["group"]) == {f"age<={median:g}", f"age>{median:g}"}
+    low = labels.filter(pl.col("group") == f"age<={median:g}")["patient_id"].to_list()
+    assert low == patients.filter(pl.col("age") <= median)["patient_id"].to_list()
+
+
+def test_outlier_tests(cohort) -> None:
+    patients, imp, scores = cohort
+    flags = outlier_flags(scores)
+    expected = (scores["decision"] < 0).to_list()
+    assert flags["outlier"].to_list() == expected
+    top = outlier_flags(scores, top_fraction=0.25)
+    assert int(top["outlier"].sum()) == 6
+    assert set(top.filter(pl.col("outlier"))["patient_id"]) == set(
+        scores.sort("score", descending=True)["patient_id"][:6])
+    # categorical 2x2: Fisher exact
+    res = audit_column(patients, imp, column="sex", scores=scores, n_boot=50)
+    row = res.filter(pl.col("family") == "outlier").row(0, named=True)
+    j = patients.join(flags, on="patient_id")
+    table = [[int(((j["outlier"]) & (j["sex"] == s)).sum()) for s in ("F", "M")],
+             [int(((~j["outlier"]) & (j["sex"] == s)).sum()) for s in ("F", "M")]]
+    assert row["test"] == "fisher-exact"
+    assert row["p_value"] == pytest.approx(stats.fisher_exact(table).pvalue)
+    # categorical with 3 levels: chi-square
+    row3 = audit_column(patients, imp, column="site", scores=scores, n_boot=20).filter(
+        pl.col("family") == "outlier").row(0, named=True)
+    table3 = [[int((j["outlier"] & (j["site"] == s)).sum()) for s in "abc"],
+              [int((~j["outlier"] & (j["site"] == s)).sum()) for s in "abc"]]
+    assert row3["test"] == "chi-square"
+    assert row3["p_value"] == pytest.approx(stats.chi2_contingency(table3, correction=False).pvalue)
+    # numeric: Mann-Whitney of age, outliers vs inliers
+    rowa = audit_column(patients, imp, column="age", scores=scores, n_boot=20).filter(
+        pl.col("family") == "outlier").row(0, named=True)
+    ages = j["age"].to_numpy()
+    out = j["outlier"].to_numpy()
+    mw = stats.mannwhitneyu(ages[out], ages[~out], alternative="two-sided")
+    assert rowa["p_value"] == pytest.approx(mw.pvalue)
+    assert rowa["effect_size"] == pytest.approx(rank_biserial(ages[out], ages[~out]))
+
+
+def test_bootstrap_is_seeded() -> None:
+    x, y = np.arange(10.0), np.arange(5.0, 15.0)
+    a = compare_groups([x, y], n_boot=300, rng=np.random.default_rng(4))
+    b = compare_groups([x, y], n_boot=300, rng=np.random.default_rng(4))
+    assert (a["ci_low"], a["ci_high"]) == (b["ci_low"], b["ci_high"])
+
+
+def test_bad_columns_are_user_errors(cohort) -> None:
+    patients, imp, _ = cohort
+    with pytest.raises(UnknownColumnError, match="not in the patients' metadata.*available") as exc:
+        audit(patients, imp, columns=["scanner"])
+    assert isinstance(exc.value, UserError)
+    with pytest.raises(SingleGroupError, match="single group"):
+        audit(patients, imp, columns=["const"])
+
+
+def test_audit_on_the_shared_csv_is_ranked() -> None:
+    data = read_reference_csv(reference_csv())
+    patients = synthetic_metadata(data.patient_ids)
+    res = audit(patients, data.importances, columns=["sex", "site"], n_boot=20, seed=0)
+    assert res.filter(pl.col("column") == "sex").height == 17 * 17
+    for col in ("sex", "site"):
+        part = res.filter(pl.col("column") == col)
+        q = part["q_value"].drop_nulls().to_numpy()
+        assert np.all(np.diff(q) >= 0)
+        assert part["rank"].to_list() == list(range(1, part.height + 1))

@@ -1,0 +1,121 @@
+"""The analytics commands, called in-process through ``engine.cli.main``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from engine import cli, store
+from engine.analytics.graph import global_matrix, select_edges
+from tests.analytics._store import RUN_ID, analytics_store, reference_csv  # noqa: F401 - fixture
+
+
+@pytest.fixture()
+def db(analytics_store: Path, tmp_path: Path) -> Path:  # noqa: F811
+    """A private copy of the shared test store (commands write to it)."""
+    path = tmp_path / "copy.duckdb"
+    shutil.copy(analytics_store, path)
+    return path
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_import_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "new.duckdb"
+    assert cli.main(["import-csv", str(reference_csv()), "--run-id", "tsv2", "--db", str(db)]) == 0
+    assert "32 patients" in capsys.readouterr().out
+    with store.open(db) as s:
+        assert s.run_info("tsv2")["kind"] == "import"
+    assert cli.main(["import-csv", str(tmp_path / "nope.csv"), "--db", str(db)]) == 2
+    assert "no file" in _error(capsys)
+
+
+def test_anomaly_audit_graph(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["anomaly", "--run", RUN_ID, "--seed", "3", "--n-estimators", "20", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "within-run" in out and "Spearman" in out
+    with store.open(db) as s:
+        models = s.frame("SELECT * FROM anomaly_models WHERE seed = 3")
+        assert models.height == 1 and models["spearman_dice"][0] is not None
+
+    assert cli.main(["audit", "--run", RUN_ID, "--by", "sex,age", "--n-boot", "20", "--format", "csv", "--all",
+                     "--out", str(tmp_path / "audit.csv"), "--db", str(db)]) == 0
+    res = pl.read_csv(tmp_path / "audit.csv")
+    assert set(res["column"]) == {"sex", "age"} and "outlier" in set(res["family"])
+    with store.open(db) as s:
+        assert s.audits(RUN_ID).height == 2 * (17 * 17 + 1)
+
+    out_dir = tmp_path / "graph"
+    assert cli.main(["graph", "--run", RUN_ID, "--rule", "cumulative", "--threshold", "0.35",
+                     "--out", str(out_dir), "--save", "--db", str(db)]) == 0
+    doc = json.loads((out_dir / "graph.json").read_text())
+    with store.open(db) as s:
+        expected = select_edges(global_matrix(s.importances(RUN_ID)), rule="cumulative", threshold=0.35)
+        assert len(doc["edges"]) == expected.height > 0
+        assert s.graph_edges(RUN_ID).height == expected.height
+    assert (out_dir / "graph.graphml").exists() and (out_dir / "graph.png").exists()
+    assert cli.main(["graph", "--run", RUN_ID, "--by", "sex", "--rule", "topk", "--k", "2",
+                     "--figure-format", "svg", "--out", str(out_dir), "--db", str(db)]) == 0
+    assert (out_dir / "graph_sex_F.svg").exists() and (out_dir / "graph_sex_M.json").exists()
+
+
+def test_query_command_formats(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["query", "list", "--db", str(db)]) == 0
+    assert "top_anomalies" in capsys.readouterr().out
+    assert cli.main(["query", "top_anomalies", "--param", "k=4", "--format", "json", "--db", str(db)]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+    assert cli.main(["query", "run_status", "--format", "csv", "--db", str(db)]) == 0
+    assert capsys.readouterr().out.startswith("run_id,run_status,status")
+    pq = tmp_path / "m.parquet"
+    assert cli.main(["query", "global_matrix", "--format", "parquet", "--out", str(pq), "--db", str(db)]) == 0
+    assert pl.read_parquet(pq).height == 17 * 17
+    assert cli.main(["query", "self_importance", "--db", str(db)]) == 0
+    assert "lung" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["query", "nope"], "unknown query 'nope'"),
+        (["query", "top_anomalies", "-p", "k=many"], "must be an integer"),
+        (["query", "subgroup_difference"], "needs parameter 'column'"),
+        (["query", "global_matrix", "--format", "parquet"], "--out"),
+        (["query", "run_status", "-p", "run_id=zzz"], "run 'zzz' is not in"),
+        (["anomaly", "--run", "zzz"], "run 'zzz' is not in"),
+        (["audit", "--run", RUN_ID, "--by", "scanner"], "column 'scanner' is not in"),
+        (["audit", "--run", RUN_ID, "--by", "run_id"], "not in the patients' metadata"),
+        (["graph", "--run", "zzz", "--out", "unused"], "run 'zzz' is not in"),
+    ],
+)
+def test_user_errors_exit_2_on_one_line(db: Path, argv: list[str], message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([*argv, "--db", str(db)]) == 2
+    assert message in _error(capsys)
+
+
+def test_audit_single_group_column(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # among patients with a value, 'site' has groups a, b, c, d: fine; a constant column is refused
+    with store.open_writer(db) as s:
+        s.con.execute("UPDATE patients SET metadata = json_object('scanner', 'X') WHERE run_id = ?", [RUN_ID]).fetchall()
+    assert cli.main(["audit", "--run", RUN_ID, "--by", "scanner", "--n-boot", "5", "--db", str(db)]) == 2
+    assert "single group" in _error(capsys)
+
+
+def test_sql_command(db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "sql_cmd"))
+    assert cli.main(["sql", "SELECT count(*) AS n FROM patients", "--format", "csv", "--db", str(db)]) == 0
+    assert capsys.readouterr().out.split() == ["n", "35"]
+    assert cli.main(["sql", "DROP TABLE runs", "--db", str(db)]) == 2
+    assert "read-only" in _error(capsys)
+    assert cli.main(["sql", "SELECT 1; SELECT 2", "--db", str(db)]) == 2
+    assert "one SQL statement" in _error(capsys)
+    assert cli.main(["sql", "SELECT * FROM nowhere", "--db", str(db)]) == 2
+    assert "the query failed" in _error(capsys)
