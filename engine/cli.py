@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "run",
     "query",
+    "sql_cmd",
     "anomaly",
     "audit",
     "graph",

@@ -147,16 +147,6 @@ class AnomalySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RoISpec:
-    """RoIs: predicted segments, or a label map from the manifest (column ``roi_<name>``), plus joins."""
-
-    source: str = "prediction"  # or the name of a manifest RoI column without its roi_ prefix
-    labels: Mapping[str, str] | None = None  # label id (as string) -> RoI name, for a label-map source
-    labels_file: str | None = None  # JSON {id: name} for a label-map source
-    joined: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """A whole job; ``JobSpec.load(path)`` or ``JobSpec.from_dict(data)``."""
 
@@ -164,9 +154,9 @@ class JobSpec:
     run_id: str | None = None
     cohort: CohortSpec
     model: Mapping[str, Any]
-    preprocess: Mapping[str, Any] = field(default_factory=dict)
+    preprocess: Mapping[str, Any] = field(default_factory=dict)  # engine.io.PreprocessSpec
     attribution: AttributionSpec = field(default_factory=AttributionSpec)
-    rois: RoISpec = field(default_factory=RoISpec)
+    rois: Mapping[str, Any] = field(default_factory=dict)  # engine.io.RoISpec
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     anomaly: AnomalySpec = field(default_factory=AnomalySpec)
     report: bool = True
@@ -199,24 +189,24 @@ class JobSpec:
             raise JobSpecError("the job needs a [model] section (kind = \"demo\" for the shipped model)")
         sections: dict[str, Any] = {}
         for key, spec_cls in (("cohort", CohortSpec), ("attribution", AttributionSpec), ("runtime", RuntimeSpec),
-                              ("anomaly", AnomalySpec), ("rois", RoISpec)):
+                              ("anomaly", AnomalySpec)):
             raw = dict(data.get(key, {}))
             _check_keys(key, raw, spec_cls)
             for f in fields(spec_cls):
                 if f.name in raw and isinstance(raw[f.name], list):
                     raw[f.name] = tuple(raw[f.name])
-            if key == "rois" and "joined" in raw:
-                raw["joined"] = {k: tuple(v) for k, v in raw["joined"].items()}
             try:
                 sections[key] = spec_cls(**raw)
             except TypeError as exc:
                 raise JobSpecError(f"[{key}] {exc}") from None
+        _validate_sections(data, base_dir)
         return cls(
             name=_typed("job", "name", job["name"], str),
             run_id=job.get("run_id"),
             report=bool(job.get("report", True)),
             model=dict(data["model"]),
             preprocess=dict(data.get("preprocess", {})),
+            rois=dict(data.get("rois", {})),
             base_dir=str(base_dir),
             **sections,
         )
@@ -238,6 +228,22 @@ class JobSpec:
 
     def default_run_id(self) -> str:
         return self.run_id or f"{self.name}-{self.fingerprint()}"
+
+
+def _validate_sections(data: Mapping[str, Any], base_dir: str | Path) -> None:
+    """Check [model], [preprocess] and [rois] with their owners' parsers, so a typo stops the job here."""
+    from engine import io, models
+
+    io.PreprocessSpec.from_dict(dict(data.get("preprocess", {})))
+    io.RoISpec.from_dict(dict(data.get("rois", {})), base_dir=base_dir)
+    model = dict(data["model"])
+    kind = model.get("kind", "demo")
+    if kind == "demo":
+        extra = sorted(set(model) - {"kind", "weights"})
+        if extra:
+            raise JobSpecError(f"[model] kind = 'demo' takes only `weights`; remove {extra}")
+    else:
+        models.ModelSpec.from_dict(model, base_dir=base_dir)
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,6 @@ def build_model(spec: JobSpec) -> Any:
 
     model_cfg = dict(spec.model)
     if model_cfg.get("kind", "demo") == "demo":
-        extra = sorted(set(model_cfg) - {"kind", "weights"})
-        if extra:
-            raise UserError(f"[model] kind = 'demo' takes only `weights`; remove {extra}")
         weights = model_cfg.get("weights")
         loaded = models.demo_model(weights=spec.resolve_path(weights)) if weights else models.demo_model()
     else:
