@@ -746,6 +746,57 @@ class Store:
                           [run_id])
     # ================================================================== end of analytics additions
 
+    # ================================================================== evaluation additions
+    # Added for ``agg2exp evaluate`` (engine.analytics.evaluate): benchmark rows of attribution
+    # methods. The table is created on demand by the writer, so older stores keep working.
+    _EVALUATION_DDL = """
+    CREATE TABLE IF NOT EXISTS evaluations (
+        run_id VARCHAR NOT NULL,            -- the evaluation's id (not a row of runs)
+        patient_id VARCHAR NOT NULL,
+        target VARCHAR NOT NULL,
+        method VARCHAR NOT NULL,            -- a method, or 'A~B' for a pair (agreement)
+        metric VARCHAR NOT NULL,
+        value DOUBLE,
+        params JSON,
+        created_at TIMESTAMPTZ
+    );
+    """
+
+    def write_evaluations(self, run_id: str, rows: pl.DataFrame, *, params: Mapping[str, Any] | None = None) -> int:
+        """Store one evaluation's rows (patient_id, target, method, metric, value), replacing that run id.
+
+        Returns the number of rows written.
+        """
+        self._require_writer()
+        self.con.execute(self._EVALUATION_DDL).fetchall()
+        out = rows.select(
+            pl.lit(run_id).alias("run_id"), pl.col("patient_id").cast(pl.String), pl.col("target").cast(pl.String),
+            pl.col("method").cast(pl.String), pl.col("metric").cast(pl.String), pl.col("value").cast(pl.Float64),
+            pl.lit(json.dumps(dict(params or {}), default=str, sort_keys=True)).alias("params"),
+        )
+        self.con.begin()
+        try:
+            self.con.execute("DELETE FROM evaluations WHERE run_id = ?", [run_id]).fetchall()
+            self.con.register("_eval", out.to_arrow())
+            self.con.execute("INSERT INTO evaluations SELECT *, ? FROM _eval", [_now()]).fetchall()
+            self.con.unregister("_eval")
+            self.con.commit()
+        except Exception:
+            self.con.rollback()
+            raise
+        return out.height
+
+    def evaluations(self, run_id: str | None = None) -> pl.DataFrame:
+        """Stored evaluation rows (empty when no evaluation was ever written)."""
+        if not self._has_table("evaluations"):
+            return pl.DataFrame()
+        cols = "run_id, patient_id, target, method, metric, value, params, created_at"
+        if run_id is None:
+            return self.frame(f"SELECT {cols} FROM evaluations ORDER BY run_id, patient_id, method, target, metric")  # noqa: S608
+        return self.frame(f"SELECT {cols} FROM evaluations WHERE run_id = ? "  # noqa: S608
+                          "ORDER BY patient_id, method, target, metric", [run_id])
+    # ================================================================== end of evaluation additions
+
 
 def check_read_only_sql(query: str) -> None:
     """Refuse SQL that would write, with a message that says where writes belong."""

@@ -16,6 +16,15 @@ SHAPE = (12, 10, 8)
 ROI = (8, 6, 8)
 OVERLAP = 0.25
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, oversubscribed threads make tiny convolutions 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 def tiny_unet(out_channels: int = 4, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)

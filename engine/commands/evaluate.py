@@ -1,0 +1,155 @@
+"""``agg2exp evaluate JOB.toml``: the paper's benchmark of attribution methods on a cohort.
+
+The job file is a normal job (``[job]``, ``[cohort]``, ``[model]``, ``[preprocess]``; overlap,
+blend, target, window_batch and vjp come from ``[attribution]``) plus an ``[evaluate]`` section
+with the fields of :class:`engine.analytics.evaluate.EvaluateSpec`. ``[model] kind = "demo"`` with
+``weights = "untrained"`` uses the untrained demo UNet (for trying the command without weights).
+Rows go into the store's ``evaluations`` table; the paper's table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import store
+from engine.commands.query import add_db_argument
+from engine.errors import JobSpecError
+
+
+def load_evaluation(path: str | Path) -> tuple[Any, Any]:
+    """(JobSpec, EvaluateSpec) from a job file with an ``[evaluate]`` section."""
+    from engine.analytics.evaluate import EvaluateSpec
+    from engine.jobs import JobSpec
+
+    p = Path(path)
+    if not p.is_file():
+        raise JobSpecError(f"job spec {p} does not exist; see jobs/evaluate_demo.toml for an example")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise JobSpecError(f"{p} is not valid TOML: {exc}") from None
+    raw = dict(data.pop("evaluate", {}))
+    allowed = {f.name for f in fields(EvaluateSpec)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise JobSpecError(f"[evaluate] has unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+    for key in ("methods", "targets", "stability_samples"):
+        if isinstance(raw.get(key), list):
+            raw[key] = tuple(raw[key])
+    model = dict(data.get("model", {}))
+    untrained = model.get("kind", "demo") == "demo" and model.get("weights") == "untrained"
+    if untrained:
+        model.pop("weights")
+        data["model"] = model
+    job = JobSpec.from_dict(data, base_dir=p.parent.resolve())
+    try:
+        spec = EvaluateSpec(**raw)
+    except (TypeError, ValueError) as exc:
+        raise JobSpecError(str(exc) if str(exc).startswith("[evaluate]") else f"[evaluate] {exc}") from None
+    return (job, untrained), spec
+
+
+def _patients(job: Any, limit: int | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(patient_id, scaled image (C, X, Y, Z)) of the cohort, phantoms generated in memory."""
+    c = job.cohort
+    n_limit = min(x for x in (limit, c.limit) if x is not None) if (limit or c.limit) else None
+    if c.phantoms is not None:
+        from engine.phantoms import anomaly_schedule, make_phantom
+        from engine.training import scale_hu
+
+        n = c.phantoms if n_limit is None else min(c.phantoms, n_limit)
+        schedule = anomaly_schedule(c.phantoms, seed=c.seed, anomaly_fraction=c.anomaly_fraction)
+        for i in range(n):
+            ph = make_phantom(i, seed=c.seed, anomaly_type=schedule[i])
+            pid = str(ph.metadata.get("patient_id", f"phantom_{i:03d}")) if isinstance(ph.metadata, dict) else f"phantom_{i:03d}"
+            yield pid, torch.from_numpy(scale_hu(ph.image)).float()[None]
+        return
+    from engine import io
+
+    manifest = io.read_manifest(job.resolve_path(c.manifest))
+    pre = io.PreprocessSpec.from_dict(job.preprocess)
+    rows = list(manifest.iter_rows(named=True))
+    for rec in rows[:n_limit] if n_limit else rows:
+        case = io.load_case(rec, preprocess=pre)
+        yield case.patient_id, case.image
+
+
+def handle(args: argparse.Namespace) -> int:
+    from engine import models
+    from engine.analytics.evaluate import ModelSetup, evaluate_cohort, format_report
+    from engine.pipeline import build_model, resolve_device
+
+    (job, untrained), spec = load_evaluation(args.job)
+    if args.paper_defaults:
+        spec = spec.with_paper_defaults()
+    if args.seed is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, seed=args.seed)
+    if args.patients is not None and args.patients < 1:
+        raise JobSpecError(f"--patients must be at least 1, got {args.patients}")
+    loaded = models.demo_model(weights=None) if untrained else build_model(job)
+    if untrained:
+        models.validate_model(loaded)
+    device = resolve_device(job.runtime.device)
+    threads = args.threads if args.threads is not None else job.runtime.threads_per_worker
+    if threads < 1:
+        raise JobSpecError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    model = loaded.module.to(device).eval()
+    a = job.attribution
+    setup = ModelSetup(roi_size=tuple(loaded.roi_size), class_names=tuple(loaded.class_names), overlap=a.overlap,
+                       blend=a.blend, target=a.target, window_batch=a.window_batch, vjp=a.vjp, device=device)
+    unknown = [t for t in spec.targets if t not in setup.class_names]
+    if unknown:
+        raise JobSpecError(f"[evaluate] targets {unknown} are not classes of the model; "
+                           f"classes are {list(setup.class_names)}")
+    params = {"job": job.name, "model": loaded.source, "evaluate": spec.to_dict(), "overlap": a.overlap,
+              "blend": a.blend, "target": a.target, "roi_size": list(setup.roi_size),
+              "cohort": json.loads(json.dumps(job.to_dict()["cohort"])), "patients": args.patients}
+    run_id = args.run_id or f"evaluate-{job.name}-" + hashlib.sha256(
+        json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else None
+    t0 = time.perf_counter()
+    rows = evaluate_cohort(model, _patients(job, args.patients), setup=setup, spec=spec, log=log)
+    seconds = time.perf_counter() - t0
+    if rows.height == 0:
+        raise JobSpecError("no patient had any of the target classes in its prediction; nothing was evaluated")
+    with store.open_writer(args.db) as s:
+        n = s.write_evaluations(run_id, rows, params={**params, "seconds": round(seconds, 2)})
+    n_patients = rows["patient_id"].n_unique()
+    print(f"evaluation {run_id}: {n_patients} patient(s), {len(spec.methods)} method(s), {n} rows in {args.db} "
+          f"({seconds:.1f}s; model {loaded.source})")
+    print(format_report(rows, methods=spec.methods, targets=spec.targets, threshold=spec.stability_threshold))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "evaluate", help="benchmark attribution methods (faithfulness, sensitivity, complexity, cost)",
+        description="Evaluate attribution methods on a cohort with the paper's metrics (faithfulness "
+                    "correlation, average sensitivity, effective complexity), their cost, the agreement of "
+                    "their RoI importances and SmoothGrad's stability; rows go to the evaluations table.",
+    )
+    p.add_argument("job", metavar="JOB.toml", help="job file with an [evaluate] section (see jobs/evaluate_demo.toml)")
+    p.add_argument("--patients", type=int, default=None, help="evaluate only the first N patients")
+    p.add_argument("--paper-defaults", action="store_true",
+                   help="the paper's metric parameters: 100 runs of 50,176 voxels, 3 perturbations, 20 SmoothGrad samples")
+    p.add_argument("--seed", type=int, default=None, help="override [evaluate] seed")
+    p.add_argument("--run-id", default=None, help="id of the stored evaluation (default from the job and parameters)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default [runtime] threads_per_worker; 1 is fastest on a busy machine)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    add_db_argument(p)
+    p.set_defaults(handler=handle)
