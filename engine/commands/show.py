@@ -1,0 +1,89 @@
+"""``agg2exp show PATIENT --target aorta``: one patient's attribution on three slices (Fig. 2).
+
+The map is recomputed with the run's model and configuration from the patient's stored image
+path, rendered to PNG and, with ``--nifti DIR``, exported on the CT grid for 3D Slicer / ITK-SNAP.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+from engine import store
+from engine.commands.query import add_db_argument
+from engine.errors import UserError
+
+
+def handle(args: argparse.Namespace) -> int:
+    from engine.report import figures
+    from engine.report.maps import MapRecomputer, MapsUnavailable, patient_record
+    from engine.report.nifti import export_explanation, safe_filename
+
+    with store.open(args.db) as s:
+        run_id = s.require_run(args.run)
+        info = s.run_info(run_id)
+        rows = s.frame("SELECT * FROM patients WHERE run_id = ? AND patient_id = ?",
+                       [run_id, args.patient]).to_dicts()
+        if not rows:
+            known = s.patient_ids(run_id)
+            shown = ", ".join(known[:8]) + (f", ... ({len(known)} in all)" if len(known) > 8 else "")
+            raise UserError(f"patient {args.patient!r} is not in run {run_id!r}; its patients are: {shown or 'none'} "
+                            f"(list them with `agg2exp sql \"SELECT patient_id FROM patients WHERE run_id = "
+                            f"'{run_id}'\"`)")
+        imp_methods = s.frame("SELECT DISTINCT method FROM importances WHERE run_id = ?", [run_id])["method"].to_list()
+    config = dict(info.get("config") or {})
+    class_names = list(config.get("class_names") or [])
+    if class_names and args.target not in class_names:
+        raise UserError(f"unknown target {args.target!r}; the run's classes are: {', '.join(class_names)}")
+    record = patient_record(rows[0])
+    if not record.get("image_path"):
+        raise UserError(f"patient {args.patient!r} of run {run_id!r} has no stored image path (an imported run?); "
+                        "`show` needs a run computed by this engine, with images it can read")
+    try:
+        recomputer = MapRecomputer(config, device=args.device)
+    except MapsUnavailable as exc:
+        raise UserError(f"cannot recompute maps for run {run_id!r}: {exc}") from None
+    if args.target not in recomputer.class_names:
+        raise UserError(f"unknown target {args.target!r}; the model's classes are: {', '.join(recomputer.class_names)}")
+    method = args.method or recomputer.spec.attribution.method
+    pm = recomputer.compute(record, [args.target], method=method)
+    if args.method and imp_methods and args.method not in imp_methods:
+        print(f"note: run {run_id} stored importances for {imp_methods}; showing {args.method} anyway")
+    maps = pm.explanation.maps or {}
+    if args.target not in maps:
+        voxels = pm.explanation.voxels()
+        predicted = [n for n, v in voxels.items() if v > 0 and n != "background"]
+        raise UserError(f"{args.target!r} is not predicted in patient {args.patient!r}, so it has no attribution; "
+                        f"predicted classes: {', '.join(predicted) or 'none'}")
+    out = args.out or Path(f"{safe_filename(args.patient)}_{safe_filename(args.target)}_{safe_filename(method)}.png")
+    fig = figures.slice_overlay(
+        pm.case.image, maps[args.target], pm.explanation.prediction, args.target, class_names=pm.class_names,
+        title=f"{args.patient} ({run_id}): {method} attribution of {args.target}",
+    )
+    print(figures.save_png(fig, out))
+    if args.nifti is not None:
+        for p in export_explanation(pm.case, pm.explanation, args.nifti):
+            print(p)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "show", help="recompute one patient's attribution map and render it on three slices (Fig. 2)",
+        description=("Recompute the attribution of one class for one patient with the run's model and settings, "
+                     "render sagittal/coronal/axial slices through the class to PNG, and optionally export the "
+                     "maps and prediction as NIfTI on the CT grid."),
+    )
+    p.add_argument("patient", help="patient id")
+    p.add_argument("--target", required=True, help="class to explain, e.g. aorta")
+    p.add_argument("--run", default=None, help="run (default the latest run)")
+    p.add_argument("--method", default=None, help="attribution method (default the run's)")
+    p.add_argument("--out", type=Path, default=None, help="PNG path (default PATIENT_TARGET_METHOD.png)")
+    p.add_argument("--nifti", type=Path, default=None, help="also write NIfTI maps and prediction to this folder")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device (default cpu)")
+    add_db_argument(p)
+    p.set_defaults(handler=handle)
+
+
+__all__ = ["handle", "register"]

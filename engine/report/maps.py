@@ -1,0 +1,136 @@
+"""Recompute attribution maps for a few patients of a stored run, with that run's configuration.
+
+The store keeps only aggregated RoI rows; voxel maps are recomputed on demand for the handful of
+patients a figure shows. The run's ``config`` (``JobSpec.to_dict()`` plus ``class_names``) is turned
+back into a :class:`~engine.jobs.JobSpec`, the model is built exactly as the run built it, and
+``explain_volume(return_maps=True)`` is called with the run's attribution options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import UserError
+
+#: Columns of the ``patients`` table that are not manifest metadata.
+_PATIENT_COLUMNS = ("run_id", "patient_id", "image_path", "label_path", "metadata", "status", "error",
+                    "traceback", "attempts", "worker", "seconds", "timings", "updated_at")
+
+
+class MapsUnavailable(UserError):
+    """Maps cannot be recomputed for this run or patient (no model, no image, ...); the reason says why."""
+
+
+def spec_from_config(config: Mapping[str, Any]) -> Any:
+    """The :class:`~engine.jobs.JobSpec` of a stored run configuration (``runs.config``).
+
+    Mirrors ``engine.runtime.runner._as_toml_dict``: the flat ``to_dict()`` form is put back into
+    sections, ``None`` values are dropped and ``base_dir`` is kept so relative paths still resolve.
+    """
+    from engine.jobs import JobSpec
+
+    d = dict(config or {})
+    if "model" not in d or "name" not in d:
+        raise MapsUnavailable("the run's configuration names no model (an imported run?), so maps cannot be "
+                              "recomputed; maps need a run computed by this engine")
+    out: dict[str, Any] = {"job": {"name": d["name"], "report": d.get("report", True)}}
+    if d.get("run_id"):
+        out["job"]["run_id"] = d["run_id"]
+    for key in ("cohort", "model", "preprocess", "attribution", "rois", "runtime", "anomaly"):
+        section = d.get(key)
+        if section:
+            out[key] = {k: v for k, v in section.items() if v is not None}
+    try:
+        return JobSpec.from_dict(out, base_dir=d.get("base_dir") or ".")
+    except UserError as exc:
+        raise MapsUnavailable(f"the run's configuration cannot be read back: {exc}") from None
+
+
+def patient_record(patients_row: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest record (``patient_id``, ``image_path``, ``label_path`` + metadata) from a patients row."""
+    rec: dict[str, Any] = {}
+    meta = patients_row.get("metadata")
+    if isinstance(meta, str):
+        try:
+            rec.update(json.loads(meta or "{}"))
+        except json.JSONDecodeError:
+            pass
+    elif isinstance(meta, Mapping):
+        rec.update(meta)
+    for key, value in patients_row.items():
+        if key not in _PATIENT_COLUMNS and key not in rec:
+            rec[key] = value
+    rec["patient_id"] = str(patients_row["patient_id"])
+    rec["image_path"] = patients_row.get("image_path") or None
+    rec["label_path"] = patients_row.get("label_path") or None
+    return rec
+
+
+@dataclass
+class PatientMaps:
+    """One patient's recomputed maps on the model grid, with the case they came from."""
+
+    case: Any  # engine.io.Case
+    explanation: Any  # engine.attribution.explain.Explanation (maps set)
+    class_names: tuple[str, ...]
+    method: str
+
+
+class MapRecomputer:
+    """Loads a run's model once and recomputes maps for patients of that run."""
+
+    def __init__(self, config: Mapping[str, Any], *, device: str | None = "cpu") -> None:
+        from engine.pipeline import PatientProcessor
+
+        spec = spec_from_config(config)
+        if device is not None:
+            spec = dataclasses.replace(spec, runtime=dataclasses.replace(spec.runtime, device=device))
+        # save_maps would make the processor write NIfTI as a side effect; maps are returned here instead.
+        spec = dataclasses.replace(spec, attribution=dataclasses.replace(spec.attribution, save_maps=()))
+        self.spec = spec
+        try:
+            self.processor = PatientProcessor(spec, worker_name="report")
+        except Exception as exc:  # noqa: BLE001 - any model problem means "no overlays", with the reason
+            raise MapsUnavailable(f"the run's model could not be loaded: {exc}") from None
+        self.class_names: tuple[str, ...] = tuple(self.processor.loaded.class_names)
+
+    def load_case(self, record: Mapping[str, Any]) -> Any:
+        if not record.get("image_path"):
+            raise MapsUnavailable(f"patient {record.get('patient_id')} has no image path in the store")
+        return self.processor.load(record)
+
+    def compute(
+        self, record: Mapping[str, Any], targets: Sequence[str] | None = None, *, method: str | None = None,
+        case: Any = None,
+    ) -> PatientMaps:
+        """Maps of ``targets`` (default: every predicted class) for one manifest record."""
+        from engine.attribution import explain_volume
+
+        a = self.spec.attribution
+        if method is not None and method != a.method:
+            try:
+                a = dataclasses.replace(a, method=method)
+            except UserError as exc:
+                raise UserError(f"method {method!r}: {exc}") from None
+        if targets is not None:
+            unknown = [t for t in targets if t not in self.class_names]
+            if unknown:
+                raise UserError(f"unknown target class(es) {unknown}; the run's model has classes "
+                                f"{list(self.class_names)}")
+        case = case if case is not None else self.load_case(record)
+        p = self.processor
+        explanation = explain_volume(
+            p.model, case.image, method=a.method, targets=list(targets) if targets is not None else a.targets,
+            class_names=self.class_names, roi_size=p.loaded.roi_size, overlap=a.overlap, blend=a.blend,
+            seed=a.seed, return_maps=True, device=p.device, target=a.target,
+            window_batch=a.window_batch, class_chunk=a.class_chunk, vjp=a.vjp, autocast_dtype=p.autocast,
+            **a.method_options(),
+        )
+        return PatientMaps(case=case, explanation=explanation, class_names=self.class_names, method=a.method)
+
+
+__all__ = ["MapsUnavailable", "MapRecomputer", "PatientMaps", "patient_record", "spec_from_config"]
