@@ -160,7 +160,7 @@ def draw_slices(
                   interpolation="nearest")
         if att is not None:
             a2 = _slice(att, axis, pt[axis])
-            shown = np.ma.masked_where(np.abs(a2) < 0.02 * lim, a2)
+            shown = np.ma.masked_where(np.abs(a2) < 0.12 * lim, a2)  # hide the faint noise floor
             mappable = ax.imshow(shown, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=alpha, origin="lower",
                                  interpolation="nearest")
         if pred is not None and label is not None:
