@@ -13,6 +13,7 @@ import collections
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -134,11 +135,8 @@ def run_job(
         already = set(writer.patient_ids(run_id, status=["done"]))
         records = [r for r in manifest.iter_rows(named=True) if str(r["patient_id"]) not in already]
         if existed:
-            log.warning("resuming run %s: %d of %d patients already done; computing %d",
-                        run_id, len(already), manifest.height, len(records))
-            if progress:
-                print(f"resuming run {run_id}: {len(already)} of {manifest.height} patients already done; "
-                      f"computing {len(records)}")
+            print(f"resuming run {run_id}: {len(already)} of {manifest.height} patients already done; "
+                  f"computing {len(records)}", file=sys.stderr)
         stats = _Dispatch(spec, writer, run_id, records, address=address, workers=workers, progress=progress,
                           on_result=on_result).run() if records else {"devices": [], "writer_seconds": 0.0,
                                                                         "timings": {}, "requeued": 0}
@@ -197,7 +195,7 @@ class _Dispatch:
 
     def run(self) -> dict[str, Any]:
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
         ctx = connect(self.address, num_cpus=None)
         try:
@@ -215,27 +213,54 @@ class _Dispatch:
                 (dict(r), 0) for r in self.records
             )
             inflight: dict[Any, tuple[int, dict[str, Any], int]] = {}
+            pings: dict[Any, int] = {}  # health pings of actors that are restarting
+            unavailable: set[int] = set()
             load = [0] * n_actors
             bar = Progress(total=len(self.records), enabled=self.progress)
             writer_seconds = 0.0
             requeued = 0
             stage_totals: dict[str, list[float]] = collections.defaultdict(list)
             limit = self.spec.runtime.in_flight
+
+            def start_actor(i: int) -> Any:
+                return actor_cls.options(**resources).remote(
+                    spec_dict, self.spec.base_dir, self.spec.runtime.threads_per_worker, i
+                )
+
+            def actor_lost(i: int) -> None:
+                if i not in unavailable:
+                    unavailable.add(i)
+                    pings[actors[i].pid.remote()] = i
+
             while queue or inflight:
                 for i, actor in enumerate(actors):
-                    while queue and load[i] < limit:
+                    while queue and load[i] < limit and i not in unavailable:
                         record, attempts = queue.popleft()
                         inflight[actor.process.remote(record)] = (i, record, attempts)
                         load[i] += 1
                 bar.set_in_flight(len(inflight))
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                ready, _ = ray.wait([*inflight, *pings], num_returns=1, timeout=1.0)
                 for ref in ready:
+                    if ref in pings:
+                        i = pings.pop(ref)
+                        try:
+                            ray.get(ref)
+                            unavailable.discard(i)  # restarted and serving again
+                        except ActorDiedError:
+                            log.warning("worker %d is gone for good; starting a replacement", i)
+                            actors[i] = start_actor(i)
+                            pings[actors[i].pid.remote()] = i
+                        except RayActorError:
+                            time.sleep(0.5)  # still restarting
+                            pings[actors[i].pid.remote()] = i
+                        continue
                     i, record, attempts = inflight.pop(ref)
                     load[i] -= 1
                     pid = str(record["patient_id"])
                     try:
                         outcome = ray.get(ref)
                     except (RayActorError, RayTaskError) as exc:
+                        actor_lost(i)
                         if attempts + 1 < self.spec.runtime.max_attempts:
                             queue.appendleft((record, attempts + 1))
                             requeued += 1

@@ -110,20 +110,18 @@ def test_bad_inputs_fail_per_patient_and_the_run_completes(tmp_path, cohort, cap
 
 
 def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, cohort, cohort_manifest, reference_rows):
-    import ray
-
     db = tmp_path / "kill.duckdb"
     killed: list[int] = []
 
     def kill_one_worker(pid: str, status: str) -> None:
         if killed:
             return
-        # SIGKILL the process of an actor that is busy with another patient right now.
-        for actor in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")]):
-            if actor.class_name == "PatientWorker" and actor.pid:
-                os.kill(actor.pid, signal.SIGKILL)
-                killed.append(actor.pid)
-                return
+        # SIGKILL an actor process, preferring one busy with a patient (Ray titles it ".process").
+        workers = _actor_processes("PatientWorker")
+        busy = [p for p, title in workers if ".process" in title]
+        victim = (busy or [p for p, _ in workers])[0]
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
 
     spec = JobSpec.from_dict(job_dict(cohort_manifest, runtime={"in_flight": 2}))
     summary = run_job(spec, db=db, run_id="k", progress=False, on_result=kill_one_worker)
@@ -133,6 +131,21 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, cohort, cohort_
     with store.open(db) as s:
         assert s.frame("SELECT count(*) AS n FROM patients WHERE run_id = 'k' AND status = 'done'")["n"][0] == cohort.height
     assert_same_importances(_stored(db, "k"), reference_rows)
+
+
+def _actor_processes(name: str) -> list[tuple[int, str]]:
+    """(pid, process title) of Ray actor processes of a class, read from /proc."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(f"ray::{name}"):
+            out.append((int(proc.name), title))
+    return out
 
 
 def _done_in_snapshot(db: Path, run_id: str) -> int:
@@ -161,7 +174,8 @@ def test_killed_driver_resumes_computing_only_missing_patients(tmp_path, cohort,
     assert 2 <= done_before < cohort.height
     code = cli_main(["run", str(job), "--db", str(db), "--run-id", "res", "--resume", "--no-progress"])
     assert code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert f"{done_before} of {cohort.height} patients already done; computing {cohort.height - done_before}" in out
     with store.open(db) as s:
         assert s.status_counts("res")["done"] == cohort.height
