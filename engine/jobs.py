@@ -77,6 +77,9 @@ class AttributionSpec:
     autocast: str | None = None  # "bf16" or "fp16" on GPUs
     seed: int = 0
     save_maps: tuple[str, ...] = ()  # patient ids whose maps are written as NIfTI
+    features: str = "segments"  # kernel_shap / occlusion: "segments" or "cubes"
+    cube_size: int = 8  # voxels per cube side when features = "cubes"
+    perturbation_baseline: str | float = "min"  # value removed features are set to
 
     def __post_init__(self) -> None:
         from engine.attribution.gradients import GRADIENT_METHODS
@@ -99,6 +102,8 @@ class AttributionSpec:
             raise JobSpecError("[attribution] n_samples, steps and window_batch must be at least 1")
         if self.autocast not in (None, "bf16", "fp16"):
             raise JobSpecError(f"[attribution] autocast must be 'bf16' or 'fp16' (or absent), got {self.autocast!r}")
+        if self.features not in ("segments", "cubes") or self.cube_size < 1:
+            raise JobSpecError("[attribution] features must be 'segments' or 'cubes' and cube_size at least 1")
         if self.vjp not in ("auto", "loop", "batched"):
             raise JobSpecError(f"[attribution] vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
 
@@ -108,8 +113,12 @@ class AttributionSpec:
             return {"n_samples": self.n_samples, "sigma": self.sigma}
         if self.method in ("integrated_gradients", "ig"):
             return {"steps": self.steps, "baseline": self.baseline}
-        if self.method == "kernel_shap":
-            return {"n_samples": self.n_samples}
+        if self.method in ("kernel_shap", "occlusion"):
+            options: dict[str, Any] = {"features": self.features, "cube_size": self.cube_size,
+                                       "baseline": None if self.perturbation_baseline == "min" else self.perturbation_baseline}
+            if self.method == "kernel_shap":
+                options["n_samples"] = self.n_samples
+            return options
         return {}
 
 

@@ -165,7 +165,8 @@ def explain_volume(
             return perturbation.explain_volume_perturbation(
                 model, image, method=method, targets=targets, class_names=class_names, roi_size=roi_size,
                 overlap=overlap, blend=blend, seed=seed, device=device, target=target, rois=rois,
-                window_batch=window_batch, **method_options,
+                joined_rois=joined_rois, window_batch=window_batch, return_maps=return_maps,
+                return_logits=return_logits, autocast_dtype=autocast_dtype, **method_options,
             )
     grad_method = gradient_method(method, **method_options)
     dev = _device_of(model, device)
