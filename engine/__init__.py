@@ -1,5 +1,34 @@
-"""agg2exp engine: aggregated attributions for explaining 3D segmentation models across cohorts."""
+"""agg2exp engine: aggregated attributions for explaining 3D segmentation models across cohorts.
+
+The public API, imported lazily so that ``import engine`` stays light:
+
+- ``explain_volume`` (``engine.attribution``): one volume → prediction, RoI importances, maps.
+- ``open_store`` (``engine.store.open``): read-only access to a store, with Polars views.
+- ``run_job`` (``engine.runtime``): a job spec over a cohort on Ray, streamed into the store.
+- ``JobSpec`` (``engine.jobs``): job specifications.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "explain_volume": ("engine.attribution", "explain_volume"),
+    "Explanation": ("engine.attribution", "Explanation"),
+    "open_store": ("engine.store", "open"),
+    "run_job": ("engine.runtime", "run_job"),
+    "JobSpec": ("engine.jobs", "JobSpec"),
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
