@@ -155,6 +155,7 @@ def run_job(
             "requeued_after_worker_loss": stats["requeued"],
             "seconds": round(time.perf_counter() - t_start, 3),
             "writer_seconds": round(stats["writer_seconds"], 3),
+            "dispatch_seconds": round(stats.get("dispatch_seconds", 0.0), 3),
             "timings": stats["timings"],
             "anomaly_model": anomaly_model,
         }
@@ -217,6 +218,7 @@ class _Dispatch:
             unavailable: set[int] = set()
             load = [0] * n_actors
             bar = Progress(total=len(self.records), enabled=self.progress)
+            t_dispatch = time.perf_counter()  # actors are up and the model loaded: throughput starts here
             writer_seconds = 0.0
             requeued = 0
             stage_totals: dict[str, list[float]] = collections.defaultdict(list)
@@ -291,7 +293,8 @@ class _Dispatch:
             }
             for a in actors:
                 ray.kill(a)
-            return {"devices": devices, "writer_seconds": writer_seconds, "timings": timings, "requeued": requeued}
+            return {"devices": devices, "writer_seconds": writer_seconds, "timings": timings, "requeued": requeued,
+                    "dispatch_seconds": time.perf_counter() - t_dispatch}
         finally:
             disconnect(ctx)
 
