@@ -192,7 +192,8 @@ def explain_volume(
             target=target, seed=seed, window_batch=window_batch, class_chunk=class_chunk, vjp=vjp,
             autocast_dtype=autocast_dtype,
         )
-        maps = maps.sum(dim=1)  # over input channels: (K, *S)
+        # over input channels: (K, *S); a view for one channel, not a second K-map copy
+        maps = maps[:, 0] if maps.shape[1] == 1 else maps.sum(dim=1)
         work["forwards"] += geometry.n_windows
         timings["attribute"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -33,7 +33,9 @@ BlendMode = Literal["constant", "gaussian"]
 VJPMode = Literal["auto", "loop", "batched"]
 
 #: Seed builder: (class index k, window slices, window output (B, C, *roi)) -> seed (B, C, *roi) or
-#: None when class k has no support in these windows.
+#: None when class k has no support in these windows. A builder may also have an attribute
+#: ``present(k, slices) -> bool`` and take ``out=`` (a scratch tensor shaped like the output, any
+#: content, overwritten and returned): the CPU loop then builds one seed at a time in one buffer.
 SeedFn = Callable[[int, Sequence[tuple[slice, ...]], torch.Tensor], torch.Tensor | None]
 
 
@@ -164,6 +166,18 @@ def resolve_vjp_mode(mode: VJPMode, device: torch.device) -> Literal["loop", "ba
     return mode
 
 
+def _vjp(logits: torch.Tensor, win: torch.Tensor, seed: torch.Tensor, *, retain: bool) -> torch.Tensor:
+    (g,) = torch.autograd.grad(logits, win, seed, retain_graph=retain)
+    return g
+
+
+def _add(maps: torch.Tensor, i: int, g: torch.Tensor, slices: Sequence[tuple[slice, ...]]) -> None:
+    """Scatter-add window gradients g (B, C_in, *roi) of class row i into the full-volume maps."""
+    g = g.float()
+    for b, s in enumerate(slices):
+        maps[(i, slice(None), *s)] += g[b]
+
+
 def window_gradients(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -203,6 +217,20 @@ def window_gradients(
                 f"{tuple(win.shape[2:])}; the engine needs a dense segmentation model"
             )
         counters["forwards"] += len(batch_slices)
+        present_fn = getattr(seed_fn, "present", None)
+        if mode == "loop" and present_fn is not None:
+            # One class at a time: its seed is built in a scratch buffer shared by the batch's
+            # classes, its VJP taken and added in before the next class (one seed alive, not K).
+            todo = [i for i, c in enumerate(classes) if present_fn(c, batch_slices)]
+            scratch = torch.empty_like(logits)
+            for j, i in enumerate(todo):
+                seed = seed_fn(classes[i], batch_slices, logits, out=scratch)  # type: ignore[call-arg]
+                assert seed is not None
+                if scale != 1.0:
+                    seed = seed.mul_(scale) if seed is scratch else seed * scale
+                _add(padded_maps, i, _vjp(logits, win, seed.to(logits.dtype), retain=j < len(todo) - 1), batch_slices)
+            counters["vjps"] += len(todo)
+            continue
         seeds: list[torch.Tensor] = []
         present: list[int] = []
         for i, c in enumerate(classes):
@@ -214,17 +242,11 @@ def window_gradients(
             continue
         if mode == "batched" and len(present) > 1:
             (grads,) = torch.autograd.grad(logits, win, torch.stack(seeds), is_grads_batched=True)
-            grad_iter = ((present[j], grads[j]) for j in range(len(present)))
+            for j, i in enumerate(present):
+                _add(padded_maps, i, grads[j], batch_slices)
         else:
-            def _loop() -> object:
-                for j, i in enumerate(present):
-                    (g,) = torch.autograd.grad(logits, win, seeds[j], retain_graph=j < len(present) - 1)
-                    yield i, g
-            grad_iter = _loop()  # type: ignore[assignment]
-        for i, g in grad_iter:  # type: ignore[misc]
-            g = g.float()
-            for b, s in enumerate(batch_slices):
-                padded_maps[(i, slice(None), *s)] += g[b]
+            for j, i in enumerate(present):
+                _add(padded_maps, i, _vjp(logits, win, seeds[j], retain=j < len(present) - 1), batch_slices)
         counters["vjps"] += len(present)
     if padded_maps is not maps:
         maps += geometry.crop(padded_maps)

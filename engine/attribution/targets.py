@@ -83,15 +83,39 @@ class TargetSeeds:
             )[0]
             probs = F.pad(torch.softmax(logits, 0)[None], geometry.pad)[0] if any(geometry.pad) else torch.softmax(logits, 0)
 
-        def seed(c: int, slices: Sequence[tuple[slice, ...]], logits: torch.Tensor) -> torch.Tensor | None:
-            masks = torch.stack([(pred[s] == c) for s in slices]).to(logits.dtype)  # (B, *roi)
-            if not bool(masks.any()):
+        # Per window batch (the caller passes the same ``slices`` object for every class of a batch):
+        # the window labels, the classes present in them and the blend w/Ω are computed once, not per class.
+        cache: dict[str, object] = {"key": None}
+
+        def window_state(slices: Sequence[tuple[slice, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if cache["key"] is not slices:
+                labels = pred[slices[0]][None] if len(slices) == 1 else torch.stack([pred[s] for s in slices])
+                counts = torch.bincount((labels + 1).flatten(), minlength=1)  # +1: padding is −1
+                cache.update(key=slices, labels=labels, present=counts[1:] > 0, blend=None)
+            return cache["labels"], cache["present"], cache  # type: ignore[return-value]
+
+        def seed(
+            c: int, slices: Sequence[tuple[slice, ...]], logits: torch.Tensor, out: torch.Tensor | None = None
+        ) -> torch.Tensor | None:
+            """Seed of class ``c`` for these windows, or None when c has no voxel in them.
+
+            ``out``: optional scratch tensor shaped like ``logits`` (any content) that is overwritten
+            and returned, so that a caller running one VJP at a time allocates one seed per batch.
+            """
+            labels, flags, state = window_state(slices)
+            if c >= flags.numel() or not bool(flags[c]):
                 return None
-            out = torch.zeros_like(logits)
+            masks = labels == c  # (B, *roi)
+            if out is None:
+                out = torch.zeros_like(logits)
+            elif kind != "probability":
+                out.zero_()
             if kind == "legacy":
-                out[:, c] = masks
+                out[:, c] = masks.to(logits.dtype)
                 return out
-            weight = geometry.blend(slices).to(logits.dtype) * masks
+            if state["blend"] is None:
+                state["blend"] = geometry.blend(slices).to(logits.dtype)
+            weight = torch.where(masks, state["blend"], 0.0)  # type: ignore[arg-type]
             if kind == "sum":
                 out[:, c] = weight
             elif kind == "mean":
@@ -102,7 +126,13 @@ class TargetSeeds:
                 pc = p[:, c]
                 grad = -pc[:, None] * p
                 grad[:, c] += pc
-                out = grad * weight[:, None]
+                torch.mul(grad, weight[:, None], out=out)
             return out
 
+        def present(c: int, slices: Sequence[tuple[slice, ...]]) -> bool:
+            """Whether class ``c`` has a voxel in these windows (its seed is not None)."""
+            flags = window_state(slices)[1]
+            return c < flags.numel() and bool(flags[c])
+
+        seed.present = present  # type: ignore[attr-defined]
         return seed
