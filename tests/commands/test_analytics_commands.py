@@ -109,8 +109,7 @@ def test_audit_single_group_column(db: Path, capsys: pytest.CaptureFixture[str])
     assert "single group" in _error(capsys)
 
 
-def test_sql_command(db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "sql_cmd"))
+def test_sql_command(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["sql", "SELECT count(*) AS n FROM patients", "--format", "csv", "--db", str(db)]) == 0
     assert capsys.readouterr().out.split() == ["n", "35"]
     assert cli.main(["sql", "DROP TABLE runs", "--db", str(db)]) == 2
