@@ -10,7 +10,12 @@ The public API, imported lazily so that ``import engine`` stays light:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+# MONAI announces on import, at WARNING, that an optional GPU DICOM decoder is absent; every worker
+# process would repeat it. It changes nothing for the engine, so keep it out of users' terminals.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
