@@ -48,6 +48,12 @@ GROUPS: dict[str, str] = {
     "costal_cartilages": "bones",
     "autochthon_left": "muscles",
     "autochthon_right": "muscles",
+    # joined RoIs
+    "lung": "lungs",
+    "lung_left": "lungs",
+    "lung_right": "lungs",
+    "autochthon": "muscles",
+    "bones": "bones",
 }
 
 #: One colour per anatomical group (matplotlib-compatible hex).

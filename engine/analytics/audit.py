@@ -341,3 +341,42 @@ def audit(
         raise AuditError("give at least one metadata column to audit, e.g. --by sex,age")
     frames = [audit_column(patients, importances, column=c, scores=scores, **kwargs) for c in columns]
     return pl.concat(frames)
+
+
+#: Columns of ``Store.patients`` that are bookkeeping, not cohort metadata.
+_NOT_METADATA = ("run_id", "image_path", "label_path", "status", "error", "traceback", "attempts",
+                 "worker", "seconds", "timings", "updated_at")
+
+
+def audit_run(
+    source: Any,
+    *,
+    run_id: str | None,
+    columns: Sequence[str],
+    model_id: str | None = None,
+    **kwargs: Any,
+) -> tuple[str, pl.DataFrame, bool]:
+    """Audit a stored run and store the result: ``(audit_id, ranked results, had anomaly scores)``.
+
+    ``source`` is a writable Store; patients that are ``done`` are audited, with the run's latest
+    anomaly model (or ``model_id``) for the outlier tests. The audit id is a hash of the run, the
+    model and the parameters, so re-running the same audit replaces it.
+    """
+    import hashlib
+    import json
+
+    if not columns:
+        raise AuditError("give the metadata columns to audit, e.g. --by sex,age,site")
+    run_id = source.require_run(run_id)
+    patients = source.patients(run_id)
+    patients = patients.filter(pl.col("status") == "done").select(
+        [c for c in patients.columns if c not in _NOT_METADATA]
+    )
+    scores = source.anomaly_model_scores(run_id, model_id)
+    used_model = scores["model_id"][0] if scores.height else None
+    result = audit(patients, source.importances(run_id), columns=columns,
+                   scores=scores if scores.height else None, **kwargs)
+    params = {"by": list(columns), **{k: v for k, v in kwargs.items()}}
+    audit_id = "audit-" + hashlib.sha1(json.dumps([run_id, used_model, params], default=str).encode()).hexdigest()[:10]
+    source.write_audit(audit_id=audit_id, run_id=run_id, results=result, model_id=used_model, params=params)
+    return audit_id, result, bool(scores.height)

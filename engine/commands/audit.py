@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 
 import polars as pl
 
 from engine import store
-from engine.analytics.audit import AuditError, audit
+from engine.analytics.audit import audit_run
 from engine.commands.query import add_db_argument, add_output_arguments, write_frame
 
 
 def handle(args: argparse.Namespace) -> int:
     """Run the audit, store it, and print the ranked results."""
     columns = [c.strip() for c in args.by.split(",") if c.strip()]
-    if not columns:
-        raise AuditError("give the metadata columns to audit, e.g. --by sex,age,site")
     with store.open_writer(args.db) as s:
-        run_id = s.require_run(args.run)
-        patients = s.patients(run_id)
-        meta_cols = [c for c in patients.columns if c not in
-                     ("run_id", "image_path", "label_path", "status", "error", "traceback", "attempts",
-                      "worker", "seconds", "timings", "updated_at")]
-        patients = patients.filter(pl.col("status") == "done").select(meta_cols)
-        scores = s.anomaly_model_scores(run_id, args.model)
-        model_id = scores["model_id"][0] if scores.height else None
-        if scores.height == 0:
-            print(f"note: run {run_id} has no anomaly scores, so the outlier tests are skipped "
-                  f"(run `agg2exp anomaly --run {run_id}` to add them)")
-        params = {"by": columns, "top_fraction": args.top_fraction, "n_boot": args.n_boot, "seed": args.seed,
-                  "alpha": args.alpha, "method": args.method, "sign": args.sign}
-        result = audit(patients, s.importances(run_id), columns=columns, scores=scores if scores.height else None,
-                       top_fraction=args.top_fraction, method=args.method, sign=args.sign, n_boot=args.n_boot,
-                       seed=args.seed, alpha=args.alpha)
-        audit_id = "audit-" + hashlib.sha1(json.dumps([run_id, model_id, params]).encode()).hexdigest()[:10]
-        s.write_audit(audit_id=audit_id, run_id=run_id, results=result, model_id=model_id, params=params)
+        audit_id, result, has_scores = audit_run(
+            s, run_id=args.run, columns=columns, model_id=args.model, top_fraction=args.top_fraction,
+            method=args.method, sign=args.sign, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
+        )
+        if not has_scores:
+            print(f"note: the run has no anomaly scores, so the outlier tests are skipped "
+                  f"(run `agg2exp anomaly --run {s.require_run(args.run)}` to add them)")
         s.publish_snapshot(force=True)
     shown = result if args.all else result.filter(pl.col("rank") <= args.top)
     write_frame(shown, fmt=args.format, out=args.out)

@@ -8,9 +8,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import polars as pl
+
 import engine
 from engine import store
 from engine.analytics.anomaly import MEAN_TARGET
+from engine.analytics.audit import audit_run
 from engine.commands.run import add_run_arguments, print_summary, with_runtime
 from engine.errors import JobSpecError
 from engine.jobs import JobSpec
@@ -49,6 +52,20 @@ def print_top_anomalies(db: Path, run_id: str, k: int = 5) -> None:
         print(f"  {r['patient_id']}  score {r['score']:.3f}  {shown}")
 
 
+#: Metadata the demo audits; random_group is assigned by coin flip, a negative control.
+AUDIT_COLUMNS = ("site", "sex", "age", "contrast", "random_group")
+
+
+def print_audit(db: Path, run_id: str) -> None:
+    """Audit the demo run by its metadata (stored in ``audits``) and print one line per column."""
+    with store.open_writer(db) as s:
+        audit_id, result, _ = audit_run(s, run_id=run_id, columns=AUDIT_COLUMNS, n_boot=200)
+        s.publish_snapshot(force=True)
+    counts = result.group_by("column", maintain_order=True).agg(pl.col("significant").sum(), pl.len())
+    shown = ", ".join(f"{r['column']} {r['significant']}/{r['len']}" for r in counts.iter_rows(named=True))
+    print(f"bias audit {audit_id} (tests with BH q < 0.05 per metadata column; random_group is a coin flip): {shown}")
+
+
 def handle(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     spec = with_runtime(load_demo_spec(out_dir=out_dir, patients=args.patients), args)
@@ -57,6 +74,8 @@ def handle(args: argparse.Namespace) -> int:
                       workers=args.workers, progress=not args.no_progress)
     print_summary(summary)
     print_top_anomalies(Path(args.db), summary.run_id)
+    if summary.counts.get("done", 0) >= 4:
+        print_audit(Path(args.db), summary.run_id)
     if not args.no_report:
         try:
             from engine.report.html import write_report
