@@ -32,7 +32,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import subprocess

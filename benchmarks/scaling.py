@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         if not args.skip_scaling:
-            manifest = phantoms.generate_cohort(tmp_path / "cohort", n_patients=args.patients, seed=0)
+            phantoms.generate_cohort(tmp_path / "cohort", n_patients=args.patients, seed=0)
             manifest_path = tmp_path / "cohort" / "manifest.csv"
             one = run_cohort(manifest_path, 1, method=args.method, samples=args.samples, db=tmp_path / "w1.duckdb")
             two = run_cohort(manifest_path, 2, method=args.method, samples=args.samples, db=tmp_path / "w2.duckdb")

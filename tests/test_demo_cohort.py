@@ -10,7 +10,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from engine import phantoms, store

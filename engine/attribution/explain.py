@@ -9,7 +9,8 @@ K maps being accumulated) → one scatter pass per class into RoI statistics. Ma
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,14 @@ import torch
 
 from engine.aggregate import RoISet, aggregate
 from engine.attribution.gradients import GRADIENT_METHODS, GradientMethod, gradient_method
-from engine.attribution.sliding import BlendMode, VJPMode, stitched_forward, window_geometry, window_gradients
+from engine.attribution.sliding import (
+    BlendMode,
+    VJPMode,
+    WindowGeometry,
+    stitched_forward,
+    window_geometry,
+    window_gradients,
+)
 from engine.attribution.targets import TargetSeeds, resolve_target_kind
 from engine.labels import resolve_class_names
 
@@ -74,6 +82,69 @@ def _device_of(model: torch.nn.Module, device: torch.device | str | None) -> tor
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+@dataclass
+class CleanPrediction:
+    """The clean stitched prediction every method starts from, and what it fixes."""
+
+    x: torch.Tensor  # (1, C_in, *S) on the compute device
+    geometry: WindowGeometry
+    logits: torch.Tensor  # (C, *S)
+    names: tuple[str, ...]
+    prediction: torch.Tensor  # (*S) label map, argmax of the logits
+    classes: list[int]  # the targets to explain: requested ones that are predicted
+    seconds: float
+
+    def rois(self, rois: RoISet | None, joined: Mapping[str, Sequence[str]] | None) -> RoISet:
+        """The given RoI set, or the predicted segments plus joined RoIs."""
+        if rois is not None:
+            return rois
+        return RoISet(self.prediction, self.names, {k: tuple(v) for k, v in (joined or {}).items()})
+
+
+def predict_clean(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    *,
+    roi_size: Sequence[int],
+    overlap: float,
+    blend: BlendMode,
+    window_batch: int,
+    autocast_dtype: torch.dtype | None,
+    class_names: Sequence[str] | None,
+    targets: Sequence[ClassRef] | None,
+    device: torch.device,
+) -> CleanPrediction:
+    """Check the image, run MONAI's stitched forward once and resolve names and targets.
+
+    The model must already be in eval mode (see :func:`eval_mode`).
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be (C_in, D, H, W), got shape {tuple(image.shape)}")
+    if not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values; fix or exclude the volume")
+    t0 = time.perf_counter()
+    x = image.to(device, torch.float32)[None]
+    geometry = window_geometry(x.shape[2:], roi_size, overlap=overlap, blend=blend, device=device)
+    logits = stitched_forward(
+        model, x, geometry, blend=blend, overlap=overlap, window_batch=window_batch, autocast_dtype=autocast_dtype,
+    )[0]
+    names = resolve_class_names(logits.shape[0], class_names)
+    prediction = logits.argmax(0)
+    classes = _resolve_targets(targets, names, torch.unique(prediction).tolist())
+    return CleanPrediction(x, geometry, logits, names, prediction, classes, time.perf_counter() - t0)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run with the model in eval mode, restoring its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def compute_maps(
@@ -153,10 +224,6 @@ def explain_volume(
     ``rois`` for custom RoIs (a :class:`~engine.aggregate.RoISet`). Method options:
     ``n_samples``, ``sigma`` (SmoothGrad); ``steps``, ``baseline`` (IG).
     """
-    if image.dim() != 4:
-        raise ValueError(f"image must be (C_in, D, H, W), got shape {tuple(image.shape)}")
-    if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or infinite values; fix or exclude the volume")
     resolve_target_kind(target)
     if method not in GRADIENT_METHODS:
         from engine.attribution import perturbation
@@ -170,55 +237,36 @@ def explain_volume(
             )
     grad_method = gradient_method(method, **method_options)
     dev = _device_of(model, device)
-    was_training = model.training
-    model.eval()
-    timings: dict[str, float] = {}
-    try:
-        x = image.to(dev, torch.float32)[None]
-        t0 = time.perf_counter()
-        geometry = window_geometry(x.shape[2:], roi_size, overlap=overlap, blend=blend, device=dev)
-        logits = stitched_forward(
-            model, x, geometry, blend=blend, overlap=overlap, window_batch=window_batch,
-            autocast_dtype=autocast_dtype,
-        )[0]
-        names = resolve_class_names(logits.shape[0], class_names)
-        prediction = logits.argmax(0)
-        timings["predict"] = time.perf_counter() - t0
-        present = torch.unique(prediction).tolist()
-        classes = _resolve_targets(targets, names, present)
+    with eval_mode(model):
+        clean = predict_clean(
+            model, image, roi_size=roi_size, overlap=overlap, blend=blend, window_batch=window_batch,
+            autocast_dtype=autocast_dtype, class_names=class_names, targets=targets, device=dev,
+        )
+        timings = {"predict": clean.seconds}
         t0 = time.perf_counter()
         maps, work = compute_maps(
-            model, x, prediction, classes, grad_method, roi_size=roi_size, overlap=overlap, blend=blend,
-            target=target, seed=seed, window_batch=window_batch, class_chunk=class_chunk, vjp=vjp,
+            model, clean.x, clean.prediction, clean.classes, grad_method, roi_size=roi_size, overlap=overlap,
+            blend=blend, target=target, seed=seed, window_batch=window_batch, class_chunk=class_chunk, vjp=vjp,
             autocast_dtype=autocast_dtype,
         )
         # over input channels: (K, *S); a view for one channel, not a second K-map copy
         maps = maps[:, 0] if maps.shape[1] == 1 else maps.sum(dim=1)
-        work["forwards"] += geometry.n_windows
+        work["forwards"] += clean.geometry.n_windows
         timings["attribute"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        roi_set = rois if rois is not None else RoISet(
-            prediction, names, {k: tuple(v) for k, v in (joined_rois or {}).items()}
-        )
-        target_names = [names[c] for c in classes]
-        importances = aggregate(maps, roi_set, target_names) if classes else aggregate(
-            maps.new_zeros((0, *maps.shape[1:])), roi_set, []
-        )
+        target_names = [clean.names[c] for c in clean.classes]
+        importances = aggregate(maps, clean.rois(rois, joined_rois), target_names)
         timings["aggregate"] = time.perf_counter() - t0
-        kept = {n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None
         return Explanation(
-            prediction=prediction.cpu(),
+            prediction=clean.prediction.cpu(),
             importances=importances,
-            class_names=names,
+            class_names=clean.names,
             targets=tuple(target_names),
             method=grad_method.name,
             options={**grad_method.options(), "target": target, "blend": blend, "overlap": overlap,
                      "roi_size": list(roi_size), "seed": seed},
-            maps=kept,
-            logits=logits.cpu() if return_logits else None,
+            maps={n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None,
+            logits=clean.logits.cpu() if return_logits else None,
             timings=timings,
             work=work,
         )
-    finally:
-        model.train(was_training)
-

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 
 from engine.aggregate import RoISet, aggregate
-from engine.attribution.explain import Explanation, _device_of, _resolve_targets
-from engine.attribution.sliding import BlendMode, WindowGeometry, stitched_forward, window_geometry
+from engine.attribution.explain import Explanation, _device_of, eval_mode, predict_clean
+from engine.attribution.sliding import BlendMode, WindowGeometry, stitched_forward
 from engine.attribution.targets import resolve_target_kind
 from engine.labels import resolve_class_names
 
@@ -254,27 +254,18 @@ def explain_volume_perturbation(
     """
     if method not in PERTURBATION_METHODS:
         raise ValueError(f"unknown perturbation method {method!r}; choose one of {PERTURBATION_METHODS}")
-    if image.dim() != 4:
-        raise ValueError(f"image must be (C_in, D, H, W), got shape {tuple(image.shape)}")
-    if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or infinite values; fix or exclude the volume")
     resolve_target_kind(target)
     if features not in FEATURE_KINDS:
         raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
     dev = _device_of(model, device)
-    was_training = model.training
-    model.eval()
-    timings: dict[str, float] = {}
-    try:
-        x = image.to(dev, torch.float32)[None]
-        t0 = time.perf_counter()
-        geometry = window_geometry(x.shape[2:], roi_size, overlap=overlap, blend=blend, device=dev)
-        logits = stitched_forward(model, x, geometry, blend=blend, overlap=overlap, window_batch=window_batch,
-                                  autocast_dtype=autocast_dtype)[0]
-        names = resolve_class_names(logits.shape[0], class_names)
-        prediction = logits.argmax(0)
-        timings["predict"] = time.perf_counter() - t0
-        classes = _resolve_targets(targets, names, torch.unique(prediction).tolist())
+    with eval_mode(model):
+        clean = predict_clean(
+            model, image, roi_size=roi_size, overlap=overlap, blend=blend, window_batch=window_batch,
+            autocast_dtype=autocast_dtype, class_names=class_names, targets=targets, device=dev,
+        )
+        x, geometry, logits, names = clean.x, clean.geometry, clean.logits, clean.names
+        prediction, classes = clean.prediction, clean.classes
+        timings: dict[str, float] = {"predict": clean.seconds}
         t0 = time.perf_counter()
         mask, feature_names = feature_mask(prediction, features, cube_size=cube_size, class_names=names)
         base = _baseline_value(x, baseline)
@@ -289,11 +280,8 @@ def explain_volume_perturbation(
         maps = spread(phis.to(dev), mask)
         timings["attribute"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        roi_set = rois if rois is not None else RoISet(
-            prediction, names, {k: tuple(v) for k, v in (joined_rois or {}).items()}
-        )
         target_names = [names[c] for c in classes]
-        importances = aggregate(maps, roi_set, target_names)
+        importances = aggregate(maps, clean.rois(rois, joined_rois), target_names)
         timings["aggregate"] = time.perf_counter() - t0
         options: dict[str, Any] = {
             "features": features, "n_features": len(feature_names), "baseline": base,
@@ -315,8 +303,6 @@ def explain_volume_perturbation(
             timings=timings,
             work={"forwards": scorer.evaluations * geometry.n_windows, "vjps": 0, "passes": scorer.evaluations},
         )
-    finally:
-        model.train(was_training)
 
 
 __all__ = [

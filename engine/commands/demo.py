@@ -44,7 +44,7 @@ def print_top_anomalies(db: Path, run_id: str, k: int = 5) -> None:
     if scores.height == 0:
         print("no anomaly scores (fewer than two patients done)")
         return
-    print(f"most anomalous patients (mean isolation-forest score over classes, higher = more anomalous):")
+    print("most anomalous patients (mean isolation-forest score over classes, higher = more anomalous):")
     for r in scores.iter_rows(named=True):
         meta = json.loads(r["metadata"] or "{}")
         keys = ("age", "sex", "site", "scanner_kernel", "contrast", "anomaly_type")
