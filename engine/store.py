@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -221,6 +222,46 @@ class Store:
         if self.read_only:
             raise StoreError("this store was opened read-only; open it with read_only=False to write")
 
+    # ------------------------------------------------------------------ writing helpers
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction on the writer: committed on success, rolled back on any error."""
+        self._require_writer()
+        self.con.begin()
+        try:
+            yield
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.con.commit()
+
+    def _append(self, table: str, frame: pl.DataFrame, *, columns: Sequence[str] | None = None,
+                stamp: bool = False) -> None:
+        """Insert a frame's rows through Arrow (in ``columns`` order), plus ``created_at`` when ``stamp``."""
+        names = [f'"{c}"' for c in (columns or [])] + (["created_at"] if stamp and columns else [])
+        target = f"{table} ({', '.join(names)})" if names else table
+        self.con.register("_rows", frame.to_arrow())
+        try:
+            self.con.execute(f"INSERT INTO {target} SELECT *{', ?' if stamp else ''} FROM _rows",  # noqa: S608
+                             [_now()] if stamp else []).fetchall()
+        finally:
+            self.con.unregister("_rows")
+
+    @staticmethod
+    def _long_rows(run_id: str, importances: pl.DataFrame, predictions: pl.DataFrame,
+                   patient_id: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Importances and predictions in the tables' column order and types."""
+        keys = [pl.lit(run_id).alias("run_id")]
+        keys.append(pl.lit(patient_id).alias("patient_id") if patient_id is not None
+                    else pl.col("patient_id").cast(pl.String))
+        imp = importances.with_columns(keys).select(list(IMPORTANCE_SCHEMA)).cast(IMPORTANCE_SCHEMA)  # type: ignore[arg-type]
+        pred = predictions.with_columns(keys)
+        for col, dtype in (("voxels", pl.Int64), ("dice", pl.Float64), ("iou", pl.Float64)):
+            if col not in pred.columns:
+                pred = pred.with_columns(pl.lit(None, dtype=dtype).alias(col))
+        pred = pred.select(list(PREDICTION_SCHEMA)).cast(PREDICTION_SCHEMA)  # type: ignore[arg-type]
+        return imp, pred
+
     # ------------------------------------------------------------------ runs
     def create_run(
         self,
@@ -303,13 +344,12 @@ class Store:
                 rec.get("label_path"), json.dumps(meta, default=str), "pending", _now(),
             ))
         before = self._count("patients", run_id)
-        self.con.begin()
-        self.con.executemany(
-            "INSERT INTO patients (run_id, patient_id, image_path, label_path, metadata, status, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            rows,
-        )
-        self.con.commit()
+        with self._transaction():
+            self.con.executemany(
+                "INSERT INTO patients (run_id, patient_id, image_path, label_path, metadata, status, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                rows,
+            )
         return self._count("patients", run_id) - before
 
     def _count(self, table: str, run_id: str) -> int:
@@ -341,19 +381,9 @@ class Store:
         Returns the number of importance rows written.
         """
         self._require_writer()
-        imp = result.importances.with_columns(
-            pl.lit(run_id).alias("run_id"), pl.lit(result.patient_id).alias("patient_id")
-        ).select(list(IMPORTANCE_SCHEMA)).cast(IMPORTANCE_SCHEMA)  # type: ignore[arg-type]
-        pred = result.predictions.with_columns(
-            pl.lit(run_id).alias("run_id"), pl.lit(result.patient_id).alias("patient_id")
-        )
-        for col in ("dice", "iou"):
-            if col not in pred.columns:
-                pred = pred.with_columns(pl.lit(None, dtype=pl.Float64).alias(col))
-        pred = pred.select(list(PREDICTION_SCHEMA)).cast(PREDICTION_SCHEMA)  # type: ignore[arg-type]
+        imp, pred = self._long_rows(run_id, result.importances, result.predictions, result.patient_id)
         methods = imp["method"].unique().to_list()
-        self.con.begin()
-        try:
+        with self._transaction():
             self.con.execute(
                 "DELETE FROM importances WHERE run_id = ? AND patient_id = ? AND list_contains(?, method)",
                 [run_id, result.patient_id, methods],
@@ -361,12 +391,8 @@ class Store:
             self.con.execute(
                 "DELETE FROM predictions WHERE run_id = ? AND patient_id = ?", [run_id, result.patient_id]
             )
-            self.con.register("_imp", imp.to_arrow())
-            self.con.register("_pred", pred.to_arrow())
-            self.con.execute("INSERT INTO importances SELECT * FROM _imp")
-            self.con.execute("INSERT INTO predictions SELECT * FROM _pred")
-            self.con.unregister("_imp")
-            self.con.unregister("_pred")
+            self._append("importances", imp)
+            self._append("predictions", pred)
             self.con.execute(
                 "UPDATE patients SET status = 'done', error = NULL, traceback = NULL, worker = ?, "
                 "seconds = ?, timings = ?, attempts = attempts + 1, updated_at = ? "
@@ -374,10 +400,6 @@ class Store:
                 [result.worker, result.seconds, json.dumps(dict(result.timings or {})), _now(),
                  run_id, result.patient_id],
             )
-            self.con.commit()
-        except Exception:
-            self.con.rollback()
-            raise
         return imp.height
 
     def mark_failed(
@@ -484,8 +506,10 @@ class Store:
         for i, c in enumerate(cols):
             if c in ("params", "features"):
                 vals[i] = json.dumps(vals[i], default=str)
-        self.con.begin()
-        try:
+        out = scores.with_columns(pl.lit(model_id).alias("model_id")).select(
+            "model_id", "run_id", "patient_id", "target", "score", "raw_score", "decision", "offset"
+        )
+        with self._transaction():
             self.con.execute("DELETE FROM anomaly_scores WHERE model_id = ?", [model_id])
             self.con.execute("DELETE FROM anomaly_models WHERE model_id = ?", [model_id])
             self.con.execute(
@@ -493,16 +517,7 @@ class Store:
                 f"VALUES ({', '.join('?' * len(cols))}, ?)",
                 [*vals, _now()],
             )
-            out = scores.with_columns(pl.lit(model_id).alias("model_id")).select(
-                "model_id", "run_id", "patient_id", "target", "score", "raw_score", "decision", "offset"
-            )
-            self.con.register("_scores", out.to_arrow())
-            self.con.execute("INSERT INTO anomaly_scores SELECT * FROM _scores")
-            self.con.unregister("_scores")
-            self.con.commit()
-        except Exception:
-            self.con.rollback()
-            raise
+            self._append("anomaly_scores", out)
 
     # ================================================================== analytics additions
     # Added for the analytics layer (reference import, named queries, audits, graph edges).
@@ -572,14 +587,7 @@ class Store:
         """
         self._require_writer()
         self.create_run(run_id, config=dict(config or {}), kind=kind)
-        imp = importances.with_columns(pl.lit(run_id).alias("run_id")).with_columns(
-            pl.col("patient_id").cast(pl.String)
-        ).select(list(IMPORTANCE_SCHEMA)).cast(IMPORTANCE_SCHEMA)  # type: ignore[arg-type]
-        pred = predictions.with_columns(pl.lit(run_id).alias("run_id"), pl.col("patient_id").cast(pl.String))
-        for col in ("voxels", "dice", "iou"):
-            if col not in pred.columns:
-                pred = pred.with_columns(pl.lit(None).alias(col))
-        pred = pred.select(list(PREDICTION_SCHEMA)).cast(PREDICTION_SCHEMA)  # type: ignore[arg-type]
+        imp, pred = self._long_rows(run_id, importances, predictions)
         ids = sorted(set(imp["patient_id"].to_list()) | set(pred["patient_id"].to_list()))
         meta_by_id: dict[str, dict[str, Any]] = {}
         if metadata is not None:
@@ -589,8 +597,7 @@ class Store:
         now = _now()
         rows = [(run_id, pid, "", None, json.dumps(meta_by_id.get(pid, {}), default=str), "done", 1, now)
                 for pid in ids]
-        self.con.begin()
-        try:
+        with self._transaction():
             for table in ("importances", "predictions", "patients"):
                 self.con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])  # noqa: S608
             self.con.executemany(
@@ -598,16 +605,8 @@ class Store:
                 "attempts, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            self.con.register("_imp", imp.to_arrow())
-            self.con.register("_pred", pred.to_arrow())
-            self.con.execute("INSERT INTO importances SELECT * FROM _imp")
-            self.con.execute("INSERT INTO predictions SELECT * FROM _pred")
-            self.con.unregister("_imp")
-            self.con.unregister("_pred")
-            self.con.commit()
-        except Exception:
-            self.con.rollback()
-            raise
+            self._append("importances", imp)
+            self._append("predictions", pred)
         counts = self.table_counts(run_id)
         self.finish_run(run_id, status="done", report={"imported": counts})
         return counts
@@ -683,17 +682,9 @@ class Store:
             pl.lit(model_id, dtype=pl.String).alias("model_id"),
             pl.lit(json.dumps(dict(params or {}), default=str)).alias("params"),
         ).select("audit_id", "run_id", "model_id", "params", *cols)
-        quoted = ", ".join(f'"{c}"' for c in out.columns)
-        self.con.begin()
-        try:
+        with self._transaction():
             self.con.execute("DELETE FROM audits WHERE audit_id = ?", [audit_id])
-            self.con.register("_audit", out.to_arrow())
-            self.con.execute(f"INSERT INTO audits ({quoted}, created_at) SELECT *, ? FROM _audit", [_now()])
-            self.con.unregister("_audit")
-            self.con.commit()
-        except Exception:
-            self.con.rollback()
-            raise
+            self._append("audits", out, columns=out.columns, stamp=True)
 
     def audits(self, run_id: str | None = None) -> pl.DataFrame:
         """Stored audit results (empty when no audit was ever written)."""
@@ -720,19 +711,9 @@ class Store:
             pl.lit(graph_id).alias("graph_id"), pl.lit(run_id).alias("run_id"),
             pl.lit(json.dumps(dict(params or {}), default=str)).alias("params"),
         ).select("graph_id", "run_id", "subgroup", "params", "source", "target", "weight", "rank", "cumweight")
-        self.con.begin()
-        try:
+        with self._transaction():
             self.con.execute("DELETE FROM graph_edges WHERE graph_id = ?", [graph_id])
-            self.con.register("_edges", out.to_arrow())
-            self.con.execute(
-                'INSERT INTO graph_edges (graph_id, run_id, subgroup, params, source, target, weight, "rank", '
-                "cumweight, created_at) SELECT *, ? FROM _edges", [_now()]
-            )
-            self.con.unregister("_edges")
-            self.con.commit()
-        except Exception:
-            self.con.rollback()
-            raise
+            self._append("graph_edges", out, columns=out.columns, stamp=True)
         return out.height
 
     def graph_edges(self, run_id: str | None = None) -> pl.DataFrame:
@@ -773,16 +754,9 @@ class Store:
             pl.col("method").cast(pl.String), pl.col("metric").cast(pl.String), pl.col("value").cast(pl.Float64),
             pl.lit(json.dumps(dict(params or {}), default=str, sort_keys=True)).alias("params"),
         )
-        self.con.begin()
-        try:
+        with self._transaction():
             self.con.execute("DELETE FROM evaluations WHERE run_id = ?", [run_id]).fetchall()
-            self.con.register("_eval", out.to_arrow())
-            self.con.execute("INSERT INTO evaluations SELECT *, ? FROM _eval", [_now()]).fetchall()
-            self.con.unregister("_eval")
-            self.con.commit()
-        except Exception:
-            self.con.rollback()
-            raise
+            self._append("evaluations", out, stamp=True)
         return out.height
 
     def evaluations(self, run_id: str | None = None) -> pl.DataFrame:
