@@ -76,7 +76,8 @@ class AttributionSpec:
     vjp: str = "auto"
     autocast: str | None = None  # "bf16" or "fp16" on GPUs
     seed: int = 0
-    save_maps: tuple[str, ...] = ()  # patient ids whose maps are written as NIfTI
+    save_maps: tuple[str, ...] = ()  # patient ids whose maps are written as NIfTI (source grid and affine)
+    maps_dir: str = "agg2exp_out/maps"  # where, relative to the job file; one folder per patient
     features: str = "segments"  # kernel_shap / occlusion: "segments" or "cubes"
     cube_size: int = 8  # voxels per cube side when features = "cubes"
     perturbation_baseline: str | float = "min"  # value removed features are set to

@@ -14,7 +14,6 @@ import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -145,7 +144,7 @@ class PatientProcessor:
     def _save_maps(self, case: Any, explanation: Any) -> None:
         from engine.report.nifti import export_explanation
 
-        out_dir = Path(self.spec.resolve_path("agg2exp_out")) / "maps" / case.patient_id
+        out_dir = self.spec.resolve_path(self.spec.attribution.maps_dir) / case.patient_id
         export_explanation(case, explanation, out_dir)
 
 
