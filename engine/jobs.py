@@ -18,6 +18,17 @@ from typing import Any
 from engine.errors import JobSpecError
 
 
+def read_job_file(path: str | Path, *, example: str = "jobs/demo.toml") -> dict[str, Any]:
+    """The TOML tables of a job file, with clear errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise JobSpecError(f"job spec {p} does not exist; see {example} for an example")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise JobSpecError(f"{p} is not valid TOML: {exc}") from None
+
+
 def _check_keys(section: str, data: Mapping[str, Any], cls: type) -> None:
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - allowed)
@@ -175,13 +186,7 @@ class JobSpec:
     @classmethod
     def load(cls, path: str | Path) -> JobSpec:
         p = Path(path)
-        if not p.is_file():
-            raise JobSpecError(f"job spec {p} does not exist; see jobs/demo.toml for an example")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise JobSpecError(f"{p} is not valid TOML: {exc}") from None
-        return cls.from_dict(data, base_dir=p.parent.resolve())
+        return cls.from_dict(read_job_file(p), base_dir=p.parent.resolve())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | Path = ".") -> JobSpec:

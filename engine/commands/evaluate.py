@@ -14,7 +14,6 @@ import hashlib
 import json
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -30,15 +29,10 @@ from engine.errors import JobSpecError
 def load_evaluation(path: str | Path) -> tuple[Any, Any]:
     """(JobSpec, EvaluateSpec) from a job file with an ``[evaluate]`` section."""
     from engine.analytics.evaluate import EvaluateSpec
-    from engine.jobs import JobSpec
+    from engine.jobs import JobSpec, read_job_file
 
     p = Path(path)
-    if not p.is_file():
-        raise JobSpecError(f"job spec {p} does not exist; see jobs/evaluate_demo.toml for an example")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise JobSpecError(f"{p} is not valid TOML: {exc}") from None
+    data = read_job_file(p, example="jobs/evaluate_demo.toml")
     raw = dict(data.pop("evaluate", {}))
     allowed = {f.name for f in fields(EvaluateSpec)}
     unknown = sorted(set(raw) - allowed)

@@ -29,15 +29,6 @@ from engine.analytics.evaluate import (
 )
 from engine.attribution import SmoothGrad, compute_maps
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, oversubscribed threads make tiny convolutions 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 # --------------------------------------------------------------------------- independent numpy versions
 def np_pearson(x, y):

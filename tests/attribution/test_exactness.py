@@ -8,9 +8,7 @@ from captum.attr import IntegratedGradients as CaptumIG
 from captum.attr import NoiseTunnel
 from captum.attr import Saliency as CaptumSaliency
 from monai.inferers import sliding_window_inference
-from monai.networks.nets import UNet
 
-from engine.attribution.sliding import window_geometry
 from engine.attribution import (
     InputXGradient,
     IntegratedGradients,
@@ -19,20 +17,8 @@ from engine.attribution import (
     compute_maps,
     explain_volume,
 )
-
-SHAPE = (12, 10, 8)
-
-
-def tiny_unet(out_channels: int = 4, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return UNet(
-        spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(4, 8), strides=(2,), num_res_units=1
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_unet()
+from engine.attribution.sliding import window_geometry
+from tests.attribution.conftest import SHAPE
 
 
 @pytest.fixture(scope="module")

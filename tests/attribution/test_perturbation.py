@@ -7,35 +7,13 @@ import pytest
 import torch
 from captum.attr import KernelShap
 from monai.inferers import sliding_window_inference
-from monai.networks.nets import UNet
 
 from engine.attribution import explain_volume
 from engine.attribution.perturbation import explain_volume_perturbation, feature_mask, spread
+from tests.attribution.conftest import SHAPE
 
-SHAPE = (12, 10, 8)
 ROI = (8, 6, 8)
 OVERLAP = 0.25
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, oversubscribed threads make tiny convolutions 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
-def tiny_unet(out_channels: int = 4, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return UNet(
-        spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(4, 8), strides=(2,), num_res_units=1
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return tiny_unet()
 
 
 @pytest.fixture(scope="module")
