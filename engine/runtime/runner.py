@@ -156,6 +156,7 @@ def run_job(
             "seconds": round(time.perf_counter() - t_start, 3),
             "writer_seconds": round(stats["writer_seconds"], 3),
             "dispatch_seconds": round(stats.get("dispatch_seconds", 0.0), 3),
+            "ray": stats.get("ray"),
             "timings": stats["timings"],
             "anomaly_model": anomaly_model,
         }
@@ -294,7 +295,8 @@ class _Dispatch:
             for a in actors:
                 ray.kill(a)
             return {"devices": devices, "writer_seconds": writer_seconds, "timings": timings, "requeued": requeued,
-                    "dispatch_seconds": time.perf_counter() - t_dispatch}
+                    "dispatch_seconds": time.perf_counter() - t_dispatch,
+                    "ray": {"address": ctx.address, "started_locally": ctx.started, "resources": ctx.resources}}
         finally:
             disconnect(ctx)
 

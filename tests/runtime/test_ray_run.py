@@ -49,8 +49,9 @@ def test_two_actor_run_stores_every_patient(tmp_path, cohort, cohort_manifest, r
         assert info["status"] == "done" and info["report"]["counts"]["done"] == cohort.height
         assert info["versions"]["torch"]
     assert_same_importances(_stored(db, "r"), reference_rows)
-    # A local run binds Ray to loopback.
-    assert summary.report["devices"][0]["worker"]
+    # A local run starts its own Ray and binds it to loopback.
+    ray_info = summary.report["ray"]
+    assert ray_info["started_locally"] and ray_info["address"].startswith("127.0.0.1:")
 
 
 def _bad_inputs(tmp_path: Path, cohort: pl.DataFrame) -> pl.DataFrame:
