@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import difflib
 import gzip
-import json
 import logging
 import os
 import re
@@ -49,7 +48,7 @@ import polars as pl
 import torch
 
 from engine.errors import JobSpecError, VolumeError
-from engine.labels import JOINED_ROIS, totalsegmentator_to_thorax
+from engine.labels import JOINED_ROIS, read_names_file, totalsegmentator_to_thorax
 
 log = logging.getLogger(__name__)
 
@@ -696,21 +695,10 @@ def scan_cohort(root: str | os.PathLike) -> tuple[pl.DataFrame, list[tuple[str, 
 
 def read_label_names(path: str | os.PathLike) -> dict[int, str]:
     """Read label names from JSON: a list (index = id) or an object ``{id: name}``."""
-    p = Path(path).expanduser()
     try:
-        raw = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise JobSpecError(f"label names file {p} does not exist")
-    except (OSError, ValueError) as exc:
-        raise JobSpecError(f"label names file {p} is not valid JSON ({exc}); give a list or an object {{id: name}}")
-    if isinstance(raw, list):
-        return {i: str(n) for i, n in enumerate(raw)}
-    if isinstance(raw, dict):
-        try:
-            return {int(k): str(v) for k, v in raw.items()}
-        except ValueError:
-            raise JobSpecError(f"label names file {p}: keys must be integer label ids, got {list(raw)[:5]}")
-    raise JobSpecError(f"label names file {p} must hold a JSON list or object, not {type(raw).__name__}")
+        return read_names_file(path)
+    except ValueError as exc:
+        raise JobSpecError(f"label names file {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ indices only appear inside the model and the label maps.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 #: The paper's 17 thorax classes (TotalSegmentator subset), in channel order.
 THORAX_CLASSES: tuple[str, ...] = (
@@ -143,3 +146,26 @@ def totalsegmentator_to_thorax(ts_names: Mapping[int, str]) -> dict[int, str]:
                 out[int(label)] = target
                 break
     return out
+
+
+def read_names_file(path: str | os.PathLike[str]) -> dict[int, str]:
+    """Names by integer id from a JSON file: a list (index = id) or an object ``{id: name}``.
+
+    Raises ``ValueError`` with what is wrong (missing file, not JSON, wrong shape, non-integer ids);
+    callers turn it into their own user-facing error.
+    """
+    p = Path(path).expanduser()
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{p} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{p} is not valid JSON ({exc}); give a list or an object {{id: name}}") from None
+    if isinstance(raw, list):
+        return {i: str(n) for i, n in enumerate(raw)}
+    if isinstance(raw, dict):
+        try:
+            return {int(k): str(v) for k, v in raw.items()}
+        except ValueError:
+            raise ValueError(f"{p}: keys must be integer ids, got {list(raw)[:5]}") from None
+    raise ValueError(f"{p} must hold a JSON list or object, not {type(raw).__name__}")

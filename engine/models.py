@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from engine.errors import JobSpecError, ModelError
-from engine.labels import THORAX_CLASSES, resolve_class_names
+from engine.labels import THORAX_CLASSES, read_names_file, resolve_class_names
 
 #: Architecture of the shipped demo model (monai.networks.nets.UNet keyword arguments).
 DEMO_ARCH: dict[str, Any] = dict(
@@ -137,18 +137,11 @@ class ModelSpec:
 
 def read_class_names(path: str | os.PathLike) -> tuple[str, ...]:
     """Class names from JSON: a list, or ``{index: name}`` covering 0..N-1."""
-    p = Path(path).expanduser()
     try:
-        raw = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"class names file {p} does not exist")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"class names file {p} is not valid JSON ({exc}); give a list or {{index: name}}")
-    if isinstance(raw, list):
-        return tuple(str(n) for n in raw)
-    if isinstance(raw, dict):
-        return _names_from_index_map(raw, where=f"class names file {p}")
-    raise ModelError(f"class names file {p} must hold a JSON list or object")
+        names = read_names_file(path)
+    except ValueError as exc:
+        raise ModelError(f"class names file {exc}") from None
+    return _names_from_index_map(names, where=f"class names file {path}")
 
 
 def _names_from_index_map(raw: Mapping[Any, Any], *, where: str) -> tuple[str, ...]:
