@@ -31,7 +31,6 @@ to masks.
 
 from __future__ import annotations
 
-import difflib
 import gzip
 import logging
 import os
@@ -47,7 +46,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from engine.errors import JobSpecError, VolumeError
+from engine.errors import JobSpecError, VolumeError, check_keys
 from engine.labels import JOINED_ROIS, read_names_file, totalsegmentator_to_thorax
 
 log = logging.getLogger(__name__)
@@ -130,12 +129,7 @@ class PreprocessSpec:
     def from_dict(cls, d: Mapping[str, Any] | None) -> PreprocessSpec:
         """Build from a job-spec table; unknown keys are a ``JobSpecError`` (typos must not pass)."""
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
-                     for k in unknown]
-            raise JobSpecError(f"preprocess: unknown key(s) {', '.join(hints)}; known keys: {', '.join(sorted(known))}")
+        check_keys("[preprocess]", d, (f.name for f in fields(cls)))
         for key in ("clip", "crop_foreground"):
             if key in d and not isinstance(d[key], bool):
                 raise JobSpecError(f"preprocess: {key} must be true or false, got {d[key]!r}")
@@ -739,10 +733,7 @@ class RoISpec:
     def from_dict(cls, d: Mapping[str, Any] | None, *, base_dir: str | os.PathLike | None = None) -> RoISpec:
         """Build from a job-spec table; relative ``label_names`` files resolve against ``base_dir``."""
         d = dict(d or {})
-        known = {"source", "label_names", "preset", "joined"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise JobSpecError(f"rois: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}")
+        check_keys("[rois]", d, ("source", "label_names", "preset", "joined"))
         names = d.get("label_names")
         if isinstance(names, str) and base_dir is not None and not Path(names).is_absolute():
             d["label_names"] = str(Path(base_dir) / names)

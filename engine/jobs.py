@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from engine.errors import JobSpecError
+from engine.errors import JobSpecError, check_keys
 
 
 def read_job_file(path: str | Path, *, example: str = "jobs/demo.toml") -> dict[str, Any]:
@@ -30,12 +30,7 @@ def read_job_file(path: str | Path, *, example: str = "jobs/demo.toml") -> dict[
 
 
 def _check_keys(section: str, data: Mapping[str, Any], cls: type) -> None:
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise JobSpecError(
-            f"[{section}] has unknown key(s) {unknown}; allowed keys are {sorted(allowed)}"
-        )
+    check_keys(f"[{section}]", data, (f.name for f in fields(cls)))
 
 
 def _typed(section: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.errors import JobSpecError, ModelError
+from engine.errors import JobSpecError, ModelError, check_keys
 from engine.labels import THORAX_CLASSES, read_names_file, resolve_class_names
 
 #: Architecture of the shipped demo model (monai.networks.nets.UNet keyword arguments).
@@ -117,12 +117,7 @@ class ModelSpec:
     def from_dict(cls, d: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None) -> ModelSpec:
         """Build from a job-spec table; unknown keys are a ``JobSpecError``; relative paths resolve against ``base_dir``."""
         d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
-                     for k in unknown]
-            raise JobSpecError(f"model: unknown key(s) {', '.join(hints)}; known keys: {', '.join(sorted(known))}")
+        check_keys("[model]", d, (f.name for f in fields(cls)))
         if "kind" not in d:
             raise JobSpecError(f"model: kind is required ({', '.join(MODEL_KINDS)})")
         if base_dir is not None:

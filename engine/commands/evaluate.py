@@ -23,7 +23,7 @@ import torch
 
 from engine import store
 from engine.commands.query import add_db_argument
-from engine.errors import JobSpecError
+from engine.errors import JobSpecError, check_keys
 
 
 def load_evaluation(path: str | Path) -> tuple[Any, Any]:
@@ -34,10 +34,7 @@ def load_evaluation(path: str | Path) -> tuple[Any, Any]:
     p = Path(path)
     data = read_job_file(p, example="jobs/evaluate_demo.toml")
     raw = dict(data.pop("evaluate", {}))
-    allowed = {f.name for f in fields(EvaluateSpec)}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise JobSpecError(f"[evaluate] has unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+    check_keys("[evaluate]", raw, (f.name for f in fields(EvaluateSpec)))
     for key in ("methods", "targets", "stability_samples"):
         if isinstance(raw.get(key), list):
             raw[key] = tuple(raw[key])
