@@ -32,7 +32,7 @@ from engine.settings import field_names, json_schema, parse, section, to_table
 SECTIONS = ("job", "cohort", "model", "preprocess", "attribution", "rois", "runtime", "anomaly", "evaluate")
 
 
-def read_job_file(path: str | Path, *, example: str = "jobs/demo.toml") -> dict[str, Any]:
+def read_job_file(path: str | Path, *, example: str = "engine/resources/jobs/demo.toml") -> dict[str, Any]:
     """The TOML tables of a job file, with clear errors for a missing or malformed file."""
     p = Path(path)
     if not p.is_file():

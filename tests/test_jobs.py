@@ -15,10 +15,10 @@ from engine.errors import JobSpecError
 from engine.io import PreprocessSpec, RoISpec
 from engine.jobs import AnomalySpec, AttributionSpec, CohortSpec, JobSpec, RuntimeSpec, job_schema
 from engine.models import ModelSpec
+from engine.resources import resource_path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "engine" / "jobs").glob("*.toml")) or sorted((ROOT / "jobs").glob("*.toml"))
-SCHEMA_FILE = ROOT / "engine" / "schemas" / "job.schema.json"
+SHIPPED = sorted(resource_path("jobs").glob("*.toml"))
+SCHEMA_FILE = resource_path("job.schema.json")
 
 MINIMAL = {"job": {"name": "j"}, "cohort": {"phantoms": 2}, "model": {"kind": "demo"}}
 
@@ -113,7 +113,7 @@ def test_unknown_tables_get_a_did_you_mean_hint() -> None:
 def test_the_published_schema_is_current_and_accepts_every_shipped_job() -> None:
     schema = job_schema()
     assert json.loads(SCHEMA_FILE.read_text()) == schema, (
-        "engine/schemas/job.schema.json is stale: run `agg2exp job-schema > engine/schemas/job.schema.json`")
+        "engine/resources/job.schema.json is stale: run `agg2exp job-schema > engine/resources/job.schema.json`")
     jsonschema.Draft202012Validator.check_schema(schema)
     for path in SHIPPED:
         jsonschema.validate(tomllib.loads(path.read_text()), schema)

@@ -30,7 +30,7 @@ def load_evaluation(path: str | Path) -> tuple[Any, Any]:
     from engine.jobs import JobSpec, read_job_file
 
     p = Path(path)
-    data = read_job_file(p, example="jobs/evaluate_demo.toml")
+    data = read_job_file(p, example="engine/resources/jobs/evaluate_demo.toml")
     model = dict(data.get("model", {}))
     untrained = model.get("kind", "demo") == "demo" and model.get("weights") == "untrained"
     if untrained:
@@ -124,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "correlation, average sensitivity, effective complexity), their cost, the agreement of "
                     "their RoI importances and SmoothGrad's stability; rows go to the evaluations table.",
     )
-    p.add_argument("job", metavar="JOB.toml", help="job file with an [evaluate] section (see jobs/evaluate_demo.toml)")
+    p.add_argument("job", metavar="JOB.toml", help="job file with an [evaluate] section (see engine/resources/jobs/evaluate_demo.toml)")
     p.add_argument("--patients", type=int, default=None, help="evaluate only the first N patients")
     p.add_argument("--paper-defaults", action="store_true",
                    help="the paper's metric parameters: 100 runs of 50,176 voxels, 3 perturbations, 20 SmoothGrad samples")

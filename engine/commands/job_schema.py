@@ -1,4 +1,4 @@
-"""``agg2exp job-schema``: print the JSON Schema of job files (also shipped as ``engine/schemas/job.schema.json``)."""
+"""``agg2exp job-schema``: print the JSON Schema of job files (also shipped as ``engine/resources/job.schema.json``)."""
 
 from __future__ import annotations
 
