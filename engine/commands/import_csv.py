@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine import store
 from engine.commands.query import add_db_argument
 
 
 def handle(args: argparse.Namespace) -> int:
     """Parse the wide CSV and store it as a run of kind 'import'."""
+    from engine import store
+
     with store.open_writer(args.db) as s:
         run_id = s.import_reference_csv(args.file, run_id=args.run_id, method=args.method)
         counts = s.table_counts(run_id)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from engine import store
 from engine.commands.query import add_db_argument, add_output_arguments, write_frame
 from engine.errors import QueryError
 
 
 def handle(args: argparse.Namespace) -> int:
     """Run one read-only statement; statements that would write are refused before they run."""
+    from engine import store
+
     with store.open(args.db) as s:
         try:
             df = s.run_named_query(args.statement, None)
