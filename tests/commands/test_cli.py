@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -97,9 +98,13 @@ def test_job_schema_prints_the_shipped_schema(capsys) -> None:
 @pytest.mark.slow
 def test_a_wheel_installed_in_a_fresh_venv_runs_query_list_and_the_demo(tmp_path: Path) -> None:
     """`pip install .` (not editable): queries and the demo job travel as package data."""
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the repository
+    shutil.copytree(REPO / "engine", source / "engine", ignore=shutil.ignore_patterns("__pycache__", "agg2exp_out"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
     bin_dir = env_dir / "bin"
