@@ -130,7 +130,22 @@ def test_the_cli_vocabularies_are_the_libraries() -> None:
     from engine import store
     from engine.analytics.graph import RULES
     from engine.commands.graph import RULES as CLI_RULES
-    from engine.vocabulary import DEFAULT_DB, SIGNS, STATS
+    import importlib
+
+    from engine.vocabulary import DEFAULT_DB, MEAN_TARGET, SIGNS, STATS
 
     assert CLI_RULES == RULES
     assert (SIGNS, STATS, DEFAULT_DB) == (store.SIGNS, store.STATS, store.DEFAULT_DB)
+    for module in ("engine.analytics.anomaly", "engine.analytics.audit"):  # the package re-exports functions of these names
+        assert importlib.import_module(module).MEAN_TARGET == MEAN_TARGET
+
+
+@pytest.mark.parametrize(("text", "expected"), [("aorta", "aorta"), ("site A/B", "site_A_B"), ("  ", "unnamed"),
+                                                ("x..y-z_1", "x..y-z_1"), ("a\u00e9b", "a_b")])
+def test_one_filename_sanitiser_for_maps_graphs_and_reports(text, expected) -> None:
+    from engine.analytics.graph import safe_name
+    from engine.report.nifti import safe_filename as nifti_safe
+    from engine.vocabulary import safe_filename
+
+    assert safe_filename(text) == expected
+    assert safe_name is safe_filename and nifti_safe is safe_filename
