@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluate",
     "report",
     "show",
+    "job_schema",
 )
 
 

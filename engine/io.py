@@ -38,16 +38,18 @@ import re
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, ClassVar, Union
 
 import numpy as np
 import polars as pl
 import torch
+from pydantic import Strict
 
-from engine.errors import JobSpecError, VolumeError, check_keys
+from engine.errors import JobSpecError, VolumeError
 from engine.labels import JOINED_ROIS, read_names_file, totalsegmentator_to_thorax
+from engine.settings import parse, section
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +65,14 @@ RoIs = Union[RoILabelMap, RoIMasks]
 # --------------------------------------------------------------------------- preprocessing
 
 
-def _tuple3(value: Any, *, what: str, cast: type) -> tuple:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = (value,) * 3
-    try:
-        out = tuple(cast(v) for v in value)
-    except (TypeError, ValueError):
-        raise JobSpecError(f"preprocess: {what} must be a number or a list of 3 numbers, got {value!r}")
+def _positive3(value: Any, *, what: str) -> tuple:
+    out = (value,) * 3 if isinstance(value, (int, float)) else tuple(value)
     if len(out) != 3 or any(v <= 0 for v in out):
-        raise JobSpecError(f"preprocess: {what} must be 3 positive numbers, got {value!r}")
+        raise JobSpecError(f"[preprocess] {what} must be 3 positive numbers, got {value!r}")
     return out
 
 
-@dataclass(frozen=True)
+@section("preprocess")
 class PreprocessSpec:
     """How volumes are put on the model grid; the same spec must be used for every patient.
 
@@ -84,10 +81,11 @@ class PreprocessSpec:
     from ``[a_min, a_max]`` HU to ``[b_min, b_max]`` (clipped when ``clip``).
     ``crop_foreground`` crops all volumes to the bounding box of image voxels > ``b_min``;
     ``pad_to`` pads (never crops) so that each dimension is at least the sliding window.
+    ``spacing`` and ``pad_to`` take one number for all three axes or a list of three.
     """
 
     orientation: str | None = "RAS"
-    spacing: tuple[float, float, float] | None = None
+    spacing: tuple[float, float, float] | float | None = None
     interpolation: str = "bilinear"
     a_min: float = -1024.0
     a_max: float = 1024.0
@@ -95,45 +93,35 @@ class PreprocessSpec:
     b_max: float = 1.0
     clip: bool = True
     crop_foreground: bool = False
-    pad_to: tuple[int, int, int] | None = None
+    pad_to: tuple[int, int, int] | int | None = None
 
     def __post_init__(self) -> None:
         if self.orientation is not None:
-            codes = str(self.orientation).upper()
+            codes = self.orientation.upper()
             if len(codes) != 3 or not all(c in "RLAPSI" for c in codes) or len({_axis_of(c) for c in codes}) != 3:
                 raise JobSpecError(
-                    f"preprocess: orientation {self.orientation!r} is not three axis codes "
+                    f"[preprocess] orientation {self.orientation!r} is not three axis codes "
                     "(one of R/L, A/P, S/I each), e.g. 'RAS'"
                 )
             object.__setattr__(self, "orientation", codes)
         if self.spacing is not None:
-            object.__setattr__(self, "spacing", _tuple3(self.spacing, what="spacing", cast=float))
+            object.__setattr__(self, "spacing", tuple(float(v) for v in _positive3(self.spacing, what="spacing")))
         if self.pad_to is not None:
-            object.__setattr__(self, "pad_to", _tuple3(self.pad_to, what="pad_to", cast=int))
+            object.__setattr__(self, "pad_to", _positive3(self.pad_to, what="pad_to"))
         allowed = ("nearest", "bilinear", "trilinear", "bicubic")
         if self.interpolation not in allowed:
             raise JobSpecError(
-                f"preprocess: interpolation {self.interpolation!r} is not one of {', '.join(allowed)}"
+                f"[preprocess] interpolation {self.interpolation!r} is not one of {', '.join(allowed)}"
             )
         if self.interpolation == "trilinear":  # MONAI's Spacing calls it bilinear in 3D
             object.__setattr__(self, "interpolation", "bilinear")
-        for name in ("a_min", "a_max", "b_min", "b_max"):
-            try:
-                object.__setattr__(self, name, float(getattr(self, name)))
-            except (TypeError, ValueError):
-                raise JobSpecError(f"preprocess: {name} must be a number, got {getattr(self, name)!r}")
         if not self.a_max > self.a_min:
-            raise JobSpecError(f"preprocess: a_max ({self.a_max}) must be greater than a_min ({self.a_min})")
+            raise JobSpecError(f"[preprocess] a_max ({self.a_max}) must be greater than a_min ({self.a_min})")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> PreprocessSpec:
-        """Build from a job-spec table; unknown keys are a ``JobSpecError`` (typos must not pass)."""
-        d = dict(d or {})
-        check_keys("[preprocess]", d, (f.name for f in fields(cls)))
-        for key in ("clip", "crop_foreground"):
-            if key in d and not isinstance(d[key], bool):
-                raise JobSpecError(f"preprocess: {key} must be true or false, got {d[key]!r}")
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any] | PreprocessSpec | None) -> PreprocessSpec:
+        """From a job-spec table (or a spec); unknown keys and wrong types are a ``JobSpecError``."""
+        return d if isinstance(d, PreprocessSpec) else parse(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples), suitable for TOML/JSON and for ``from_dict``."""
@@ -695,56 +683,50 @@ def read_label_names(path: str | os.PathLike) -> dict[int, str]:
         raise JobSpecError(f"label names file {exc}") from None
 
 
-@dataclass(frozen=True)
+@section("rois")
 class RoISpec:
     """Which RoIs attributions are aggregated over.
 
     ``source``: ``"prediction"`` (the model's predicted segments, default), ``"label"`` (the
     case's label map) or the name of a custom RoI mask (manifest column ``roi_<name>``).
-    ``label_names``: label id -> RoI name for label/mask sources (a mapping or a JSON file);
-    default: the model's class names for ``"label"``, ``{1: <mask name>}`` for a mask.
+    ``label_names``: label id -> RoI name for label/mask sources (a table, a list indexed by id,
+    or a JSON file); default: the model's class names for ``"label"``, ``{1: <mask name>}`` for a mask.
     ``preset``: ``"totalsegmentator_thorax"`` maps TotalSegmentator ``total`` ids (named by
     ``label_names``) onto the thorax classes with ``engine.labels.totalsegmentator_to_thorax``.
     ``joined``: extra, overlapping RoIs: names from ``engine.labels.JOINED_ROIS`` or
-    ``{name: [parts...]}``; asking for any makes :func:`build_rois` return masks.
+    ``{name: [parts...]}``.
     """
 
     source: str = "prediction"
-    label_names: Mapping[int, str] | str | None = None
+    label_names: dict[Annotated[int, Strict(False)], str] | tuple[str, ...] | str | None = None
     preset: str | None = None
-    joined: tuple[str, ...] | Mapping[str, Sequence[str]] = ()
+    joined: tuple[str, ...] | dict[str, tuple[str, ...]] | str = ()
 
-    PRESETS = ("totalsegmentator_thorax",)
+    PRESETS: ClassVar[tuple[str, ...]] = ("totalsegmentator_thorax",)
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in self.PRESETS:
-            raise JobSpecError(f"rois: preset {self.preset!r} unknown; known: {', '.join(self.PRESETS)}")
+            raise JobSpecError(f"[rois] preset {self.preset!r} unknown; known: {', '.join(self.PRESETS)}")
+        if isinstance(self.label_names, tuple):
+            object.__setattr__(self, "label_names", dict(enumerate(self.label_names)))
         if not isinstance(self.joined, Mapping):
             joined = (self.joined,) if isinstance(self.joined, str) else tuple(self.joined)
             unknown = [j for j in joined if j not in JOINED_ROIS]
             if unknown:
-                raise JobSpecError(f"rois: joined RoI(s) {unknown} unknown; known: {', '.join(JOINED_ROIS)} "
+                raise JobSpecError(f"[rois] joined RoI(s) {unknown} unknown; known: {', '.join(JOINED_ROIS)} "
                                    "(or give a table name = [parts])")
             object.__setattr__(self, "joined", joined)
         if not self.source:
-            raise JobSpecError("rois: source must be 'prediction', 'label' or a custom RoI name")
+            raise JobSpecError("[rois] source must be 'prediction', 'label' or a custom RoI name")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, *, base_dir: str | os.PathLike | None = None) -> RoISpec:
-        """Build from a job-spec table; relative ``label_names`` files resolve against ``base_dir``."""
-        d = dict(d or {})
-        check_keys("[rois]", d, ("source", "label_names", "preset", "joined"))
-        names = d.get("label_names")
+    def from_dict(cls, d: Mapping[str, Any] | RoISpec | None, *, base_dir: str | os.PathLike | None = None) -> RoISpec:
+        """From a job-spec table (or a spec); a relative ``label_names`` file resolves against ``base_dir``."""
+        spec = d if isinstance(d, RoISpec) else parse(cls, d)
+        names = spec.label_names
         if isinstance(names, str) and base_dir is not None and not Path(names).is_absolute():
-            d["label_names"] = str(Path(base_dir) / names)
-        elif isinstance(names, Mapping):
-            try:
-                d["label_names"] = {int(k): str(v) for k, v in names.items()}
-            except ValueError:
-                raise JobSpecError("rois: label_names keys must be integer label ids")
-        elif isinstance(names, list):
-            d["label_names"] = {i: str(v) for i, v in enumerate(names)}
-        return cls(**d)
+            spec = replace(spec, label_names=str(Path(base_dir) / names))
+        return spec
 
     def joined_parts(self) -> dict[str, tuple[str, ...]]:
         """Joined RoIs as ``{name: parts}``."""

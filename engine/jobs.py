@@ -1,24 +1,38 @@
-"""Job specifications (``jobs/*.toml``): parsing and validation with errors that say what to fix.
+"""Job specifications (``jobs/*.toml``): one typed, frozen object parsed once, with errors that say what to fix.
 
 A job names a cohort (a manifest, or a phantom cohort to generate), a model, preprocessing, the
-attribution settings, RoIs, the runtime and the analytics to run after. Every section is a frozen
-dataclass; unknown keys and wrong types stop the job before anything runs.
+attribution settings, RoIs, the runtime and the analytics to run after. Every table is a section
+class (``engine.settings.section``: a strict pydantic dataclass): unknown keys and wrong types stop
+the job before anything runs, with one line naming the table and the key. The tables owned
+elsewhere are composed here: ``[model]`` is :class:`engine.models.ModelSpec`, ``[preprocess]``
+:class:`engine.io.PreprocessSpec`, ``[rois]`` :class:`engine.io.RoISpec`, ``[evaluate]``
+:class:`engine.analytics.evaluate.EvaluateSpec`.
+
+``JobSpec.to_sections()`` is the exact inverse of ``JobSpec.from_dict`` (the TOML tables);
+``JobSpec.to_dict()`` is the flat form stored as a run's configuration, read back by
+``JobSpec.from_config``. ``job_schema()`` is the JSON Schema of a job file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from engine.errors import JobSpecError, check_keys
+from engine.io import PreprocessSpec, RoISpec
+from engine.models import ModelSpec
+from engine.settings import field_names, json_schema, parse, section, to_table
+
+#: The tables of a job file, in the order they are written.
+SECTIONS = ("job", "cohort", "model", "preprocess", "attribution", "rois", "runtime", "anomaly", "evaluate")
 
 
-def read_job_file(path: str | Path, *, example: str = "jobs/demo.toml") -> dict[str, Any]:
+def read_job_file(path: str | Path, *, example: str = "engine/resources/jobs/demo.toml") -> dict[str, Any]:
     """The TOML tables of a job file, with clear errors for a missing or malformed file."""
     p = Path(path)
     if not p.is_file():
@@ -29,22 +43,7 @@ def read_job_file(path: str | Path, *, example: str = "jobs/demo.toml") -> dict[
         raise JobSpecError(f"{p} is not valid TOML: {exc}") from None
 
 
-def _check_keys(section: str, data: Mapping[str, Any], cls: type) -> None:
-    check_keys(f"[{section}]", data, (f.name for f in fields(cls)))
-
-
-def _typed(section: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    if isinstance(value, bool) and kind in (int, float):
-        raise JobSpecError(f"[{section}] {key} must be a number, got {value!r}")
-    if kind is float and isinstance(value, int):
-        return float(value)
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise JobSpecError(f"[{section}] {key} must be {names}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
+@section("cohort")
 class CohortSpec:
     """Where patients come from: a manifest file, or a phantom cohort generated on the fly."""
 
@@ -64,7 +63,7 @@ class CohortSpec:
             raise JobSpecError(f"[cohort] anomaly_fraction must be in [0, 1], got {self.anomaly_fraction}")
 
 
-@dataclass(frozen=True, kw_only=True)
+@section("attribution")
 class AttributionSpec:
     """Attribution method and its options (names as in ``engine.explain_volume``)."""
 
@@ -129,7 +128,7 @@ class AttributionSpec:
         return {}
 
 
-@dataclass(frozen=True, kw_only=True)
+@section("runtime")
 class RuntimeSpec:
     """How the cohort is spread: Ray actors, GPUs per actor, patients in flight."""
 
@@ -152,7 +151,7 @@ class RuntimeSpec:
             raise JobSpecError(f"[runtime] device must be auto, cpu or cuda, got {self.device!r}")
 
 
-@dataclass(frozen=True, kw_only=True)
+@section("anomaly")
 class AnomalySpec:
     """Isolation-forest scoring after the run (per target class, on mass vectors)."""
 
@@ -162,19 +161,39 @@ class AnomalySpec:
     reference_run: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@section("job")
+class JobTable:
+    """The ``[job]`` table: the job's name, an optional fixed run id, and whether to write the report."""
+
+    name: str
+    run_id: str | None = None
+    report: bool = True
+
+
+def _evaluate_spec() -> type:
+    from engine.analytics.evaluate import EvaluateSpec
+
+    return EvaluateSpec
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class JobSpec:
-    """A whole job; ``JobSpec.load(path)`` or ``JobSpec.from_dict(data)``."""
+    """A whole job; ``JobSpec.load(path)`` or ``JobSpec.from_dict(tables)``.
+
+    Each section is already checked when a ``JobSpec`` exists; ``base_dir`` is the folder relative
+    paths in the spec are resolved against (the job file's folder).
+    """
 
     name: str
     run_id: str | None = None
     cohort: CohortSpec
-    model: Mapping[str, Any]
-    preprocess: Mapping[str, Any] = field(default_factory=dict)  # engine.io.PreprocessSpec
-    attribution: AttributionSpec = field(default_factory=AttributionSpec)
-    rois: Mapping[str, Any] = field(default_factory=dict)  # engine.io.RoISpec
-    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
-    anomaly: AnomalySpec = field(default_factory=AnomalySpec)
+    model: ModelSpec
+    preprocess: PreprocessSpec = dataclasses.field(default_factory=PreprocessSpec)
+    attribution: AttributionSpec = dataclasses.field(default_factory=AttributionSpec)
+    rois: RoISpec = dataclasses.field(default_factory=RoISpec)
+    runtime: RuntimeSpec = dataclasses.field(default_factory=RuntimeSpec)
+    anomaly: AnomalySpec = dataclasses.field(default_factory=AnomalySpec)
+    evaluate: Any = None  # engine.analytics.evaluate.EvaluateSpec for `agg2exp evaluate` jobs
     report: bool = True
     base_dir: str = "."
 
@@ -185,41 +204,51 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | Path = ".") -> JobSpec:
-        known = {"job", "cohort", "model", "preprocess", "attribution", "rois", "runtime", "anomaly"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise JobSpecError(f"unknown section(s) {unknown}; sections are {sorted(known)}")
+        """The job of a job file's tables (as ``tomllib`` reads them)."""
+        check_keys("the job file", data, SECTIONS)
+        for key, value in data.items():
+            if not isinstance(value, Mapping):
+                raise JobSpecError(f"[{key}] must be a table (a [{key}] section), got {value!r}")
         job = dict(data.get("job", {}))
-        _check_keys("job", job, _JobSection)
         if "name" not in job:
             raise JobSpecError("[job] needs a name, e.g. name = \"my-cohort\"")
         if "cohort" not in data:
             raise JobSpecError("the job needs a [cohort] section with `manifest` or `phantoms`")
         if "model" not in data:
             raise JobSpecError("the job needs a [model] section (kind = \"demo\" for the shipped model)")
-        sections: dict[str, Any] = {}
-        for key, spec_cls in (("cohort", CohortSpec), ("attribution", AttributionSpec), ("runtime", RuntimeSpec),
-                              ("anomaly", AnomalySpec)):
-            raw = dict(data.get(key, {}))
-            _check_keys(key, raw, spec_cls)
-            for f in fields(spec_cls):
-                if f.name in raw and isinstance(raw[f.name], list):
-                    raw[f.name] = tuple(raw[f.name])
-            try:
-                sections[key] = spec_cls(**raw)
-            except TypeError as exc:
-                raise JobSpecError(f"[{key}] {exc}") from None
-        _validate_sections(data, base_dir)
-        return cls(
-            name=_typed("job", "name", job["name"], str),
-            run_id=job.get("run_id"),
-            report=bool(job.get("report", True)),
-            model=dict(data["model"]),
-            preprocess=dict(data.get("preprocess", {})),
-            rois=dict(data.get("rois", {})),
-            base_dir=str(base_dir),
-            **sections,
-        )
+        table = parse(JobTable, job)
+        sections: dict[str, Any] = {
+            key: parse(spec_cls, data.get(key))
+            for key, spec_cls in (("cohort", CohortSpec), ("model", ModelSpec), ("preprocess", PreprocessSpec),
+                                  ("attribution", AttributionSpec), ("rois", RoISpec), ("runtime", RuntimeSpec),
+                                  ("anomaly", AnomalySpec))
+        }
+        if "evaluate" in data:
+            sections["evaluate"] = parse(_evaluate_spec(), data["evaluate"], name="evaluate")
+        spec = cls(name=table.name, run_id=table.run_id, report=table.report, base_dir=str(base_dir), **sections)
+        # paths the sections name must resolve from the job file's folder; checked here, not on a worker
+        ModelSpec.from_dict(spec.model, base_dir=spec.base_dir)
+        RoISpec.from_dict(spec.rois, base_dir=spec.base_dir)
+        return spec
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> JobSpec:
+        """The job of a stored run configuration (the flat :meth:`to_dict` form)."""
+        d = dict(config)
+        tables: dict[str, Any] = {"job": {k: d[k] for k in field_names(JobTable) if d.get(k) is not None}}
+        for key in SECTIONS[1:]:
+            if isinstance(d.get(key), Mapping):
+                tables[key] = {k: v for k, v in d[key].items() if v is not None}
+        return cls.from_dict(tables, base_dir=d.get("base_dir") or ".")
+
+    def to_sections(self) -> dict[str, Any]:
+        """The job file's tables (``None`` left out): ``JobSpec.from_dict(spec.to_sections(), base_dir=spec.base_dir) == spec``."""
+        out: dict[str, Any] = {"job": to_table(JobTable(name=self.name, run_id=self.run_id, report=self.report))}
+        for key in SECTIONS[1:]:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = to_table(value)
+        return out
 
     def resolve_path(self, path: str) -> Path:
         """Paths in a spec are relative to the spec's folder."""
@@ -227,7 +256,8 @@ class JobSpec:
         return p if p.is_absolute() else Path(self.base_dir) / p
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=list))
+        """Flat, JSON-ready form (sections as dicts beside ``name``, ``run_id``, ``report``, ``base_dir``)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes results (not runtime placement)."""
@@ -240,24 +270,30 @@ class JobSpec:
         return self.run_id or f"{self.name}-{self.fingerprint()}"
 
 
-def _validate_sections(data: Mapping[str, Any], base_dir: str | Path) -> None:
-    """Check [model], [preprocess] and [rois] with their owners' parsers, so a typo stops the job here."""
-    from engine import io, models
+def job_schema() -> dict[str, Any]:
+    """JSON Schema of a job file (draft 2020-12), for editors that check TOML against a schema."""
+    classes = {"job": JobTable, "cohort": CohortSpec, "model": ModelSpec, "preprocess": PreprocessSpec,
+               "attribution": AttributionSpec, "rois": RoISpec, "runtime": RuntimeSpec, "anomaly": AnomalySpec,
+               "evaluate": _evaluate_spec()}
+    defs: dict[str, Any] = {}
+    props: dict[str, Any] = {}
+    for key, spec_cls in classes.items():
+        schema = json_schema(spec_cls)
+        defs.update(schema.pop("$defs", {}))
+        schema["title"] = f"[{key}]"
+        props[key] = schema
+    out: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "agg2exp job file",
+        "type": "object",
+        "properties": props,
+        "required": ["job", "cohort", "model"],
+        "additionalProperties": False,
+    }
+    if defs:
+        out["$defs"] = defs
+    return out
 
-    io.PreprocessSpec.from_dict(dict(data.get("preprocess", {})))
-    io.RoISpec.from_dict(dict(data.get("rois", {})), base_dir=base_dir)
-    model = dict(data["model"])
-    kind = model.get("kind", "demo")
-    if kind == "demo":
-        extra = sorted(set(model) - {"kind", "weights"})
-        if extra:
-            raise JobSpecError(f"[model] kind = 'demo' takes only `weights`; remove {extra}")
-    else:
-        models.ModelSpec.from_dict(model, base_dir=base_dir)
 
-
-@dataclass(frozen=True)
-class _JobSection:
-    name: str = ""
-    run_id: str | None = None
-    report: bool = True
+__all__ = ["AnomalySpec", "AttributionSpec", "CohortSpec", "JobSpec", "JobTable", "RuntimeSpec", "SECTIONS",
+           "job_schema", "read_job_file"]

@@ -17,15 +17,16 @@ import os
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.errors import JobSpecError, ModelError, check_keys
+from engine.errors import JobSpecError, ModelError
 from engine.labels import THORAX_CLASSES, read_names_file, resolve_class_names
+from engine.settings import parse, section
 
 #: Architecture of the shipped demo model (monai.networks.nets.UNet keyword arguments).
 DEMO_ARCH: dict[str, Any] = dict(
@@ -56,10 +57,11 @@ class LoadedModel:
         return len(self.class_names)
 
 
-@dataclass(frozen=True)
+@section("model")
 class ModelSpec:
     """How to build a model; the ``[model]`` table of a job spec.
 
+    * ``kind="demo"`` (default): the shipped demo UNet; ``weights`` may name another state dict.
     * ``kind="network"``: ``name`` of a class in ``monai.networks.nets`` built with ``args``,
       plus an optional state-dict ``weights`` file.
     * ``kind="bundle"``: ``path`` of a MONAI bundle folder (``configs/inference.json|yaml``
@@ -68,63 +70,62 @@ class ModelSpec:
     * ``kind="torchscript"``: ``path`` of a TorchScript file.
 
     Class names come from ``class_names`` (list) or ``class_names_file`` (JSON list or
-    ``{index: name}``), else from the bundle.  ``roi_size`` is the sliding window,
-    ``overlap`` its overlap.
+    ``{index: name}``), else from the bundle.  ``roi_size`` is the sliding window (one integer
+    for a cube), ``overlap`` its overlap.
     """
 
-    kind: str
+    kind: str = "demo"
     name: str | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
     weights: str | None = None
     path: str | None = None
     class_names: tuple[str, ...] | None = None
     class_names_file: str | None = None
-    roi_size: tuple[int, int, int] | None = None
+    roi_size: tuple[int, int, int] | int | None = None
     in_channels: int | None = None
     overlap: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise JobSpecError(f"model: kind {self.kind!r} unknown; use one of {', '.join(MODEL_KINDS)}")
+        if self.kind not in ("demo", *MODEL_KINDS):
+            raise JobSpecError(f"[model] kind {self.kind!r} unknown; use one of demo, {', '.join(MODEL_KINDS)}")
+        if self.kind == "demo":
+            extra = sorted(f.name for f in fields(self)
+                           if f.name not in ("kind", "weights") and getattr(self, f.name) != _MODEL_DEFAULTS[f.name])
+            if extra:
+                raise JobSpecError(f"[model] kind = 'demo' takes only `weights`; remove {extra}")
         if self.kind == "network" and not self.name:
-            raise JobSpecError("model: kind 'network' needs name, a class of monai.networks.nets (e.g. 'UNet')")
+            raise JobSpecError("[model] kind 'network' needs name, a class of monai.networks.nets (e.g. 'UNet')")
         if self.kind in ("bundle", "torchscript") and not self.path:
-            raise JobSpecError(f"model: kind {self.kind!r} needs path (the bundle folder or the TorchScript file)")
+            raise JobSpecError(f"[model] kind {self.kind!r} needs path (the bundle folder or the TorchScript file)")
         if self.kind == "network" and self.path:
-            raise JobSpecError("model: kind 'network' takes weights, not path")
+            raise JobSpecError("[model] kind 'network' takes weights, not path")
         if self.kind == "torchscript" and self.weights:
-            raise JobSpecError("model: a TorchScript file holds its weights; drop weights")
-        if not isinstance(self.args, Mapping):
-            raise JobSpecError(f"model: args must be a table of keyword arguments, got {self.args!r}")
-        if self.class_names is not None:
-            if isinstance(self.class_names, str):
-                raise JobSpecError("model: class_names must be a list; use class_names_file for a JSON file")
-            object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+            raise JobSpecError("[model] a TorchScript file holds its weights; drop weights")
         if self.class_names is not None and self.class_names_file is not None:
-            raise JobSpecError("model: give class_names or class_names_file, not both")
-        if self.roi_size is not None:
-            roi = (self.roi_size,) * 3 if isinstance(self.roi_size, int) else tuple(self.roi_size)
-            if len(roi) != 3 or not all(isinstance(v, int) and v > 0 for v in roi):
-                raise JobSpecError(f"model: roi_size must be 3 positive integers, got {self.roi_size!r}")
-            object.__setattr__(self, "roi_size", roi)
-        if self.in_channels is not None and (not isinstance(self.in_channels, int) or self.in_channels < 1):
-            raise JobSpecError(f"model: in_channels must be a positive integer, got {self.in_channels!r}")
-        if not 0.0 <= float(self.overlap) < 1.0:
-            raise JobSpecError(f"model: overlap must be in [0, 1), got {self.overlap!r}")
+            raise JobSpecError("[model] give class_names or class_names_file, not both")
+        if isinstance(self.roi_size, int):
+            object.__setattr__(self, "roi_size", (self.roi_size,) * 3)
+        if self.roi_size is not None and not all(v > 0 for v in self.roi_size):
+            raise JobSpecError(f"[model] roi_size must be 3 positive integers, got {self.roi_size!r}")
+        if self.in_channels is not None and self.in_channels < 1:
+            raise JobSpecError(f"[model] in_channels must be a positive integer, got {self.in_channels!r}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise JobSpecError(f"[model] overlap must be in [0, 1), got {self.overlap!r}")
         object.__setattr__(self, "args", dict(self.args))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None) -> ModelSpec:
-        """Build from a job-spec table; unknown keys are a ``JobSpecError``; relative paths resolve against ``base_dir``."""
-        d = dict(d)
-        check_keys("[model]", d, (f.name for f in fields(cls)))
-        if "kind" not in d:
-            raise JobSpecError(f"model: kind is required ({', '.join(MODEL_KINDS)})")
-        if base_dir is not None:
-            for key in ("weights", "path", "class_names_file"):
-                if d.get(key) and not Path(str(d[key])).expanduser().is_absolute():
-                    d[key] = str(Path(base_dir) / str(d[key]))
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any] | ModelSpec, *, base_dir: str | os.PathLike | None = None) -> ModelSpec:
+        """From a job-spec table (or a spec); relative paths resolve against ``base_dir``."""
+        spec = d if isinstance(d, ModelSpec) else parse(cls, d)
+        if base_dir is None:
+            return spec
+        resolved = {key: str(Path(base_dir) / str(getattr(spec, key))) for key in ("weights", "path", "class_names_file")
+                    if getattr(spec, key) and not Path(str(getattr(spec, key))).expanduser().is_absolute()}
+        return replace(spec, **resolved) if resolved else spec
+
+
+_MODEL_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)  # type: ignore[misc]
+                   for f in fields(ModelSpec)}
 
 
 # --------------------------------------------------------------------------- weights
@@ -373,6 +374,8 @@ def _load_torchscript(spec: ModelSpec) -> LoadedModel:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Build the model a spec describes (eval mode, CPU). Call :func:`validate_model` next."""
+    if spec.kind == "demo":
+        return demo_model(weights=spec.weights) if spec.weights else demo_model()
     if spec.kind == "network":
         return _load_network(spec)
     if spec.kind == "bundle":

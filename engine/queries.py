@@ -10,7 +10,7 @@ Each file starts with a comment block::
 Parameter types are ``string``, ``integer``, ``float`` and ``boolean``; a parameter without a
 default is required, and ``run_id`` may default to ``latest run``. Parameters are bound as
 DuckDB named parameters (``$k``), never formatted into the SQL text. The folder is the
-top-level ``queries/`` next to the package, or ``$AGG2EXP_QUERIES``.
+package's ``engine/resources/queries/``, or ``$AGG2EXP_QUERIES``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import polars as pl
 
-import engine
 from engine.errors import QueryError
+from engine.resources import resource_path
 
 QUERIES_ENV = "AGG2EXP_QUERIES"
 TYPES: tuple[str, ...] = ("string", "integer", "float", "boolean")
@@ -70,11 +70,11 @@ class NamedQuery:
 
 
 def queries_dir() -> Path:
-    """The query folder: ``$AGG2EXP_QUERIES``, else ``queries/`` next to the package."""
+    """The query folder: ``$AGG2EXP_QUERIES``, else the package's ``engine/resources/queries``."""
     env = os.environ.get(QUERIES_ENV)
     if env:
         return Path(env)
-    return Path(engine.__file__).resolve().parents[1] / "queries"
+    return resource_path("queries")
 
 
 def coerce(param: QueryParam, raw: Any) -> Any:

@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def shared_data() -> Path:
     """The shared data folder (may not exist)."""
     env = os.environ.get("AGG2EXP_SHARED_DATA")
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+    return (Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data").resolve()
 
 
 def totalseg_dir() -> Path:

@@ -44,6 +44,8 @@ import polars as pl
 import torch
 from scipy import stats
 
+from engine.settings import section
+
 #: The seven target classes of the paper's evaluation.
 PAPER_TARGETS: tuple[str, ...] = (
     "background", "aorta", "lung_lower_lobe_left", "lung_lower_lobe_right", "trachea", "heart", "ribs",
@@ -188,7 +190,7 @@ def agreement(a: Mapping[str, float], b: Mapping[str, float]) -> float:
 
 
 # ================================================================================ settings
-@dataclass(frozen=True, kw_only=True)
+@section("evaluate")
 class EvaluateSpec:
     """The ``[evaluate]`` section: what to compare and every metric parameter."""
 

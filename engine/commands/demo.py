@@ -10,22 +10,19 @@ from pathlib import Path
 
 import polars as pl
 
-import engine
 from engine import store
 from engine.analytics.anomaly import MEAN_TARGET
 from engine.analytics.audit import audit_run
 from engine.commands.run import add_run_arguments, print_summary, with_runtime
-from engine.errors import JobSpecError
 from engine.jobs import JobSpec
+from engine.resources import job_file
 from engine.runtime import run_job
 
-DEMO_JOB = Path(engine.__file__).resolve().parents[1] / "jobs" / "demo.toml"
+DEMO_JOB = job_file("demo.toml")
 
 
 def load_demo_spec(*, out_dir: Path, patients: int | None = None) -> JobSpec:
-    """``jobs/demo.toml``, with its phantoms written under ``out_dir``."""
-    if not DEMO_JOB.is_file():
-        raise JobSpecError(f"{DEMO_JOB} is missing; install the project from its repository (pip install -e .)")
+    """The shipped ``engine/resources/jobs/demo.toml``, with its phantoms written under ``out_dir``."""
     spec = JobSpec.load(DEMO_JOB)
     cohort = replace(spec.cohort, out_dir=str((out_dir / "phantoms").resolve()))
     if patients is not None:
@@ -90,7 +87,7 @@ def handle(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "demo", help="generate phantoms and run the whole pipeline with the shipped model",
-        description="Generates a deterministic cohort of synthetic thorax CTs (jobs/demo.toml), explains all 17 "
+        description="Generates a deterministic cohort of synthetic thorax CTs (engine/resources/jobs/demo.toml), explains all 17 "
                     "classes with SmoothGrad on Ray workers, stores RoI importances in DuckDB, scores anomalies "
                     "and writes an HTML report.",
     )

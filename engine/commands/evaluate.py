@@ -15,7 +15,6 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +22,23 @@ import torch
 
 from engine import store
 from engine.commands.query import add_db_argument
-from engine.errors import JobSpecError, check_keys
+from engine.errors import JobSpecError
 
 
 def load_evaluation(path: str | Path) -> tuple[Any, Any]:
     """(JobSpec, EvaluateSpec) from a job file with an ``[evaluate]`` section."""
-    from engine.analytics.evaluate import EvaluateSpec
     from engine.jobs import JobSpec, read_job_file
 
     p = Path(path)
-    data = read_job_file(p, example="jobs/evaluate_demo.toml")
-    raw = dict(data.pop("evaluate", {}))
-    check_keys("[evaluate]", raw, (f.name for f in fields(EvaluateSpec)))
-    for key in ("methods", "targets", "stability_samples"):
-        if isinstance(raw.get(key), list):
-            raw[key] = tuple(raw[key])
+    data = read_job_file(p, example="engine/resources/jobs/evaluate_demo.toml")
     model = dict(data.get("model", {}))
     untrained = model.get("kind", "demo") == "demo" and model.get("weights") == "untrained"
     if untrained:
         model.pop("weights")
         data["model"] = model
+    data.setdefault("evaluate", {})
     job = JobSpec.from_dict(data, base_dir=p.parent.resolve())
-    try:
-        spec = EvaluateSpec(**raw)
-    except (TypeError, ValueError) as exc:
-        raise JobSpecError(str(exc) if str(exc).startswith("[evaluate]") else f"[evaluate] {exc}") from None
+    spec = job.evaluate
     return (job, untrained), spec
 
 
@@ -133,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "correlation, average sensitivity, effective complexity), their cost, the agreement of "
                     "their RoI importances and SmoothGrad's stability; rows go to the evaluations table.",
     )
-    p.add_argument("job", metavar="JOB.toml", help="job file with an [evaluate] section (see jobs/evaluate_demo.toml)")
+    p.add_argument("job", metavar="JOB.toml", help="job file with an [evaluate] section (see engine/resources/jobs/evaluate_demo.toml)")
     p.add_argument("--patients", type=int, default=None, help="evaluate only the first N patients")
     p.add_argument("--paper-defaults", action="store_true",
                    help="the paper's metric parameters: 100 runs of 50,176 voxels, 3 perturbations, 20 SmoothGrad samples")

@@ -64,7 +64,7 @@ def handle(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
-        "run", help="run a job specification (jobs/*.toml)",
+        "run", help="run a job specification (e.g. engine/resources/jobs/*.toml)",
         description="Explain a cohort with the job's model and attribution method; rows stream into the store. "
                     "Re-running the same job resumes it: only patients not yet done are computed.",
     )

@@ -28,8 +28,7 @@ class MapsUnavailable(UserError):
 def spec_from_config(config: Mapping[str, Any]) -> Any:
     """The :class:`~engine.jobs.JobSpec` of a stored run configuration (``runs.config``).
 
-    Mirrors ``engine.runtime.runner._as_toml_dict``: the flat ``to_dict()`` form is put back into
-    sections, ``None`` values are dropped and ``base_dir`` is kept so relative paths still resolve.
+    ``base_dir`` is kept so relative paths still resolve.
     """
     from engine.jobs import JobSpec
 
@@ -37,15 +36,8 @@ def spec_from_config(config: Mapping[str, Any]) -> Any:
     if "model" not in d or "name" not in d:
         raise MapsUnavailable("the run's configuration names no model (an imported run?), so maps cannot be "
                               "recomputed; maps need a run computed by this engine")
-    out: dict[str, Any] = {"job": {"name": d["name"], "report": d.get("report", True)}}
-    if d.get("run_id"):
-        out["job"]["run_id"] = d["run_id"]
-    for key in ("cohort", "model", "preprocess", "attribution", "rois", "runtime", "anomaly"):
-        section = d.get(key)
-        if section:
-            out[key] = {k: v for k, v in section.items() if v is not None}
     try:
-        return JobSpec.from_dict(out, base_dir=d.get("base_dir") or ".")
+        return JobSpec.from_config(d)
     except UserError as exc:
         raise MapsUnavailable(f"the run's configuration cannot be read back: {exc}") from None
 

@@ -204,8 +204,7 @@ class _Dispatch:
             n_actors, resources = _worker_plan(self.spec, ctx, self.workers)
             n_actors = min(n_actors, len(self.records))
             actor_cls = remote_worker_class_for(self.spec)
-            spec_dict = {k: v for k, v in self.spec.to_dict().items() if k not in ("base_dir",)}
-            spec_dict = _as_toml_dict(spec_dict)
+            spec_dict = self.spec.to_sections()
             actors = [
                 actor_cls.options(**resources).remote(spec_dict, self.spec.base_dir, self.spec.runtime.threads_per_worker, i)
                 for i in range(n_actors)
@@ -306,14 +305,3 @@ def remote_worker_class_for(spec: JobSpec) -> Any:
 
     return remote_worker_class(max_restarts=max(0, spec.runtime.max_attempts))
 
-
-def _as_toml_dict(d: dict[str, Any]) -> dict[str, Any]:
-    """Turn ``JobSpec.to_dict()`` back into the sectioned form ``JobSpec.from_dict`` reads."""
-    out: dict[str, Any] = {"job": {"name": d["name"], "run_id": d.get("run_id"), "report": d.get("report", True)}}
-    for key in ("cohort", "model", "preprocess", "attribution", "rois", "runtime", "anomaly"):
-        section = d.get(key)
-        if section:
-            out[key] = {k: v for k, v in section.items() if v is not None}
-    if out["job"]["run_id"] is None:
-        del out["job"]["run_id"]
-    return out

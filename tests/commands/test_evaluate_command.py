@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -11,8 +10,8 @@ import torch
 from engine import store
 from engine.cli import main
 from engine.commands.evaluate import load_evaluation
+from engine.resources import job_file
 
-REPO = Path(__file__).resolve().parents[2]
 
 JOB = """
 [job]
@@ -83,7 +82,7 @@ def test_bad_job_is_a_user_error(tmp_path, capsys):
 
 
 def test_demo_job_parses():
-    (job, untrained), spec = load_evaluation(REPO / "jobs" / "evaluate_demo.toml")
+    (job, untrained), spec = load_evaluation(job_file("evaluate_demo.toml"))
     assert job.cohort.phantoms == 8 and not untrained
     assert len(spec.methods) == 7 and spec.targets[0] == "background" and len(spec.targets) == 7
     assert spec.with_paper_defaults().subset_size == 50_176
