@@ -20,7 +20,6 @@ def handle(args: argparse.Namespace) -> int:
             contamination=contamination, method=args.method, sign=args.sign,
         )
         s.write_anomaly(model=model, scores=scores)
-        s.publish_snapshot(force=True)
     mean = scores.filter(scores["target"] == MEAN_TARGET).sort("score", descending=True)
     print(f"model {model['model_id']} ({model['mode']}, fitted on {model['fit_run_id']}): "
           f"{mean.height} patients scored over {len(model['features'])} classes")

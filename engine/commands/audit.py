@@ -22,7 +22,6 @@ def handle(args: argparse.Namespace) -> int:
         if not has_scores:
             print(f"note: the run has no anomaly scores, so the outlier tests are skipped "
                   f"(run `agg2exp anomaly --run {s.require_run(args.run)}` to add them)")
-        s.publish_snapshot(force=True)
     shown = result if args.all else result.filter(pl.col("rank") <= args.top)
     write_frame(shown, fmt=args.format, out=args.out)
     if args.out is None or args.format == "table":

@@ -26,7 +26,6 @@ def handle(args: argparse.Namespace) -> int:
         if args.save:
             graph_id = "graph-" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
             n = s.write_graph(graph_id=graph_id, run_id=run_id, edges=graphs, params=params)
-            s.publish_snapshot(force=True)
             print(f"stored {n} edges as {graph_id}")
     for group, edges in graphs.items():
         name = "graph" if group == "all" else f"graph_{safe_name(args.by)}_{safe_name(group)}"

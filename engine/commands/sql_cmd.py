@@ -6,16 +6,12 @@ import argparse
 
 from engine import store
 from engine.commands.query import add_db_argument, add_output_arguments, write_frame
-from engine.errors import QueryError
 
 
 def handle(args: argparse.Namespace) -> int:
     """Run one read-only statement; statements that would write are refused before they run."""
     with store.open(args.db) as s:
-        try:
-            df = s.run_named_query(args.statement, None)
-        except store.StoreError as exc:
-            raise QueryError(str(exc)) from None
+        df = s.sql(args.statement)
     write_frame(df, fmt=args.format, out=args.out)
     return 0
 

@@ -281,7 +281,6 @@ class _Dispatch:
                         self.writer.mark_failed(self.run_id, pid, error=outcome.error, traceback=outcome.traceback,
                                                 worker=outcome.worker)
                         status = "failed"
-                    self.writer.publish_snapshot()
                     writer_seconds += time.perf_counter() - t0
                     bar.update(status, pid=pid, error=None if status == "done" else outcome.error)  # type: ignore[union-attr]
                     if self.on_result is not None:
