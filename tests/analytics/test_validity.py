@@ -310,3 +310,16 @@ def test_the_importer_names_the_columns_it_cannot_parse_and_reads_pos_neg_merges
     assert sorted(set(zip(imp["stat"], imp["sign"]))) == [("mass", "neg"), ("mass", "pos"), ("mean", "pos")]
     v = imp.filter((pl.col("patient_id") == "p2") & (pl.col("sign") == "neg"))["value"].item()
     assert v == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- the report's Fig. 3 and Fig. 4
+def test_the_reports_figures_leave_lung_out_beside_its_lobes(paper: pl.DataFrame) -> None:
+    from engine.report import figures, html
+
+    lung = _with_lung(paper)
+    saved: dict[str, bytes] = {}
+    body = html._graph(lung, "smoothgrad", "x", "cumulative", {"threshold": 0.35}, saved)
+    assert "240 edges kept" in body and "graph.png" in saved
+    fig = figures.importance_distributions(lung.filter(pl.col("target") == "heart"))
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert "lung" not in labels and labels == list(THORAX_CLASSES)
