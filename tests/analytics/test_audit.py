@@ -204,3 +204,21 @@ def test_audit_on_the_shared_csv_is_ranked() -> None:
         q = part["q_value"].drop_nulls().to_numpy()
         assert np.all(np.diff(q) >= 0)
         assert part["rank"].to_list() == list(range(1, part.height + 1))
+
+
+def test_delong_interval_by_hand_and_against_the_bootstrap() -> None:
+    from engine.analytics.audit import _boot_rank_biserial, delong_interval
+
+    # placements by hand: x = [1, 3], y = [0, 2, 3]; V10 = [1/3, (2 + 0.5)/3], V01 = [1, 0.5, 0.25]
+    x, y = np.array([1.0, 3.0]), np.array([0.0, 2.0, 3.0])
+    v10, v01 = np.array([1 / 3, 2.5 / 3]), np.array([1.0, 0.5, 0.25])
+    r = 2 * v10.mean() - 1
+    assert r == pytest.approx(_pairwise_rank_biserial(x, y))
+    se = 2 * np.sqrt(v10.var(ddof=1) / 2 + v01.var(ddof=1) / 3)
+    lo, hi = delong_interval(x, y)
+    assert (lo, hi) == pytest.approx((max(-1, r - 1.959964 * se), min(1, r + 1.959964 * se)), abs=1e-6)
+    # on a larger sample the DeLong interval and the bootstrap percentile interval agree
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0.3, 1, 1500), rng.normal(0, 1, 2500)
+    boot = np.percentile(_boot_rank_biserial(x, y, 2000, np.random.default_rng(1)), [2.5, 97.5])
+    np.testing.assert_allclose(delong_interval(x, y), boot, atol=0.01)
