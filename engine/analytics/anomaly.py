@@ -6,7 +6,9 @@ isolation forest per class learns what usual explanations look like; a patient w
 explanation puts its mass in unusual places gets a high anomaly score. The per-class scores
 are averaged into one score per patient (target ``__mean__``).
 
-This module works on Polars frames only; the store and the CLI feed it.
+The forests take one patients x (target, RoI) matrix (:class:`engine.analytics.matrix.ImportanceMatrix`),
+which a store reader pivots in DuckDB, or a long Polars frame; this module never speaks SQL.
+Two named settings: ``"engine"`` and ``"paper"`` (the reference notebook's, see ``PAPER_SETTINGS``).
 """
 
 from __future__ import annotations
