@@ -958,6 +958,100 @@ class Store:
         return self._frame(f"SELECT {cols} FROM evaluations WHERE run_id = ? "  # noqa: S608
                           "ORDER BY patient_id, method, target, metric", [run_id])
 
+    # ------------------------------------------------------------------ analytics readers
+    # What the cohort analytics (engine.analytics) read: done patients only, filtered, pivoted and
+    # aggregated here so that the long importances table never leaves DuckDB.
+
+    #: Separator of target and RoI in ``importance_wide``'s column names.
+    FEATURE_SEP = "\x1f"
+
+    #: Columns of ``patients`` that are bookkeeping, not cohort metadata.
+    BOOKKEEPING_COLUMNS = ("run_id", "image_path", "label_path", "status", "error", "traceback", "attempts",
+                           "worker", "seconds", "timings", "updated_at", "finished_at")
+
+    _DONE = "patient_id IN (SELECT patient_id FROM patients WHERE run_id = $run AND status = 'done')"
+
+    def importance_methods(self, run_id: str) -> list[str]:
+        """Attribution methods with importance rows of done patients."""
+        rows = self.con.execute(
+            f"SELECT DISTINCT method FROM importances WHERE run_id = $run AND {self._DONE} ORDER BY method",  # noqa: S608
+            {"run": run_id},
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def importance_wide(self, run_id: str, *, method: str, sign: str = "abs", stat: str = "mass") -> pl.DataFrame:
+        """Done patients x (target, RoI) values of one method/sign/stat, pivoted by DuckDB.
+
+        Columns: ``patient_id`` then ``f"{target}{FEATURE_SEP}{roi}"``; null where a patient has no row.
+        """
+        where = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND {self._DONE}"
+        params = {"run": run_id, "method": method, "sign": sign, "stat": stat}
+        features = self.con.execute(
+            f"SELECT DISTINCT target, roi FROM importances WHERE {where} ORDER BY target, roi", params  # noqa: S608
+        ).fetchall()
+        if not features:
+            return pl.DataFrame(schema={"patient_id": pl.String})
+        import pyarrow as pa
+
+        keys = pa.table({"target": [f[0] for f in features], "roi": [f[1] for f in features],
+                         "idx": list(range(len(features)))})
+        # PIVOT needs its IN list spelled out to accept bound parameters; the list is feature
+        # indices (integers made here), never text from the data.
+        in_list = ", ".join(str(i) for i in range(len(features)))
+        self.con.register("_analytics_features", keys)
+        try:
+            wide = self.frame(
+                "PIVOT (SELECT i.patient_id, k.idx, i.value FROM importances i "  # noqa: S608
+                "JOIN _analytics_features k ON k.target = i.target AND k.roi = i.roi "
+                "WHERE i.run_id = $run AND i.method = $method AND i.sign = $sign AND i.stat = $stat "
+                f"AND i.{self._DONE}) "
+                f"ON idx IN ({in_list}) USING avg(value) GROUP BY patient_id ORDER BY patient_id",
+                params,
+            )
+        finally:
+            self.con.unregister("_analytics_features")
+        names = {str(i): f"{t}{self.FEATURE_SEP}{r}" for i, (t, r) in enumerate(features)}
+        return wide.rename({c: names[c] for c in wide.columns if c in names})
+
+    def importance_sums(
+        self, run_id: str, *, method: str, sign: str = "abs", stat: str = "mass",
+        patient_ids: Sequence[str] | None = None,
+    ) -> pl.DataFrame:
+        """Per (target, roi) over done patients: ``total`` (sum), ``n_values`` and ``n_patients``.
+
+        ``n_patients`` counts the done patients with any row for the target, so that a mean over
+        them counts a patient without a row for a RoI as 0 (an empty RoI has no mass).
+        """
+        where = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND {self._DONE}"
+        params: dict[str, Any] = {"run": run_id, "method": method, "sign": sign, "stat": stat}
+        if patient_ids is not None:
+            where += " AND list_contains($ids, patient_id)"
+            params["ids"] = [str(p) for p in patient_ids]
+        return self.frame(
+            f"WITH rows AS (SELECT target, roi, patient_id, value FROM importances WHERE {where}), "  # noqa: S608
+            "per_target AS (SELECT target, count(DISTINCT patient_id) AS n_patients FROM rows GROUP BY target) "
+            "SELECT r.target, r.roi, sum(r.value) AS total, count(r.value) AS n_values, "
+            "any_value(t.n_patients) AS n_patients "
+            "FROM rows r JOIN per_target t USING (target) GROUP BY r.target, r.roi ORDER BY r.target, r.roi",
+            params,
+        )
+
+    def done_predictions(self, run_id: str) -> pl.DataFrame:
+        """``patient_id, class, dice`` of the done patients."""
+        return self.frame(
+            f"SELECT patient_id, class, dice FROM predictions WHERE run_id = $run AND {self._DONE} "  # noqa: S608
+            "ORDER BY patient_id, class",
+            {"run": run_id},
+        )
+
+    def done_metadata(self, run_id: str) -> pl.DataFrame:
+        """``patient_id`` and the manifest metadata of the done patients (bookkeeping columns left out)."""
+        patients = self.patients(run_id)
+        if patients.height == 0:
+            return pl.DataFrame(schema={"patient_id": pl.String})
+        patients = patients.filter(pl.col("status") == "done")
+        return patients.select([c for c in patients.columns if c not in self.BOOKKEEPING_COLUMNS])
+
 
 def check_read_only_sql(query: str) -> None:
     """Refuse SQL that does not only read (one line, :class:`QueryError`); see :func:`engine.store_live.check_read_only`."""
