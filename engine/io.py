@@ -234,11 +234,19 @@ def _reader_for(path: Path, fail: _Fail, role: str, series_uid: str | None) -> t
                "(convert other formats, e.g. with `SimpleITK` or 3D Slicer, to NIfTI)")
 
 
+#: Voxel sizes outside this range (mm) are header errors, not scans: no CT has 0.0001 mm or 1 m voxels.
+SPACING_RANGE_MM = (1e-3, 100.0)
+#: Largest volume read: 2**31 voxels (8 GiB as float32) and 8192 voxels along any axis.
+MAX_VOXELS = 2**31
+MAX_SIDE = 8192
+
+
 def _check_nifti_header(path: Path, fail: _Fail, role: str) -> None:
+    """Refuse, from the header alone, files that read but cannot mean a 3D scan."""
     import nibabel as nib
 
     try:
-        nib.load(str(path))
+        img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for bad files
         with open(path, "rb") as fh:
             magic = fh.read(2)
@@ -247,6 +255,45 @@ def _check_nifti_header(path: Path, fail: _Fail, role: str) -> None:
                        "re-export or re-download the file") from exc
         raise fail(role, path, f"not a NIfTI image ({type(exc).__name__}: {exc})",
                    "check that the path points at the image, not at another file with a .nii name") from exc
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
+        raise fail(role, path, f"is a {len(shape)}D volume {shape}",
+                   "pass one 3D volume per patient (split the series, or select a channel or time point, "
+                   "e.g. with nibabel: img.slicer[..., 0])")
+    if len(shape) >= 3:
+        _check_size(shape[:3], path, fail, role)
+    header = img.header
+    if hasattr(header, "get_best_affine") and int(header.get("sform_code", 0)) == 0:
+        # without an sform the spacing is pixdim, which nibabel silently replaces when <= 0
+        with nib.openers.ImageOpener(str(path)) as fh:
+            raw = type(header).from_fileobj(fh, check=False)
+        pixdim = [float(v) for v in raw["pixdim"][1:4]]
+        if not all(np.isfinite(pixdim)) or min(pixdim) <= 0:
+            raise fail(role, path, f"header voxel size (pixdim) {pixdim} is zero, negative or not a number",
+                       "fix the header's voxel size (e.g. re-export the volume with 3D Slicer or nibabel)")
+    _check_geometry(np.asarray(img.affine, dtype=np.float64), path, fail, role)
+
+
+def _check_size(shape: Sequence[int], path: Any, fail: _Fail, role: str) -> None:
+    n = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if max(shape) > MAX_SIDE or n > MAX_VOXELS:
+        raise fail(role, path, f"has {' x '.join(map(str, shape))} voxels ({n * 4 / 2**30:.1f} GiB as float32), more "
+                   f"than the {MAX_SIDE} per axis / {MAX_VOXELS:.2e} in all a scan can have",
+                   "check the header's dimensions, or crop or downsample the volume first")
+
+
+def _check_geometry(affine: np.ndarray, path: Any, fail: _Fail, role: str) -> None:
+    """A voxel -> mm affine that places voxels in space: finite, invertible, plausible voxel sizes."""
+    todo = "fix the header's orientation and voxel size (qform/sform), e.g. re-export the volume with 3D Slicer or nibabel"
+    if not np.all(np.isfinite(affine)):
+        raise fail(role, path, "affine (voxel-to-world matrix) contains NaN or infinite values", todo)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.linalg.matrix_rank(affine[:3, :3] / max(float(spacing.max()), 1e-300), tol=1e-6) < 3:
+        raise fail(role, path, f"affine is singular (voxel sizes {np.round(spacing, 6).tolist()} mm or axes that "
+                   "coincide): the header does not say where voxels are", todo)
+    low, high = SPACING_RANGE_MM
+    if spacing.min() < low or spacing.max() > high:
+        raise fail(role, path, f"voxel size {np.round(spacing, 6).tolist()} mm is outside [{low}, {high}] mm", todo)
 
 
 def _load_raw(path_value: Any, *, role: str, fail: _Fail, series_uid: str | None, image: bool) -> Any:
@@ -274,6 +321,8 @@ def _load_raw(path_value: Any, *, role: str, fail: _Fail, series_uid: str | None
     if len(spatial) != 3 or min(spatial) < 2:
         raise fail(role, path, f"is not a 3D volume (spatial shape {spatial})",
                    "give a 3D CT volume; 2D images and single slices cannot be explained by a 3D model")
+    _check_size(spatial, path, fail, role)
+    _check_geometry(np.asarray(img.affine, dtype=np.float64), path, fail, role)
     if image and img.shape[0] < 1:
         raise fail(role, path, "has no channels", "give a 3D CT volume")
     if not bool(torch.isfinite(img.as_tensor()).all()):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from engine import store
-from engine.analytics.anomaly import MEAN_TARGET, score_run
 from engine.commands.query import add_db_argument
+from engine.vocabulary import MEAN_TARGET, SIGNS
 
 
 def handle(args: argparse.Namespace) -> int:
     """Fit within the run (or on --reference-run), score the run, store model and scores."""
+    from engine import store
+    from engine.analytics.anomaly import score_run
+
     with store.open_writer(args.db) as s:
         run_id = s.require_run(args.run)
         ref = s.require_run(args.reference_run) if args.reference_run else None
@@ -50,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="RoI set: 'parts' (default) leaves joined RoIs such as lung out; 'joined' uses them instead "
                         "of their parts")
     p.add_argument("--method", default=None, help="attribution method (needed when the run holds several)")
-    p.add_argument("--sign", default="abs", choices=store.SIGNS, help="attribution sign (default abs)")
+    p.add_argument("--sign", default="abs", choices=SIGNS, help="attribution sign (default abs)")
     p.add_argument("--show", type=int, default=5, help="how many top patients to print (default 5)")
     add_db_argument(p)
     p.set_defaults(handler=handle)

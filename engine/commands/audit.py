@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-import polars as pl
-
-from engine import store
-from engine.analytics.audit import audit_run
 from engine.commands.query import add_db_argument, add_output_arguments, write_frame
+from engine.vocabulary import SIGNS
 
 
 def handle(args: argparse.Namespace) -> int:
     """Run the audit, store it, and print the ranked results."""
+    import polars as pl
+
+    from engine import store
+    from engine.analytics.audit import audit_run
+
     columns = [c.strip() for c in args.by.split(",") if c.strip()]
     with store.open_writer(args.db) as s:
         audit_id, result, has_scores = audit_run(
@@ -50,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--alpha", type=float, default=0.05, help="FDR level for 'significant' (default 0.05)")
     p.add_argument("--method", default=None, help="attribution method (needed when the run holds several)")
-    p.add_argument("--sign", default="abs", choices=store.SIGNS, help="attribution sign (default abs)")
+    p.add_argument("--sign", default="abs", choices=SIGNS, help="attribution sign (default abs)")
     p.add_argument("--top", type=int, default=20, help="rows per column to print (default 20)")
     p.add_argument("--all", action="store_true", help="print every test")
     add_output_arguments(p)

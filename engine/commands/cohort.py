@@ -10,10 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-import polars as pl
-
 from engine.errors import JobSpecError
-from engine.io import scan_cohort
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +38,10 @@ def _relative_to(value: str | None, folder: Path) -> str | None:
 
 
 def _scan(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from engine.io import scan_cohort
+
     manifest, skipped = scan_cohort(args.dir)
     print(f"found {manifest.height} volume(s) in {Path(args.dir).resolve()}")
     for row in manifest.iter_rows(named=True):

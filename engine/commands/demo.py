@@ -7,21 +7,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import polars as pl
+from typing import TYPE_CHECKING
 
-from engine import store
-from engine.analytics.anomaly import MEAN_TARGET
-from engine.analytics.audit import audit_run
-from engine.commands.run import add_run_arguments, print_summary, with_runtime
-from engine.jobs import JobSpec
+from engine.commands.run import add_run_arguments, print_summary, show_progress, with_runtime
 from engine.resources import job_file
-from engine.runtime import run_job
+from engine.vocabulary import MEAN_TARGET
+
+if TYPE_CHECKING:
+    from engine.jobs import JobSpec
 
 DEMO_JOB = job_file("demo.toml")
 
 
 def load_demo_spec(*, out_dir: Path, patients: int | None = None) -> JobSpec:
     """The shipped ``engine/resources/jobs/demo.toml``, with its phantoms written under ``out_dir``."""
+    from engine.jobs import JobSpec
+
     spec = JobSpec.load(DEMO_JOB)
     cohort = replace(spec.cohort, out_dir=str((out_dir / "phantoms").resolve()))
     if patients is not None:
@@ -30,6 +31,8 @@ def load_demo_spec(*, out_dir: Path, patients: int | None = None) -> JobSpec:
 
 
 def print_top_anomalies(db: Path, run_id: str, k: int = 5) -> None:
+    from engine import store
+
     with store.open(db) as s:
         scores = s.top_anomalies(run_id, k=k, target=MEAN_TARGET)
     if scores.height == 0:
@@ -48,6 +51,11 @@ AUDIT_COLUMNS = ("site", "sex", "age", "contrast", "random_group")
 
 def print_audit(db: Path, run_id: str) -> None:
     """Audit the demo run by its metadata (stored in ``audits``) and print one line per column."""
+    import polars as pl
+
+    from engine import store
+    from engine.analytics.audit import audit_run
+
     with store.open_writer(db) as s:
         audit_id, result, _ = audit_run(s, run_id=run_id, columns=AUDIT_COLUMNS, n_boot=200)
     counts = result.group_by("column", maintain_order=True).agg(pl.col("significant").sum(), pl.len())
@@ -56,11 +64,13 @@ def print_audit(db: Path, run_id: str) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from engine.runtime import run_job
+
     out_dir = Path(args.out)
     spec = with_runtime(load_demo_spec(out_dir=out_dir, patients=args.patients), args)
     run_id = args.run_id or time.strftime("demo-%Y%m%d-%H%M%S")
     summary = run_job(spec, db=args.db, run_id=run_id, resume=True, address=spec.runtime.address,
-                      workers=args.workers, progress=not args.no_progress)
+                      workers=args.workers, progress=show_progress(args))
     print_summary(summary)
     print_top_anomalies(Path(args.db), summary.run_id)
     if summary.counts.get("done", 0) >= 4:

@@ -18,9 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from engine import store
 from engine.commands.query import add_db_argument
 from engine.errors import JobSpecError
 
@@ -42,8 +39,10 @@ def load_evaluation(path: str | Path) -> tuple[Any, Any]:
     return (job, untrained), spec
 
 
-def _patients(job: Any, limit: int | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _patients(job: Any, limit: int | None) -> Iterator[tuple[str, Any]]:
     """(patient_id, scaled image (C, X, Y, Z)) of the cohort, phantoms generated in memory."""
+    import torch
+
     c = job.cohort
     n_limit = min(x for x in (limit, c.limit) if x is not None) if (limit or c.limit) else None
     if c.phantoms is not None:
@@ -68,7 +67,9 @@ def _patients(job: Any, limit: int | None) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def handle(args: argparse.Namespace) -> int:
-    from engine import models
+    import torch
+
+    from engine import models, store
     from engine.analytics.evaluate import ModelSetup, evaluate_cohort, format_report
     from engine.pipeline import build_model, resolve_device
 

@@ -7,13 +7,18 @@ import hashlib
 import json
 from pathlib import Path
 
-from engine import store
-from engine.analytics.graph import RULES, export_graph, graph_run, safe_name
 from engine.commands.query import add_db_argument
+from engine.vocabulary import SIGNS
+
+#: Edge selection rules of ``engine.analytics.graph.select_edges`` (checked equal by a test).
+RULES = ("topk", "cumulative", "quantile")
 
 
 def handle(args: argparse.Namespace) -> int:
     """Build the graph(s), write JSON, GraphML and a figure per subgroup; optionally store edges."""
+    from engine import store
+    from engine.analytics.graph import export_graph, graph_run, safe_name
+
     options = {"rule": args.rule, "k": args.k, "threshold": args.threshold, "quantile": args.quantile,
                "exclude_background": not args.keep_background, "self_edges": not args.no_self_edges}
     opener = store.open_writer if args.save else store.open
@@ -48,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--no-self-edges", action="store_true", help="drop c -> c edges before selection")
     p.add_argument("--by", default=None, help="one graph per group of this metadata column")
     p.add_argument("--method", default=None, help="attribution method (needed when the run holds several)")
-    p.add_argument("--sign", default="abs", choices=store.SIGNS, help="attribution sign (default abs)")
+    p.add_argument("--sign", default="abs", choices=SIGNS, help="attribution sign (default abs)")
     p.add_argument("--rois", choices=("parts", "joined"), default="parts",
                    help="RoI set: 'parts' (default) leaves joined RoIs such as lung out; 'joined' uses them instead "
                         "of their parts")

@@ -6,15 +6,19 @@ import argparse
 import os
 from pathlib import Path
 
-import polars as pl
+from typing import TYPE_CHECKING
 
-from engine import store
 from engine.commands.query import add_db_argument
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from engine import store
 
 
 def import_reference_csv(
-    s: store.Store, path: str | os.PathLike[str], *, run_id: str | None = None, method: str = "smoothgrad",
-    metadata: pl.DataFrame | None = None,
+    s: "store.Store", path: str | os.PathLike[str], *, run_id: str | None = None, method: str = "smoothgrad",
+    metadata: "pl.DataFrame | None" = None,
 ) -> str:
     """Parse the reference code's wide CSV and store it as a run of kind 'import'; returns the run id.
 
@@ -34,6 +38,8 @@ def import_reference_csv(
 
 def handle(args: argparse.Namespace) -> int:
     """Parse the wide CSV and store it as a run of kind 'import'."""
+    from engine import store
+
     with store.open_writer(args.db) as s:
         run_id = import_reference_csv(s, args.file, run_id=args.run_id, method=args.method)
         counts = s.table_counts(run_id)

@@ -9,18 +9,20 @@ import argparse
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
-
-from engine import queries, store
 from engine.errors import QueryError
+from engine.vocabulary import DEFAULT_DB
+
+if TYPE_CHECKING:
+    import polars as pl
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "parquet")
 
 
 def add_db_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--db PATH`` option every command takes."""
-    parser.add_argument("--db", default=store.DEFAULT_DB, help=f"store file (default {store.DEFAULT_DB})")
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"store file (default {DEFAULT_DB})")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +33,8 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_frame(df: pl.DataFrame, *, fmt: str = "table", out: Path | None = None) -> None:
     """Print or save a frame; nested columns are JSON-encoded for CSV, parquet needs ``--out``."""
+    import polars as pl
+
     if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "parquet":
@@ -57,6 +61,8 @@ def write_frame(df: pl.DataFrame, *, fmt: str = "table", out: Path | None = None
 
 
 def _list(args: argparse.Namespace) -> int:
+    from engine import queries
+
     for q in queries.load_queries().values():
         params = ", ".join(p.describe() for p in q.params) or "none"
         print(q.name)
@@ -69,6 +75,8 @@ def handle(args: argparse.Namespace) -> int:
     """Run ``agg2exp query``."""
     if args.name == "list":
         return _list(args)
+    from engine import queries, store
+
     params = queries.parse_assignments(args.param)
     with store.open(args.db) as s:
         df = queries.run_query(s, args.name, params)
@@ -79,7 +87,7 @@ def handle(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "query", help="run a named SQL query (`agg2exp query list` shows them)",
-        description="Run one of the named queries in queries/*.sql with bound, typed parameters.",
+        description="Run one of the named queries (engine/resources/queries/*.sql) with bound, typed parameters.",
     )
     p.add_argument("name", help="query name, or 'list' to show the queries and their parameters")
     p.add_argument("--param", "-p", action="append", metavar="NAME=VALUE", default=[],

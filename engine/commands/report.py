@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.commands.graph import RULES
 from engine.commands.query import add_db_argument
 from engine.errors import UserError
 
 
 def handle(args: argparse.Namespace) -> int:
     """Write the report and print its path."""
-    from engine.analytics.graph import RULES
     from engine.report.html import write_report
 
     if args.top_k < 0:
@@ -28,8 +28,6 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from engine.analytics.graph import RULES
-
     p = subparsers.add_parser(
         "report", help="write a self-contained HTML report of a run (figures embedded)",
         description=("Run summary, per-class RoI importance distributions (Fig. 3), the global RoI graph "

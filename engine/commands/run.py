@@ -1,34 +1,44 @@
 """``agg2exp run JOB.toml``: run a job specification on Ray and stream results into the store.
 
 Exit status: 0 when every patient is done, 1 when some patients failed (their reasons are in
-the ``patients`` table and were printed), 2 for a job that cannot run as written.
+the ``patients`` table and were printed), 2 for a job that cannot run as written, 3 when the run
+stopped before finishing (rerun to resume), 4 for an internal error.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine import store
-from engine.jobs import JobSpec, RuntimeSpec
-from engine.runtime import RunSummary, run_job
+from engine.vocabulary import DEFAULT_DB
+
+if TYPE_CHECKING:
+    from engine.jobs import JobSpec
+    from engine.runtime import RunSummary
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``demo``."""
-    p.add_argument("--db", default=store.DEFAULT_DB, help=f"store file (default ./{store.DEFAULT_DB})")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"store file (default ./{DEFAULT_DB})")
     p.add_argument("--run-id", default=None, help="run id (default: job name + hash of its settings)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on loopback)")
     p.add_argument("--workers", type=int, default=None,
                    help="actors to start (default: one per GPU, else one per CPU core)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A progress bar only on a terminal: redirected output gets log lines, not carriage returns."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def with_runtime(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
     """Apply command-line overrides of the [runtime] section."""
-    rt: RuntimeSpec = spec.runtime
+    rt = spec.runtime
     if args.address:
         rt = replace(rt, address=args.address)
     return replace(spec, runtime=rt)
@@ -42,6 +52,8 @@ def print_summary(summary: RunSummary) -> None:
     rows = ", ".join(f"{n} {t}" for t, n in summary.rows.items())
     print(f"stored: {rows}")
     if c.get("failed", 0):
+        from engine import store
+
         with store.open(summary.db) as s:
             failed = s.failed_patients(summary.run_id)
         for r in failed.iter_rows(named=True):
@@ -50,10 +62,13 @@ def print_summary(summary: RunSummary) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from engine.jobs import JobSpec
+    from engine.runtime import run_job
+
     spec = with_runtime(JobSpec.load(args.job), args)
     summary = run_job(
-        spec, db=args.db, run_id=args.run_id, resume=not args.no_resume, address=spec.runtime.address,
-        workers=args.workers, progress=not args.no_progress,
+        spec, db=args.db, run_id=args.run_id, resume=args.resume, address=spec.runtime.address,
+        workers=args.workers, progress=show_progress(args),
     )
     print_summary(summary)
     return summary.exit_code
@@ -66,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "Re-running the same job resumes it: only patients not yet done are computed.",
     )
     p.add_argument("job", type=Path, help="job specification (TOML)")
-    p.add_argument("--resume", action="store_true", help="continue an existing run (the default for the same run id)")
-    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue an existing run with the same run id, computing only patients not yet done "
+                        "(default); --no-resume refuses to touch an existing run")
     add_run_arguments(p)
     p.set_defaults(handler=handle)

@@ -10,12 +10,12 @@ import argparse
 from pathlib import Path
 
 
-from engine import store
 from engine.commands.query import add_db_argument
 from engine.errors import UserError
 
 
 def handle(args: argparse.Namespace) -> int:
+    from engine import store
     from engine.report import figures
     from engine.report.maps import MapRecomputer, MapsUnavailable
     from engine.report.nifti import export_explanation, safe_filename

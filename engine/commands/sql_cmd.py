@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from engine import store
 from engine.commands.query import add_db_argument, add_output_arguments, write_frame
 
 
 def handle(args: argparse.Namespace) -> int:
     """Run one read-only statement; statements that would write are refused before they run."""
+    from engine import store
+
     with store.open(args.db) as s:
         df = s.sql(args.statement)
     write_frame(df, fmt=args.format, out=args.out)

@@ -1,0 +1,18 @@
+"""Names shared by the store, the analytics, the report and the command line (one owner for each).
+
+A leaf module: it imports nothing, so the command line can build its options (``--sign``,
+``--db``) without loading DuckDB, torch or Ray.
+"""
+
+from __future__ import annotations
+
+#: Importance statistics per (target, RoI): ``mass`` (share of the attribution) and ``mean`` (per voxel).
+STATS: tuple[str, ...] = ("mass", "mean")
+#: Attribution signs aggregated: absolute value, positive part, negative part.
+SIGNS: tuple[str, ...] = ("abs", "pos", "neg")
+#: The ``target`` under which a patient's mean anomaly score over classes is stored.
+MEAN_TARGET = "__mean__"
+#: The store file commands use when ``--db`` is not given.
+DEFAULT_DB = "agg2exp.duckdb"
+
+__all__ = ["DEFAULT_DB", "MEAN_TARGET", "SIGNS", "STATS"]
