@@ -218,13 +218,15 @@ def main() -> None:
         reader = subprocess.Popen([sys.executable, __file__, "--read-interval", str(args.read_interval),
                                    "--reader", str(db), str(reads), str(stop)], env=env)
         gen_s = 0.0
+        cpu: list[float] = []  # this process's CPU seconds per write: what the writer costs on an idle core
         for i in range(n):
             g0 = time.perf_counter()
             result = synth.patient(f"p{i:06d}", outlier=i in outliers)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             gen_s += t0 - g0
             w.write_patient(RUN, result)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             if (i + 1) % max(1, n // 20) == 0:
                 print(f"[write] {i + 1}/{n} patients, last 5%: {rate(times[-max(1, n // 20):]):.1f} patients/s",
                       flush=True)
@@ -261,6 +263,9 @@ def main() -> None:
         "write_patients_per_s_first10": round(rate(times[:k]), 1),
         "write_patients_per_s_last10": round(rate(times[-k:]), 1),
         "write_last10_over_first10": round(rate(times[-k:]) / rate(times[:k]), 3),
+        "write_cpu_patients_per_s_first10": round(rate(cpu[:k]), 1),
+        "write_cpu_patients_per_s_last10": round(rate(cpu[-k:]), 1),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "write_commit_p99_s": round(float(np.quantile(times, 0.99)), 4),
         "write_commit_max_s": round(max(times), 4),
         "verify_unique_s": round(verify_s, 2),

@@ -91,10 +91,21 @@ def _check_select(con: duckdb.DuckDBPyConnection, query: str) -> None:
                 raise LiveError(f"{name!r} looks like a file; only the store's own tables can be read")
 
 
+_PARSER_LOCK = threading.RLock()
+_PARSER: list[duckdb.DuckDBPyConnection] = []
+
+
+def _parser() -> duckdb.DuckDBPyConnection:
+    """An in-memory connection kept for parsing (opening one costs far more than a parse)."""
+    if not _PARSER:
+        _PARSER.append(duckdb.connect(config={"enable_external_access": False}))
+    return _PARSER[0]
+
+
 def check_read_only(query: str, con: duckdb.DuckDBPyConnection | None = None) -> None:
     """Raise :class:`LiveError` (one line) unless ``query`` is one statement that only reads.
 
-    ``con`` parses table references (``json_serialize_sql``); an in-memory connection is used
+    ``con`` parses table references (``json_serialize_sql``); a kept in-memory connection is used
     when none is given.
     """
     try:
@@ -104,26 +115,23 @@ def check_read_only(query: str, con: duckdb.DuckDBPyConnection | None = None) ->
     if len(statements) != 1:
         raise LiveError(f"give exactly one SQL statement (got {len(statements)})")
     kind = statements[0].type
-    own = con is None
-    con = con if con is not None else duckdb.connect(config={"enable_external_access": False})
-    try:
-        if kind == duckdb.StatementType.SELECT:
-            _check_select(con, query)
+    if con is None:
+        with _PARSER_LOCK:
+            return check_read_only(query, _parser())
+    if kind == duckdb.StatementType.SELECT:
+        _check_select(con, query)
+        return
+    if kind == duckdb.StatementType.EXPLAIN:
+        inner = re.sub(r"^\s*explain\s+(analyze\s+)?", "", query, flags=re.I)
+        if inner != query:
+            check_read_only(inner, con)
             return
-        if kind == duckdb.StatementType.EXPLAIN:
-            inner = re.sub(r"^\s*explain\s+(analyze\s+)?", "", query, flags=re.I)
-            if inner != query:
-                check_read_only(inner, con)
-                return
-        if kind == duckdb.StatementType.PRAGMA:
-            m = re.match(r"\s*pragma\s+([a-z_]+)", query, flags=re.I)
-            if m and m.group(1).lower() in SAFE_PRAGMAS:
-                return
-            raise LiveError("only read-only PRAGMAs (table_info, show_tables, database_size, ...) are allowed here; "
-                            "settings cannot be changed")
-    finally:
-        if own:
-            con.close()
+    if kind == duckdb.StatementType.PRAGMA:
+        m = re.match(r"\s*pragma\s+([a-z_]+)", query, flags=re.I)
+        if m and m.group(1).lower() in SAFE_PRAGMAS:
+            return
+        raise LiveError("only read-only PRAGMAs (table_info, show_tables, database_size, ...) are allowed here; "
+                        "settings cannot be changed")
     name = str(kind).rsplit(".", 1)[-1]
     raise LiveError(f"only read-only SQL is allowed here (got a {name} statement); the store is written by runs "
                     "and analytics commands")
