@@ -106,6 +106,8 @@ class RoIAnomalyDetector:
         self.forests_: dict[str, IsolationForest] = {}
         self.features_: dict[str, list[str]] = {}
         self.n_patients_: dict[str, int] = {}
+        self.center_: dict[str, np.ndarray] = {}
+        self.scale_: dict[str, np.ndarray] = {}
         for target in self.targets_:
             patients, rois, x = m.block(target, features)
             if len(patients) < 2:
@@ -120,6 +122,7 @@ class RoIAnomalyDetector:
             self.forests_[target] = forest
             self.features_[target] = rois
             self.n_patients_[target] = len(patients)
+            self.center_[target], self.scale_[target] = robust_location_scale(np.nan_to_num(x, nan=0.0))
         return self
 
     def score(self, importances: pl.DataFrame | ImportanceMatrix) -> pl.DataFrame:
@@ -156,9 +159,88 @@ class RoIAnomalyDetector:
         )
         return pl.concat([per_class, mean]).sort("target", "patient_id")
 
+    def explain(self, importances: pl.DataFrame | ImportanceMatrix, scores: pl.DataFrame | None = None, *,
+                top: int = 3) -> pl.DataFrame:
+        """Why each patient scores as it does: its ``top`` (target, RoI) features furthest from the fit cohort.
+
+        Each feature gets a robust z-score against the cohort the forests were fitted on,
+        ``z = (value - median) / scale`` (see :func:`robust_location_scale`). The candidates are the
+        features of the classes whose forest flags the patient (decision < 0), or of all its classes
+        when none does; they are ranked by |z|. Returns ``patient_id, rank, target, roi, value,
+        median, z, class_score, class_decision``.
+        """
+        if not hasattr(self, "forests_"):
+            raise AnomalyError("the detector is not fitted; call fit() first")
+        if scores is None:
+            scores = self.score(importances)
+        m = _matrix(importances, method=self.method_, sign=self.sign, stat=self.stat)
+        per_class = scores.filter(pl.col("target") != MEAN_TARGET).select(
+            "patient_id", "target", pl.col("score").alias("class_score"), pl.col("decision").alias("class_decision"))
+        parts = []
+        for target in self.targets_:
+            if target not in m.targets:
+                continue
+            patients, rois, x = m.block(target, self.features_[target])
+            if not patients:
+                continue
+            x = np.nan_to_num(x, nan=0.0)
+            z = robust_z(x, self.center_[target], self.scale_[target])
+            k = min(top, len(rois))
+            best = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :k]  # per patient, this class's top k
+            rows = np.repeat(np.arange(len(patients)), k)
+            cols = best.ravel()
+            parts.append(pl.DataFrame({
+                "patient_id": np.repeat(np.asarray(patients, dtype=object), k).tolist(),
+                "target": [target] * rows.size,
+                "roi": [rois[c] for c in cols],
+                "value": x[rows, cols],
+                "median": self.center_[target][cols],
+                "z": z[rows, cols],
+            }))
+        if not parts:
+            return pl.DataFrame(schema=REASON_SCHEMA)
+        reasons = pl.concat(parts).join(per_class, on=["patient_id", "target"], how="left")
+        flagged = reasons.group_by("patient_id").agg((pl.col("class_decision") < 0).any().alias("_any"))
+        reasons = reasons.join(flagged, on="patient_id").filter(~pl.col("_any") | (pl.col("class_decision") < 0))
+        return (
+            reasons.with_columns(pl.col("z").abs().alias("_abs"))
+            .sort(["patient_id", "_abs", "target", "roi"], descending=[False, True, False, False])
+            .group_by("patient_id", maintain_order=True).head(top)
+            .with_columns((pl.col("_abs").cum_count().over("patient_id")).cast(pl.Int64).alias("rank"))
+            .select(list(REASON_SCHEMA)).cast(REASON_SCHEMA)  # type: ignore[arg-type]
+        )
+
     def fit_score(self, importances: pl.DataFrame | ImportanceMatrix) -> pl.DataFrame:
         """Fit and score the same patients (the paper's within-run setting)."""
         return self.fit(importances).score(importances)
+
+
+REASON_SCHEMA: dict[str, Any] = {
+    "patient_id": pl.String, "rank": pl.Int64, "target": pl.String, "roi": pl.String, "value": pl.Float64,
+    "median": pl.Float64, "z": pl.Float64, "class_score": pl.Float64, "class_decision": pl.Float64,
+}
+#: |z| is capped here: a feature constant in the fit cohort has no spread to measure against.
+Z_CAP = 1e3
+
+
+def robust_location_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: median and a robust standard deviation, 1.4826 x MAD (normal-consistent).
+
+    Where the MAD is 0 (more than half the cohort shares a value), 1.2533 x the mean absolute
+    deviation from the median is used instead (also normal-consistent); 0 when the column is constant.
+    """
+    center = np.median(x, axis=0)
+    scale = stats.median_abs_deviation(x, axis=0, scale="normal")
+    mean_ad = 1.2533141373155 * np.mean(np.abs(x - center), axis=0)
+    return center, np.where(scale > 0, scale, mean_ad)
+
+
+def robust_z(x: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(x - center) / scale per column; 0 where x equals a constant column's value, else capped at Z_CAP."""
+    diff = x - center
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.sign(diff) * Z_CAP)
+    return np.clip(z, -Z_CAP, Z_CAP)
 
 
 def mean_dice(predictions: pl.DataFrame, *, classes: str = "foreground",
@@ -257,6 +339,7 @@ def score_run(
     sign: str = "abs",
     stat: str = "mass",
     rois: RoIChoice | None = None,
+    reasons: int = 3,
 ) -> tuple[dict[str, Any], pl.DataFrame]:
     """Fit forests (on ``run_id`` itself, or on ``reference_run_id``) and score ``run_id``.
 
@@ -268,7 +351,8 @@ def score_run(
     Returns ``(model, scores)`` ready for ``Store.write_anomaly(model=model, scores=scores)``;
     the model records the Spearman correlation between the mean score and the patient's mean
     Dice (the paper checks that anomalous explanations go with worse segmentations), the
-    settings and the RoI set used.
+    settings and the RoI set used, and ``model["reasons"]``: each patient's ``reasons`` top
+    features by robust z-score (:meth:`RoIAnomalyDetector.explain`; ``Store.write_anomaly_reasons``).
     """
     if settings not in SETTINGS:
         raise AnomalyError(f"unknown anomaly settings {settings!r}; choose one of {', '.join(SETTINGS)}")
@@ -313,6 +397,8 @@ def score_run(
         "spearman_dice": rho,
         "spearman_p": p_value,
     }
+    if reasons > 0:
+        model["reasons"] = detector.explain(imp, scores, top=reasons)
     return model, scores
 
 

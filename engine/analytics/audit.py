@@ -411,15 +411,16 @@ def audit_column(
         group_of = dict(zip(labels["patient_id"].to_list(), labels["group"].to_list()))
         row_groups = np.array([group_of.get(p) for p in m.patient_ids], dtype=object)
         group_names = sorted(labels["group"].unique().to_list())
+        in_group = {g: row_groups == g for g in group_names}
         values = m.filled()
         has_target = m.has_target
         roi_index = {r: i for i, r in enumerate(m.rois)}
-        for t, target in enumerate(class_order(m.targets)):
+        for target in class_order(m.targets):
             ti = m.targets.index(target)
             for roi in keep:
                 v = values[:, ti, roi_index[roi]]
                 ok = has_target[:, ti] & ~np.isnan(v)
-                arrays = [v[ok & (row_groups == g)] for g in group_names]
+                arrays = [v[ok & in_group[g]] for g in group_names]
                 present = [(g, a) for g, a in zip(group_names, arrays) if a.size]
                 if len(present) < 2:
                     continue

@@ -77,13 +77,15 @@ class ImportanceMatrix:
         rois = list(self.rois if rois is None else rois)
         x = np.zeros((len(self.patient_ids), len(rois)))
         index = {r: i for i, r in enumerate(self.rois)}
-        filled = self.filled()[:, t, :]
+        filled = self.values[:, t, :]  # one target's slice; the whole matrix is never copied
+        if self.stat == "mass":
+            filled = np.nan_to_num(filled, nan=0.0)
         for j, r in enumerate(rois):
             if r in index:
                 x[:, j] = filled[:, index[r]]
             elif self.stat != "mass":
                 x[:, j] = np.nan
-        rows = self.has_target[:, t]
+        rows = ~np.isnan(self.values[:, t, :]).all(axis=1)
         return [p for p, ok in zip(self.patient_ids, rows) if ok], rois, x[rows]
 
     def subset(self, patient_ids: Sequence[str]) -> ImportanceMatrix:

@@ -24,6 +24,9 @@ def handle(args: argparse.Namespace) -> int:
             rois=args.rois,
         )
         s.write_anomaly(model=model, scores=scores)
+        reasons = model.get("reasons")
+        if reasons is not None:
+            s.write_anomaly_reasons(model_id=model["model_id"], run_id=run_id, reasons=reasons)
     mean = scores.filter(scores["target"] == MEAN_TARGET).sort("score", descending=True)
     print(f"model {model['model_id']} ({model['mode']}, fitted on {model['fit_run_id']}): "
           f"{mean.height} patients scored over {len(model['features'])} classes")
@@ -32,6 +35,12 @@ def handle(args: argparse.Namespace) -> int:
               f"(p = {model['spearman_p']:.3g})")
     print("most anomalous: " + ", ".join(f"{r['patient_id']} ({r['score']:.3f})"
                                           for r in mean.head(args.show).iter_rows(named=True)))
+    reasons = model.get("reasons")
+    if reasons is not None and reasons.height:
+        for pid in mean.head(args.show)["patient_id"].to_list():
+            top = reasons.filter(reasons["patient_id"] == pid)
+            print(f"  {pid}: " + "; ".join(f"{r['target']} in {r['roi']} z={r['z']:+.1f}"
+                                           for r in top.iter_rows(named=True)))
     return 0
 
 

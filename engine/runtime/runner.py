@@ -179,6 +179,8 @@ def _score_anomalies(writer: Store, spec: JobSpec, run_id: str) -> str | None:
         n_estimators=spec.anomaly.n_estimators, method=spec.attribution.method,
     )
     writer.write_anomaly(model=model, scores=scores)
+    if model.get("reasons") is not None:
+        writer.write_anomaly_reasons(model_id=model["model_id"], run_id=run_id, reasons=model["reasons"])
     return str(model["model_id"])
 
 

@@ -66,6 +66,7 @@ def build_store(path: Path, *, n_estimators: int = 50) -> Path:
         s.mark_failed(RUN_ID, "syn3", error="VolumeError: label map shape differs from image")
         model, scores = score_run(s, run_id=RUN_ID, seed=0, n_estimators=n_estimators)
         s.write_anomaly(model=model, scores=scores)
+        s.write_anomaly_reasons(model_id=model["model_id"], run_id=RUN_ID, reasons=model["reasons"])
     return path
 
 

@@ -325,3 +325,49 @@ def test_the_reports_figures_leave_lung_out_beside_its_lobes(paper: pl.DataFrame
     fig = figures.importance_distributions(lung.filter(pl.col("target") == "heart"))
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert "lung" not in labels and labels == list(THORAX_CLASSES)
+
+
+# ---------------------------------------------------------------- 15.3 why a patient is anomalous
+def test_reasons_are_robust_z_scores_against_the_fit_cohort_computed_by_a_loop() -> None:
+    rng = np.random.default_rng(3)
+    ids = [f"p{i:02d}" for i in range(20)]
+    x = {"heart": rng.dirichlet([5, 3, 2], size=20), "aorta": rng.dirichlet([2, 2, 6], size=20)}
+    x["heart"][7] = [0.01, 0.01, 0.98]  # p07's heart explanation sits in the trachea
+    rois = ["aorta", "heart", "trachea"]
+    rows = [(pid, "m", t, r, "mass", "abs", float(v[i, j])) for t, v in x.items() for i, pid in enumerate(ids)
+            for j, r in enumerate(rois)]
+    imp = pl.DataFrame(rows, schema=COLUMNS, orient="row")
+    det = RoIAnomalyDetector(n_estimators=50, seed=0).fit(imp)
+    scores = det.score(imp)
+    reasons = det.explain(imp, scores, top=2)
+    p07 = reasons.filter(pl.col("patient_id") == "p07")
+    assert p07["rank"].to_list() == [1, 2]
+    assert (p07["target"][0], p07["roi"][0]) == ("heart", "trachea") and p07["z"][0] > 3
+    # every reason's z by a loop: median and 1.4826 x MAD of the fitted column
+    for row in reasons.iter_rows(named=True):
+        col = x[row["target"]][:, rois.index(row["roi"])]
+        med = sorted(col)[9] / 2 + sorted(col)[10] / 2
+        mad = 1.4826022185056018 * float(np.median([abs(v - med) for v in col]))
+        value = col[ids.index(row["patient_id"])]
+        assert row["median"] == pytest.approx(med) and row["value"] == pytest.approx(value)
+        assert row["z"] == pytest.approx((value - med) / mad)
+    # a patient flagged by some class only gets reasons from the flagging classes
+    flagged = scores.filter((pl.col("target") != MEAN_TARGET) & (pl.col("decision") < 0))
+    for pid in flagged["patient_id"].unique().to_list():
+        assert set(reasons.filter(pl.col("patient_id") == pid)["target"]) <= set(
+            flagged.filter(pl.col("patient_id") == pid)["target"])
+
+
+def test_reasons_are_stored_with_the_model(lung_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(lung_store, db)
+    with store.open_writer(db) as s:
+        model, _ = score_run(s, run_id="lung", n_estimators=20)
+        n = s.write_anomaly_reasons(model_id=model["model_id"], run_id="lung", reasons=model["reasons"])
+        s.write_anomaly(model=model, scores=_)
+        stored = s.anomaly_reasons("lung")
+    assert n == 32 * 3 and stored.height == n
+    assert stored["model_id"].unique().to_list() == [model["model_id"]]
+    assert "lung" not in set(stored["roi"])
