@@ -130,6 +130,19 @@ CREATE TABLE anomaly_scores (
     decision DOUBLE,                    -- scikit-learn decision_function (= raw_score - offset)
     "offset" DOUBLE
 );
+CREATE TABLE anomaly_reasons (
+    model_id VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    patient_id VARCHAR NOT NULL,
+    "rank" BIGINT,                      -- 1 = the feature furthest from the fit cohort
+    target VARCHAR,                     -- the class whose explanation is unusual
+    roi VARCHAR,                        -- where its mass is unusual
+    value DOUBLE,
+    median DOUBLE,                      -- the fit cohort's median of the feature
+    z DOUBLE,                           -- robust z-score against the fit cohort
+    class_score DOUBLE,                 -- the class forest's anomaly score of the patient
+    class_decision DOUBLE               -- negative when the class forest flags the patient
+);
 CREATE TABLE audits (
     audit_id VARCHAR NOT NULL,
     run_id VARCHAR NOT NULL,
@@ -1044,26 +1057,9 @@ class Store:
             {"run": run_id},
         )
 
-    _REASONS_DDL = """
-    CREATE TABLE IF NOT EXISTS anomaly_reasons (
-        model_id VARCHAR NOT NULL,
-        run_id VARCHAR NOT NULL,
-        patient_id VARCHAR NOT NULL,
-        "rank" BIGINT,                      -- 1 = the feature furthest from the fit cohort
-        target VARCHAR,                     -- the class whose explanation is unusual
-        roi VARCHAR,                        -- where its mass is unusual
-        value DOUBLE,
-        median DOUBLE,                      -- the fit cohort's median of the feature
-        z DOUBLE,                           -- robust z-score against the fit cohort
-        class_score DOUBLE,                 -- the class forest's anomaly score of the patient
-        class_decision DOUBLE               -- negative when the class forest flags the patient
-    );
-    """
-
     def write_anomaly_reasons(self, *, model_id: str, run_id: str, reasons: pl.DataFrame) -> int:
         """Store why each patient of an anomaly model scores as it does, replacing that model's reasons."""
         self._require_writer()
-        self.con.execute(self._REASONS_DDL).fetchall()
         cols = ["patient_id", "rank", "target", "roi", "value", "median", "z", "class_score", "class_decision"]
         out = reasons.select(cols).with_columns(pl.lit(model_id).alias("model_id"), pl.lit(run_id).alias("run_id"))
         out = out.select("model_id", "run_id", *cols)
@@ -1074,8 +1070,6 @@ class Store:
 
     def anomaly_reasons(self, run_id: str, model_id: str | None = None) -> pl.DataFrame:
         """Stored reasons of one model for a run (the run's latest model when ``model_id`` is None)."""
-        if not self._has_table("anomaly_reasons"):
-            return pl.DataFrame()
         model_id = model_id or self.latest_anomaly_model(run_id)
         return self.frame('SELECT * FROM anomaly_reasons WHERE run_id = ? AND model_id = ? '
                           'ORDER BY patient_id, "rank"', [run_id, model_id])
