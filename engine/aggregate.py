@@ -3,7 +3,12 @@
 For target class c, RoI r and φ ∈ {abs: |a|, pos: max(a, 0), neg: max(−a, 0)}:
 
     mass(c, r) = Σ_{v∈r} φ(a_c(v)) / Σ_v φ(a_c(v))        (0 when the map has no mass of that sign)
-    mean(c, r) = Σ_{v∈r} φ(a_c(v)) / |r|
+    mean(c, r) = Σ_{v∈r} φ(a_c(v)) / |r|                   (null when the RoI has no voxels)
+
+An empty RoI (a structure the model did not predict in this patient) keeps its row: its mass is a
+well-defined 0, only its mean is undefined. Dropping the row instead would make every consumer
+guess, and each would guess differently (forests filling 0, the graph averaging over the patients
+that have the RoI, the audit leaving those patients out).
 
 All classes, signs and RoIs come out of one scatter pass on the device (a ``bincount`` over
 class-offset RoI labels), never a loop over voxels or a pass per (class, RoI) pair. Joined RoIs
@@ -122,31 +127,25 @@ def importance_frame(
     stats: RoIStats,
     target_names: Sequence[str],
     roi_names: Sequence[str],
-    *,
-    keep_empty_rois: bool = False,
 ) -> pl.DataFrame:
     """The long format (target, roi, stat, sign, value) for every class, RoI, stat and sign.
 
-    RoIs with no voxels are left out (their mean is undefined) unless ``keep_empty_rois``.
+    A RoI with no voxels has mass 0 and a null mean.
     """
     k, _, r = stats.sums.shape
     if len(target_names) != k or len(roi_names) != r:
         raise ValueError("target/RoI names do not match the statistics' shape")
     mass = stats.mass.cpu()
     mean = stats.mean.cpu()
-    keep = torch.ones(r, dtype=torch.bool) if keep_empty_rois else (stats.counts.cpu() > 0)
-    roi_idx = torch.nonzero(keep).flatten()
-    n_r = roi_idx.numel()
-    values = torch.stack([mass[..., roi_idx], mean[..., roi_idx]], dim=1)  # (K, 2 stats, 3 signs, R')
-    targets = [t for t in target_names for _ in range(2 * 3 * n_r)]
-    stats_col = [s for _ in range(k) for s in STAT_NAMES for _ in range(3 * n_r)]
-    signs_col = [g for _ in range(k * 2) for g in SIGN_NAMES for _ in range(n_r)]
-    kept_names = [roi_names[i] for i in roi_idx.tolist()]
-    rois = kept_names * (k * 2 * 3)
+    values = torch.stack([mass, mean], dim=1)  # (K, 2 stats, 3 signs, R)
+    targets = [t for t in target_names for _ in range(2 * 3 * r)]
+    stats_col = [s for _ in range(k) for s in STAT_NAMES for _ in range(3 * r)]
+    signs_col = [g for _ in range(k * 2) for g in SIGN_NAMES for _ in range(r)]
+    rois = list(roi_names) * (k * 2 * 3)
     return pl.DataFrame(
         {"target": targets, "roi": rois, "stat": stats_col, "sign": signs_col, "value": values.reshape(-1).tolist()},
         schema=IMPORTANCE_COLUMNS,
-    )
+    ).with_columns(pl.col("value").fill_nan(None))
 
 
 def aggregate(

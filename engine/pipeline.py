@@ -22,7 +22,7 @@ from engine.attribution import explain_volume
 from engine.errors import UserError
 from engine.jobs import JobSpec
 from engine.metrics import dice_iou
-from engine.store import PatientResult
+from engine.results import PatientResult
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -56,12 +56,17 @@ def test_joined_rois_are_sums_of_their_parts():
     assert _value(df, "t", "xy", "mean", "neg") == pytest.approx(3 / 2)
 
 
-def test_empty_rois_are_left_out_and_masses_of_a_partition_sum_to_one():
+def test_an_empty_roi_keeps_its_row_with_mass_0_and_a_null_mean_and_masses_of_a_partition_sum_to_one():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (6, 5, 4), generator=g)  # label 4 unused
     maps = torch.randn((3, 6, 5, 4), generator=g)
     df = aggregate(maps, RoISet(labels, ("r0", "r1", "r2", "r3", "empty")), ["a", "b", "c"])
-    assert "empty" not in df["roi"].to_list()
+    assert df.height == 3 * 5 * 2 * 3
+    empty = df.filter(pl.col("roi") == "empty")
+    assert empty.height == 3 * 2 * 3
+    assert empty.filter(pl.col("stat") == "mass")["value"].to_list() == [0.0] * 9
+    assert empty.filter(pl.col("stat") == "mean")["value"].null_count() == 9  # null, not NaN
+    assert df.filter(pl.col("roi") != "empty")["value"].null_count() == 0
     sums = df.filter((pl.col("stat") == "mass")).group_by(["target", "sign"]).agg(pl.col("value").sum())
     np.testing.assert_allclose(sums["value"].to_numpy(), 1.0, rtol=1e-12)
 

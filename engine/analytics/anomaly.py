@@ -6,7 +6,9 @@ isolation forest per class learns what usual explanations look like; a patient w
 explanation puts its mass in unusual places gets a high anomaly score. The per-class scores
 are averaged into one score per patient (target ``__mean__``).
 
-This module works on Polars frames only; the store and the CLI feed it.
+The forests take one patients x (target, RoI) matrix (:class:`engine.analytics.matrix.ImportanceMatrix`),
+which a store reader pivots in DuckDB, or a long Polars frame; this module never speaks SQL.
+Two named settings: ``"engine"`` and ``"paper"`` (the reference notebook's, see ``PAPER_SETTINGS``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import polars as pl
 from scipy import stats
 from sklearn.ensemble import IsolationForest
 
+from engine.analytics.matrix import ImportanceMatrix, SelectionError, from_long, from_wide
+from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, class_order, describe, joined_definitions
 from engine.errors import UserError
 
 MEAN_TARGET = "__mean__"
@@ -31,48 +35,35 @@ class AnomalyError(UserError, ValueError):
     """Importances that cannot be scored as asked (no rows, several methods, too few patients)."""
 
 
-def _select(importances: pl.DataFrame, *, method: str | None, sign: str, stat: str) -> tuple[pl.DataFrame, str]:
-    """Rows of one (method, sign, stat); the method is inferred when the frame holds only one."""
-    if importances.height == 0:
-        raise AnomalyError("no importances to score; the run holds no importance rows yet")
-    methods = sorted(importances["method"].unique().to_list())
-    if method is None:
-        if len(methods) != 1:
-            raise AnomalyError(f"the importances hold several methods {methods}; choose one with method=/--method")
-        method = methods[0]
-    elif method not in methods:
-        raise AnomalyError(f"method {method!r} not in the importances; available: {methods}")
-    df = importances.filter(
-        (pl.col("method") == method) & (pl.col("sign") == sign) & (pl.col("stat") == stat)
-    )
-    if df.height == 0:
-        raise AnomalyError(f"no importances with method={method!r}, sign={sign!r}, stat={stat!r}")
-    return df, method
+#: The paper's notebook (``tsv2_train_outlier_analysis.ipynb``): ``IsolationForest(random_state=123)``
+#: with scikit-learn's other defaults, one forest per class on the masses of all 17 classes in
+#: class-id order, Spearman of each class's score against that class's Dice, and the mean score
+#: against the mean Dice over all 17 classes (background included).
+PAPER_SETTINGS: dict[str, Any] = {"seed": 123, "n_estimators": 100, "contamination": "auto", "rois": "parts",
+                                  "dice_classes": "all", "per_class_spearman": True}
+ENGINE_SETTINGS: dict[str, Any] = {"seed": 0, "n_estimators": 100, "contamination": "auto", "rois": "parts",
+                                   "dice_classes": "foreground", "per_class_spearman": False}
+SETTINGS: dict[str, dict[str, Any]] = {"engine": ENGINE_SETTINGS, "paper": PAPER_SETTINGS}
 
 
-def mass_matrix(
-    importances: pl.DataFrame, *, target: str, rois: Sequence[str] | None = None
-) -> tuple[list[str], list[str], np.ndarray]:
-    """Patients x RoIs matrix of one target (already filtered to one method/sign/stat).
-
-    Patients without any row for ``target`` are left out; missing RoIs or null values are 0,
-    since an RoI the aggregation did not report received no attribution mass.
-    """
-    df = importances.filter(pl.col("target") == target)
-    wide = df.pivot(on="roi", index="patient_id", values="value", aggregate_function="mean").sort("patient_id")
-    if rois is None:
-        rois = sorted(c for c in wide.columns if c != "patient_id")
-    rois = list(rois)
-    for roi in rois:
-        if roi not in wide.columns:
-            wide = wide.with_columns(pl.lit(0.0).alias(roi))
-    x = wide.select(rois).fill_null(0.0).to_numpy().astype(np.float64) if rois else np.zeros((wide.height, 0))
-    x = np.nan_to_num(x, nan=0.0)
-    return wide["patient_id"].cast(pl.String).to_list(), rois, x
+def _matrix(importances: pl.DataFrame | ImportanceMatrix, *, method: str | None, sign: str,
+            stat: str) -> ImportanceMatrix:
+    if isinstance(importances, ImportanceMatrix):
+        if method is not None and importances.method != method:
+            raise AnomalyError(f"method {method!r} asked, but the matrix holds {importances.method!r}")
+        return importances
+    try:
+        return from_long(importances, method=method, sign=sign, stat=stat)
+    except SelectionError as exc:
+        raise AnomalyError(str(exc)) from None
 
 
 class RoIAnomalyDetector:
     """One scikit-learn IsolationForest per target class on per-patient RoI mass vectors.
+
+    ``fit``/``score`` take an :class:`ImportanceMatrix` (patients x (target, RoI)) or the long
+    format. Features are the RoIs of the RoI set ``rois`` (see :mod:`engine.analytics.rois`) in
+    class-id order; a missing mass is 0, a missing mean 0 as well (a forest cannot take NaN).
 
     ``score`` returns ``patient_id, target, score, raw_score, decision, offset`` where
     ``score = -score_samples`` (higher is more anomalous), ``raw_score = score_samples``,
@@ -89,6 +80,9 @@ class RoIAnomalyDetector:
         method: str | None = None,
         sign: str = "abs",
         stat: str = "mass",
+        rois: RoIChoice = "parts",
+        classes: Sequence[str] | None = None,
+        joined: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.n_estimators = n_estimators
         self.contamination = contamination
@@ -96,16 +90,26 @@ class RoIAnomalyDetector:
         self.method = method
         self.sign = sign
         self.stat = stat
+        self.rois = rois
+        self.classes = classes
+        self.joined = joined
 
-    def fit(self, importances: pl.DataFrame) -> RoIAnomalyDetector:
+    def fit(self, importances: pl.DataFrame | ImportanceMatrix) -> RoIAnomalyDetector:
         """Fit one forest per target class; needs at least two patients per class."""
-        df, self.method_ = _select(importances, method=self.method, sign=self.sign, stat=self.stat)
-        self.targets_: list[str] = sorted(df["target"].unique().to_list())
+        m = _matrix(importances, method=self.method, sign=self.sign, stat=self.stat)
+        self.method_ = m.method
+        try:
+            features = choose_rois(m.rois, self.rois, joined=self.joined, classes=self.classes)
+        except RoISetError as exc:
+            raise AnomalyError(str(exc)) from None
+        self.targets_: list[str] = class_order(m.targets, classes=self.classes)
         self.forests_: dict[str, IsolationForest] = {}
         self.features_: dict[str, list[str]] = {}
         self.n_patients_: dict[str, int] = {}
+        self.center_: dict[str, np.ndarray] = {}
+        self.scale_: dict[str, np.ndarray] = {}
         for target in self.targets_:
-            patients, rois, x = mass_matrix(df, target=target)
+            patients, rois, x = m.block(target, features)
             if len(patients) < 2:
                 raise AnomalyError(
                     f"class {target!r} has {len(patients)} patient(s); an isolation forest needs at "
@@ -114,22 +118,26 @@ class RoIAnomalyDetector:
             forest = IsolationForest(
                 n_estimators=self.n_estimators, contamination=self.contamination, random_state=self.seed
             )
-            forest.fit(x)
+            forest.fit(np.nan_to_num(x, nan=0.0))
             self.forests_[target] = forest
             self.features_[target] = rois
             self.n_patients_[target] = len(patients)
+            self.center_[target], self.scale_[target] = robust_location_scale(np.nan_to_num(x, nan=0.0))
         return self
 
-    def score(self, importances: pl.DataFrame) -> pl.DataFrame:
+    def score(self, importances: pl.DataFrame | ImportanceMatrix) -> pl.DataFrame:
         """Anomaly scores of every patient for every fitted class they have, plus ``__mean__``."""
         if not hasattr(self, "forests_"):
             raise AnomalyError("the detector is not fitted; call fit() first")
-        df, _ = _select(importances, method=self.method_, sign=self.sign, stat=self.stat)
+        m = _matrix(importances, method=self.method_, sign=self.sign, stat=self.stat)
         parts = []
         for target in self.targets_:
-            patients, _, x = mass_matrix(df, target=target, rois=self.features_[target])
-            if not patients:
+            if target not in m.targets:
                 continue  # nobody in this frame has this class: skip it for them
+            patients, _, x = m.block(target, self.features_[target])
+            if not patients:
+                continue
+            x = np.nan_to_num(x, nan=0.0)
             forest = self.forests_[target]
             raw = forest.score_samples(x)
             parts.append(pl.DataFrame({
@@ -151,45 +159,170 @@ class RoIAnomalyDetector:
         )
         return pl.concat([per_class, mean]).sort("target", "patient_id")
 
-    def fit_score(self, importances: pl.DataFrame) -> pl.DataFrame:
+    def explain(self, importances: pl.DataFrame | ImportanceMatrix, scores: pl.DataFrame | None = None, *,
+                top: int = 3) -> pl.DataFrame:
+        """Why each patient scores as it does: its ``top`` (target, RoI) features furthest from the fit cohort.
+
+        Each feature gets a robust z-score against the cohort the forests were fitted on,
+        ``z = (value - median) / scale`` (see :func:`robust_location_scale`). The candidates are the
+        features of the classes whose forest flags the patient (decision < 0), or of all its classes
+        when none does; they are ranked by |z|. Returns ``patient_id, rank, target, roi, value,
+        median, z, class_score, class_decision``.
+        """
+        if not hasattr(self, "forests_"):
+            raise AnomalyError("the detector is not fitted; call fit() first")
+        if scores is None:
+            scores = self.score(importances)
+        m = _matrix(importances, method=self.method_, sign=self.sign, stat=self.stat)
+        per_class = scores.filter(pl.col("target") != MEAN_TARGET).select(
+            "patient_id", "target", pl.col("score").alias("class_score"), pl.col("decision").alias("class_decision"))
+        parts = []
+        for target in self.targets_:
+            if target not in m.targets:
+                continue
+            patients, rois, x = m.block(target, self.features_[target])
+            if not patients:
+                continue
+            x = np.nan_to_num(x, nan=0.0)
+            z = robust_z(x, self.center_[target], self.scale_[target])
+            k = min(top, len(rois))
+            best = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :k]  # per patient, this class's top k
+            rows = np.repeat(np.arange(len(patients)), k)
+            cols = best.ravel()
+            parts.append(pl.DataFrame({
+                "patient_id": np.repeat(np.asarray(patients, dtype=object), k).tolist(),
+                "target": [target] * rows.size,
+                "roi": [rois[c] for c in cols],
+                "value": x[rows, cols],
+                "median": self.center_[target][cols],
+                "z": z[rows, cols],
+            }))
+        if not parts:
+            return pl.DataFrame(schema=REASON_SCHEMA)
+        reasons = pl.concat(parts).join(per_class, on=["patient_id", "target"], how="left")
+        flagged = reasons.group_by("patient_id").agg((pl.col("class_decision") < 0).any().alias("_any"))
+        reasons = reasons.join(flagged, on="patient_id").filter(~pl.col("_any") | (pl.col("class_decision") < 0))
+        return (
+            reasons.with_columns(pl.col("z").abs().alias("_abs"))
+            .sort(["patient_id", "_abs", "target", "roi"], descending=[False, True, False, False])
+            .group_by("patient_id", maintain_order=True).head(top)
+            .with_columns((pl.col("_abs").cum_count().over("patient_id")).cast(pl.Int64).alias("rank"))
+            .select(list(REASON_SCHEMA)).cast(REASON_SCHEMA)  # type: ignore[arg-type]
+        )
+
+    def fit_score(self, importances: pl.DataFrame | ImportanceMatrix) -> pl.DataFrame:
         """Fit and score the same patients (the paper's within-run setting)."""
         return self.fit(importances).score(importances)
 
 
-def mean_foreground_dice(predictions: pl.DataFrame, *, background: str = "background") -> pl.DataFrame:
-    """Per patient, the mean Dice over classes other than background (nulls ignored)."""
+REASON_SCHEMA: dict[str, Any] = {
+    "patient_id": pl.String, "rank": pl.Int64, "target": pl.String, "roi": pl.String, "value": pl.Float64,
+    "median": pl.Float64, "z": pl.Float64, "class_score": pl.Float64, "class_decision": pl.Float64,
+}
+#: |z| is capped here: a feature constant in the fit cohort has no spread to measure against.
+Z_CAP = 1e3
+
+
+def robust_location_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: median and a robust standard deviation, 1.4826 x MAD (normal-consistent).
+
+    Where the MAD is 0 (more than half the cohort shares a value), 1.2533 x the mean absolute
+    deviation from the median is used instead (also normal-consistent); 0 when the column is constant.
+    """
+    center = np.median(x, axis=0)
+    scale = stats.median_abs_deviation(x, axis=0, scale="normal")
+    mean_ad = 1.2533141373155 * np.mean(np.abs(x - center), axis=0)
+    return center, np.where(scale > 0, scale, mean_ad)
+
+
+def robust_z(x: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(x - center) / scale per column; 0 where x equals a constant column's value, else capped at Z_CAP."""
+    diff = x - center
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.sign(diff) * Z_CAP)
+    return np.clip(z, -Z_CAP, Z_CAP)
+
+
+def mean_dice(predictions: pl.DataFrame, *, classes: str = "foreground",
+              background: str = "background") -> pl.DataFrame:
+    """Per patient, the mean Dice over the foreground classes (or ``classes="all"``), nulls ignored."""
     if predictions.height == 0 or "dice" not in predictions.columns:
         return pl.DataFrame(schema={"patient_id": pl.String, "dice": pl.Float64})
-    return (
-        predictions.filter((pl.col("class") != background) & pl.col("dice").is_not_null())
-        .group_by("patient_id")
-        .agg(pl.col("dice").mean())
-        .sort("patient_id")
-    )
+    rows = predictions.filter(pl.col("dice").is_not_null())
+    if classes == "foreground":
+        rows = rows.filter(pl.col("class") != background)
+    elif classes != "all":
+        raise AnomalyError(f"Dice classes must be 'foreground' or 'all' (got {classes!r})")
+    return (rows.group_by(pl.col("patient_id").cast(pl.String)).agg(pl.col("dice").mean()).sort("patient_id"))
 
 
-def model_id_for(*, run_id: str, fit_run_id: str, method: str, sign: str, stat: str, seed: int) -> str:
+def mean_foreground_dice(predictions: pl.DataFrame, *, background: str = "background") -> pl.DataFrame:
+    """Per patient, the mean Dice over classes other than background (nulls ignored)."""
+    return mean_dice(predictions, classes="foreground", background=background)
+
+
+def model_id_for(*, run_id: str, fit_run_id: str, method: str, sign: str, stat: str, seed: int,
+                 extra: Any = None) -> str:
     """Deterministic model id: the same inputs always name (and replace) the same model."""
-    key = json.dumps([run_id, fit_run_id, method, sign, stat, seed])
+    key = json.dumps([run_id, fit_run_id, method, sign, stat, seed] + ([extra] if extra is not None else []),
+                     default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return f"iforest-{method}-s{seed}-{digest}"
 
 
-def _frames_of(source: Any, run_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(importances, predictions) of one run from a Store or from a mapping of frames."""
-    if hasattr(source, "importances") and callable(source.importances):
-        return source.importances(run_id), source.predictions(run_id)
+def _empty_predictions() -> pl.DataFrame:
+    return pl.DataFrame(schema={"run_id": pl.String, "patient_id": pl.String, "class": pl.String,
+                                "dice": pl.Float64})
+
+
+def _is_store(source: Any) -> bool:
+    return callable(getattr(source, "importance_wide", None))
+
+
+def _store_matrix(source: Any, run_id: str, *, method: str | None, sign: str, stat: str) -> ImportanceMatrix:
+    """The run's matrix of done patients, pivoted by the store (the long table never leaves DuckDB)."""
+    methods = source.importance_methods(run_id)
+    if not methods:
+        raise AnomalyError("no importances to score; the run holds no importance rows for done patients yet")
+    if method is None:
+        if len(methods) != 1:
+            raise AnomalyError(f"the importances hold several methods {methods}; choose one with method=/--method")
+        method = methods[0]
+    elif method not in methods:
+        raise AnomalyError(f"method {method!r} not in the importances; available: {methods}")
+    wide = source.importance_wide(run_id, method=method, sign=sign, stat=stat)
+    if wide.height == 0:
+        raise AnomalyError(f"no importances with method={method!r}, sign={sign!r}, stat={stat!r}")
+    return from_wide(wide, method=method, sign=sign, stat=stat)
+
+
+def run_context(source: Any, run_id: str) -> tuple[list[str] | None, dict[str, tuple[str, ...]]]:
+    """(class names in channel order, joined RoI definitions) of a stored run, where the store has them."""
+    config: Mapping[str, Any] = {}
+    if callable(getattr(source, "run_info", None)):
+        try:
+            config = source.run_info(run_id).get("config") or {}
+        except Exception:  # noqa: BLE001 - a run without a config is analysed with the defaults
+            config = {}
+    names = config.get("class_names") if isinstance(config, Mapping) else None
+    return (list(names) if names else None), joined_definitions(config)
+
+
+def _inputs_of(source: Any, run_id: str, *, method: str | None, sign: str,
+               stat: str) -> tuple[ImportanceMatrix, pl.DataFrame]:
+    """(matrix of done patients, predictions) of one run from a store or from a mapping of frames."""
+    if _is_store(source):
+        return _store_matrix(source, run_id, method=method, sign=sign, stat=stat), source.done_predictions(run_id)
     if isinstance(source, Mapping):
         imp = source["importances"]
         pred = source.get("predictions")
         if pred is None:
-            pred = pl.DataFrame(schema={"run_id": pl.String, "patient_id": pl.String, "class": pl.String,
-                                        "dice": pl.Float64})
+            pred = _empty_predictions()
         if "run_id" in imp.columns:
             imp = imp.filter(pl.col("run_id") == run_id)
         if "run_id" in pred.columns:
             pred = pred.filter(pl.col("run_id") == run_id)
-        return imp, pred
+        return _matrix(imp, method=method, sign=sign, stat=stat), pred
     raise TypeError("source must be a Store or a mapping with 'importances' (and 'predictions') frames")
 
 
@@ -198,54 +331,105 @@ def score_run(
     *,
     run_id: str,
     reference_run_id: str | None = None,
-    seed: int = 0,
-    n_estimators: int = 100,
-    contamination: float | Literal["auto"] = "auto",
+    settings: str = "engine",
+    seed: int | None = None,
+    n_estimators: int | None = None,
+    contamination: float | Literal["auto"] | None = None,
     method: str | None = None,
     sign: str = "abs",
     stat: str = "mass",
+    rois: RoIChoice | None = None,
+    reasons: int = 3,
 ) -> tuple[dict[str, Any], pl.DataFrame]:
     """Fit forests (on ``run_id`` itself, or on ``reference_run_id``) and score ``run_id``.
 
-    ``source`` is a Store (anything with ``importances(run_id)`` and ``predictions(run_id)``) or a
+    ``settings`` names a set of defaults: ``"engine"`` (seed 0, Dice over the foreground) or
+    ``"paper"`` (the reference notebook: seed 123, Dice over all classes, per-class Spearman);
+    ``seed``, ``n_estimators``, ``contamination`` and ``rois`` override single settings.
+    ``source`` is a Store (its done patients are read as one patients x features matrix) or a
     mapping ``{"importances": frame, "predictions": frame}`` holding a ``run_id`` column.
     Returns ``(model, scores)`` ready for ``Store.write_anomaly(model=model, scores=scores)``;
     the model records the Spearman correlation between the mean score and the patient's mean
-    foreground Dice (the paper checks that anomalous explanations go with worse segmentations).
+    Dice (the paper checks that anomalous explanations go with worse segmentations), the
+    settings and the RoI set used, and ``model["reasons"]``: each patient's ``reasons`` top
+    features by robust z-score (:meth:`RoIAnomalyDetector.explain`; ``Store.write_anomaly_reasons``).
     """
-    imp, pred = _frames_of(source, run_id)
+    if settings not in SETTINGS:
+        raise AnomalyError(f"unknown anomaly settings {settings!r}; choose one of {', '.join(SETTINGS)}")
+    chosen = dict(SETTINGS[settings])
+    for key, value in (("seed", seed), ("n_estimators", n_estimators), ("contamination", contamination),
+                       ("rois", rois)):
+        if value is not None:
+            chosen[key] = value
+    classes, joined = run_context(source, run_id)
+    imp, pred = _inputs_of(source, run_id, method=method, sign=sign, stat=stat)
     fit_run_id = reference_run_id or run_id
-    fit_imp = imp if fit_run_id == run_id else _frames_of(source, fit_run_id)[0]
+    fit_imp = imp if fit_run_id == run_id else _inputs_of(source, fit_run_id, method=imp.method, sign=sign,
+                                                          stat=stat)[0]
     detector = RoIAnomalyDetector(
-        n_estimators=n_estimators, contamination=contamination, seed=seed, method=method, sign=sign, stat=stat
+        n_estimators=chosen["n_estimators"], contamination=chosen["contamination"], seed=chosen["seed"],
+        method=imp.method, sign=sign, stat=stat, rois=chosen["rois"], classes=classes, joined=joined,
     ).fit(fit_imp)
     scores = detector.score(imp).with_columns(pl.lit(run_id).alias("run_id")).select(
         "run_id", "patient_id", "target", *SCORE_COLUMNS
     )
-    rho, p_value, n_dice = spearman_with_dice(scores, pred)
+    rho, p_value, n_dice = spearman_with_dice(scores, pred, classes=chosen["dice_classes"])
+    params: dict[str, Any] = {
+        "settings": settings, "n_estimators": chosen["n_estimators"], "contamination": chosen["contamination"],
+        "stat": stat, "rois": describe(chosen["rois"]), "dice_classes": chosen["dice_classes"],
+        "n_patients_fit": detector.n_patients_, "n_dice": n_dice,
+    }
+    if chosen["per_class_spearman"]:
+        params["spearman_per_class"] = per_class_spearman(scores, pred)
     model = {
         "model_id": model_id_for(run_id=run_id, fit_run_id=fit_run_id, method=detector.method_, sign=sign,
-                                 stat=stat, seed=seed),
+                                 stat=stat, seed=chosen["seed"],
+                                 extra=None if (settings, chosen["rois"]) == ("engine", "parts")
+                                 else [settings, describe(chosen["rois"]), chosen["n_estimators"]]),
         "run_id": run_id,
         "fit_run_id": fit_run_id,
         "mode": "within-run" if fit_run_id == run_id else "reference",
         "method": detector.method_,
         "sign": sign,
-        "seed": seed,
-        "params": {"n_estimators": n_estimators, "contamination": contamination, "stat": stat,
-                   "n_patients_fit": detector.n_patients_, "n_dice": n_dice},
+        "seed": chosen["seed"],
+        "params": params,
         "features": detector.features_,
         "spearman_dice": rho,
         "spearman_p": p_value,
     }
+    if reasons > 0:
+        model["reasons"] = detector.explain(imp, scores, top=reasons)
     return model, scores
 
 
-def spearman_with_dice(scores: pl.DataFrame, predictions: pl.DataFrame) -> tuple[float | None, float | None, int]:
-    """Spearman rho (and p) of the mean anomaly score against mean foreground Dice, and n used."""
+def spearman_with_dice(scores: pl.DataFrame, predictions: pl.DataFrame, *,
+                       classes: str = "foreground") -> tuple[float | None, float | None, int]:
+    """Spearman rho (and p) of the mean anomaly score against the mean Dice, and n used."""
     mean = scores.filter(pl.col("target") == MEAN_TARGET).select("patient_id", "score")
-    joined = mean.join(mean_foreground_dice(predictions), on="patient_id", how="inner")
-    if joined.height < 3 or joined["dice"].n_unique() < 2 or joined["score"].n_unique() < 2:
-        return None, None, joined.height
-    res = stats.spearmanr(joined["score"].to_numpy(), joined["dice"].to_numpy())
-    return float(res.statistic), float(res.pvalue), joined.height
+    joined = mean.join(mean_dice(predictions, classes=classes), on="patient_id", how="inner")
+    return _spearman(joined["score"].to_numpy(), joined["dice"].to_numpy())
+
+
+def _spearman(score: np.ndarray, dice: np.ndarray) -> tuple[float | None, float | None, int]:
+    if score.size < 3 or np.unique(dice).size < 2 or np.unique(score).size < 2:
+        return None, None, int(score.size)
+    res = stats.spearmanr(score, dice)
+    return float(res.statistic), float(res.pvalue), int(score.size)
+
+
+def per_class_spearman(scores: pl.DataFrame, predictions: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per class: Spearman of the class's anomaly score (higher = more anomalous) against its own Dice.
+
+    The paper's notebook correlates Dice with ``decision_function``, which is minus the score
+    plus a constant per class, so its rho is minus this one and its p-value the same.
+    """
+    if predictions.height == 0 or "dice" not in predictions.columns:
+        return {}
+    dice = predictions.select(pl.col("patient_id").cast(pl.String), pl.col("class").alias("target"), "dice")
+    joined = scores.filter(pl.col("target") != MEAN_TARGET).join(dice, on=["patient_id", "target"], how="inner")
+    joined = joined.filter(pl.col("dice").is_not_null())
+    out: dict[str, dict[str, Any]] = {}
+    for (target,), part in joined.group_by(["target"], maintain_order=True):
+        rho, p, n = _spearman(part["score"].to_numpy(), part["dice"].to_numpy())
+        out[str(target)] = {"rho": rho, "p": p, "n": n}
+    return out

@@ -12,6 +12,11 @@ mass importance (sign ``abs`` by default). Which edges to keep:
 * ``quantile``: edges whose weight is above the global ``q`` quantile of all candidate weights
   (the reference's ``weight <= quantile(weight, 0.75)`` deletion).
 
+Only the RoIs of one RoI set are candidates (``rois="parts"`` by default, see
+:mod:`engine.analytics.rois`): a joined RoI such as ``lung`` beside its lobes would take their place
+in the cumulative rule. A mass is averaged over every patient with the target, an empty RoI
+counting 0.
+
 Background (as target and as RoI) is excluded by default, like the reference, and self-edges
 (``c -> c``) are kept by default; both exclusions apply before selection.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +33,8 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
+from engine.analytics.matrix import SelectionError, select_importances
+from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, describe
 from engine.errors import UserError
 from engine.labels import colour_of, group_of
 from engine.vocabulary import safe_filename
@@ -41,28 +48,63 @@ class GraphError(UserError, ValueError):
     """A graph that cannot be built as asked (unknown rule, no importances, bad option)."""
 
 
+def weights_from_sums(
+    sums: pl.DataFrame,
+    *,
+    stat: str = "mass",
+    rois: RoIChoice = "parts",
+    joined: Mapping[str, Sequence[str]] | None = None,
+) -> pl.DataFrame:
+    """Cohort weights ``target, roi, weight, n_patients`` from per (target, roi) sums.
+
+    ``sums`` has ``target, roi, total, n_values, n_patients`` (``Store.importance_sums``). A mass
+    is averaged over every patient with the target (a patient without a row for a RoI adds 0: an
+    empty RoI has no mass); a mean over the patients where it is defined. Only the RoIs of the RoI
+    set ``rois`` are kept, so a joined RoI and its parts never compete for the same edges.
+    """
+    if sums.height == 0:
+        return pl.DataFrame(schema={"target": pl.String, "roi": pl.String, "weight": pl.Float64,
+                                    "n_patients": pl.Int64})
+    try:
+        keep = choose_rois(sums["roi"].unique().to_list(), rois, joined=joined)
+    except RoISetError as exc:
+        raise GraphError(str(exc)) from None
+    denominator = pl.col("n_patients") if stat == "mass" else pl.col("n_values")
+    return (
+        sums.filter(pl.col("roi").is_in(keep))
+        .select("target", "roi", (pl.col("total") / denominator).alias("weight"),
+                denominator.cast(pl.Int64).alias("n_patients"))
+        .sort("target", "roi")
+    )
+
+
+def importance_sums(importances: pl.DataFrame) -> pl.DataFrame:
+    """``target, roi, total, n_values, n_patients`` of already selected long rows (as the store's reader)."""
+    per_target = importances.group_by("target").agg(pl.col("patient_id").n_unique().alias("n_patients"))
+    return (
+        importances.group_by("target", "roi")
+        .agg(pl.col("value").sum().alias("total"), pl.col("value").count().alias("n_values"))
+        .join(per_target, on="target")
+    )
+
+
 def global_matrix(
     importances: pl.DataFrame,
     *,
     method: str | None = None,
     sign: str = "abs",
     stat: str = "mass",
+    rois: RoIChoice = "parts",
+    joined: Mapping[str, Sequence[str]] | None = None,
 ) -> pl.DataFrame:
-    """Cohort mean per (target, roi): ``target, roi, weight, n_patients`` (nulls ignored)."""
-    df = importances.filter((pl.col("sign") == sign) & (pl.col("stat") == stat))
-    if method is not None:
-        df = df.filter(pl.col("method") == method)
-    elif df.height and df["method"].n_unique() > 1:
-        raise GraphError(
-            f"the importances hold several methods {sorted(df['method'].unique().to_list())}; choose one with --method"
-        )
-    if df.height == 0:
+    """Cohort mean per (target, roi) of the RoI set ``rois``: ``target, roi, weight, n_patients``."""
+    if importances.height == 0:
         raise GraphError(f"no importances with sign={sign!r}, stat={stat!r}" + (f", method={method!r}" if method else ""))
-    return (
-        df.group_by("target", "roi")
-        .agg(pl.col("value").mean().alias("weight"), pl.col("value").count().alias("n_patients"))
-        .sort("target", "roi")
-    )
+    try:
+        df, _ = select_importances(importances, method=method, sign=sign, stat=stat)
+    except SelectionError as exc:
+        raise GraphError(str(exc)) from None
+    return weights_from_sums(importance_sums(df), stat=stat, rois=rois, joined=joined)
 
 
 def select_edges(
@@ -125,11 +167,14 @@ def importance_graphs(
     method: str | None = None,
     sign: str = "abs",
     stat: str = "mass",
+    rois: RoIChoice = "parts",
+    joined: Mapping[str, Sequence[str]] | None = None,
     **rule_options: Any,
 ) -> dict[str, pl.DataFrame]:
     """Edges of the whole cohort (key ``"all"``), or of each subgroup of metadata column ``by``."""
+    matrix_options = {"method": method, "sign": sign, "stat": stat, "rois": rois, "joined": joined}
     if by is None:
-        return {"all": select_edges(global_matrix(importances, method=method, sign=sign, stat=stat), **rule_options)}
+        return {"all": select_edges(global_matrix(importances, **matrix_options), **rule_options)}
     if patients is None:
         raise GraphError("a subgroup graph needs the patients' metadata")
     labels = subgroups(patients, by)
@@ -139,8 +184,54 @@ def importance_graphs(
         ids = labels.filter(pl.col("group") == group)["patient_id"]
         part = imp.filter(pl.col("patient_id").is_in(ids.implode()))
         if part.height:
-            out[group] = select_edges(global_matrix(part, method=method, sign=sign, stat=stat), **rule_options)
+            out[group] = select_edges(global_matrix(part, **matrix_options), **rule_options)
     return out
+
+
+def graph_run(
+    source: Any,
+    *,
+    run_id: str,
+    by: str | None = None,
+    method: str | None = None,
+    sign: str = "abs",
+    stat: str = "mass",
+    rois: RoIChoice = "parts",
+    **rule_options: Any,
+) -> tuple[dict[str, pl.DataFrame], dict[str, Any]]:
+    """Edges of a stored run's done patients from SQL aggregates, and the parameters to record.
+
+    ``source`` is a Store (``importance_methods``, ``importance_sums``, ``done_metadata``); the
+    whole cohort, or each subgroup of metadata column ``by``, is one aggregate query.
+    """
+    from engine.analytics.anomaly import run_context
+
+    methods = source.importance_methods(run_id)
+    if not methods:
+        raise GraphError("no importances of done patients to build a graph from")
+    if method is None:
+        if len(methods) != 1:
+            raise GraphError(f"the importances hold several methods {methods}; choose one with --method")
+        method = methods[0]
+    elif method not in methods:
+        raise GraphError(f"method {method!r} not in the importances; available: {methods}")
+    _, joined = run_context(source, run_id)
+    groups: dict[str, list[str] | None] = {"all": None}
+    if by is not None:
+        labels = subgroups(source.done_metadata(run_id), by)
+        groups = {g: labels.filter(pl.col("group") == g)["patient_id"].to_list()
+                  for g in sorted(labels["group"].unique().to_list())}
+    out: dict[str, pl.DataFrame] = {}
+    for group, ids in groups.items():
+        sums = source.importance_sums(run_id, method=method, sign=sign, stat=stat, patient_ids=ids)
+        if sums.height == 0:
+            if by is None:
+                raise GraphError(f"no importances with method={method!r}, sign={sign!r}, stat={stat!r}")
+            continue
+        out[group] = select_edges(weights_from_sums(sums, stat=stat, rois=rois, joined=joined), **rule_options)
+    params = {**rule_options, "run_id": run_id, "by": by, "method": method, "sign": sign, "stat": stat,
+              "rois": describe(rois)}
+    return out, params
 
 
 def to_networkx(edges: pl.DataFrame, *, name: str = "agg2exp") -> nx.DiGraph:
@@ -223,6 +314,6 @@ def count_edges(edges_by_group: dict[str, pl.DataFrame]) -> dict[str, int]:
 
 
 __all__: Sequence[str] = (
-    "GraphError", "RULES", "global_matrix", "select_edges", "importance_graphs", "to_networkx",
+    "GraphError", "RULES", "global_matrix", "weights_from_sums", "importance_sums", "graph_run", "select_edges", "importance_graphs", "to_networkx",
     "graph_json", "plot_graph", "export_graph", "safe_name", "count_edges",
 )

@@ -8,15 +8,22 @@ The reference code (MI2DataLab/agg2exp) writes one row per patient (column ``pat
 * ``{target}_explanation_var`` / ``_mean``: whole-volume statistics of the explanation map;
 * ``{class}_dice`` / ``{class}_iou``: segmentation quality per class.
 
+With ``seperate_neg_and_pos`` the reference merges a run on the negative part and one on the
+positive part, suffixing every column ``_neg`` / ``_pos``: the importances become signs ``neg``
+and ``pos`` (each part as a magnitude, as here). Columns that match none of these patterns are
+named in a warning, never dropped silently.
+
 Class names are translated through :data:`engine.labels.REFERENCE_ALIASES` (``vertebraes`` ->
 ``vertebrae``) so that imported runs and engine runs use the same names.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -24,10 +31,12 @@ import polars as pl
 from engine.errors import UserError
 from engine.labels import REFERENCE_ALIASES
 
+logger = logging.getLogger(__name__)
+
 #: Environment variable that points at the shared data folder (tests, notebooks).
 SHARED_DATA_ENV = "AGG2EXP_SHARED_DATA"
 
-_IMPORTANCE = re.compile(r"^(?P<target>.+)_explanation_in_(?P<roi>.+)_(?P<stat>mass|mean)$")
+_IMPORTANCE = re.compile(r"^(?P<target>.+)_explanation_in_(?P<roi>.+)_(?P<stat>mass|mean)(?:_(?P<sign>pos|neg))?$")
 _SUMMARY = re.compile(r"^(?P<target>.+)_explanation_(?P<stat>var|mean)$")
 _QUALITY = re.compile(r"^(?P<cls>.+)_(?P<metric>dice|iou)$")
 
@@ -44,6 +53,7 @@ class ReferenceData:
     predictions: pl.DataFrame  # patient_id, class, voxels (null), dice, iou
     summaries: pl.DataFrame  # patient_id, target, stat ('mean' | 'var'), value: whole-volume stats
     patient_ids: list[str]
+    ignored_columns: list[str] = field(default_factory=list)  # columns no pattern matched
 
 
 def canonical_name(name: str) -> str:
@@ -70,19 +80,27 @@ def parse_reference_frame(wide: pl.DataFrame, *, method: str = "smoothgrad") -> 
             "the CSV has no 'patient' column; expected the reference layout "
             "(patient, {target}_explanation_in_{roi}_mass, ..., {class}_dice)"
         )
-    imp_cols: list[tuple[str, str, str, str]] = []
+    imp_cols: list[tuple[str, str, str, str, str]] = []
+    ignored: list[str] = []
     sum_cols: list[tuple[str, str, str]] = []
     q_cols: list[tuple[str, str, str]] = []
     for col in wide.columns:
         if col == "patient":
             continue
         if m := _IMPORTANCE.match(col):
-            imp_cols.append((col, canonical_name(m["target"]), canonical_name(m["roi"]), m["stat"]))
+            imp_cols.append((col, canonical_name(m["target"]), canonical_name(m["roi"]), m["stat"],
+                             m["sign"] or "abs"))
         elif m := _SUMMARY.match(col):
             sum_cols.append((col, canonical_name(m["target"]), m["stat"]))
         elif m := _QUALITY.match(col):
             q_cols.append((col, canonical_name(m["cls"]), m["metric"]))
-        # other columns (an index column written by pandas, extra metrics) are ignored
+        else:
+            ignored.append(col)
+    if ignored:
+        message = (f"the reference CSV has {len(ignored)} column(s) that match no known pattern and are not "
+                   f"imported: {', '.join(ignored)}")
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
     if not imp_cols:
         raise ReferenceFormatError(
             "no '{target}_explanation_in_{roi}_mass|mean' columns found; is this a reference "
@@ -98,17 +116,12 @@ def parse_reference_frame(wide: pl.DataFrame, *, method: str = "smoothgrad") -> 
             index="patient_id", on=cols, variable_name="column", value_name="value"
         )
 
-    imp_map = pl.DataFrame(
-        [(c, t, r, s) for c, t, r, s in imp_cols], schema=["column", "target", "roi", "stat"], orient="row"
-    )
+    imp_map = pl.DataFrame(imp_cols, schema=["column", "target", "roi", "stat", "sign"], orient="row")
     importances = (
         melt([c[0] for c in imp_cols])
         .join(imp_map, on="column")
-        .select(
-            "patient_id", pl.lit(method).alias("method"), "target", "roi", "stat",
-            pl.lit("abs").alias("sign"), "value",
-        )
-        .sort("patient_id", "target", "roi", "stat")
+        .select("patient_id", pl.lit(method).alias("method"), "target", "roi", "stat", "sign", "value")
+        .sort("patient_id", "target", "roi", "stat", "sign")
     )
 
     if q_cols:
@@ -141,6 +154,7 @@ def parse_reference_frame(wide: pl.DataFrame, *, method: str = "smoothgrad") -> 
         predictions=predictions,
         summaries=summaries,
         patient_ids=wide["patient_id"].to_list(),
+        ignored_columns=ignored,
     )
 
 

@@ -19,12 +19,11 @@ def handle(args: argparse.Namespace) -> int:
     with store.open_writer(args.db) as s:
         audit_id, result, has_scores = audit_run(
             s, run_id=args.run, columns=columns, model_id=args.model, top_fraction=args.top_fraction,
-            method=args.method, sign=args.sign, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
+            outlier_rule=args.outlier_rule, rois=args.rois, method=args.method, sign=args.sign, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
         )
         if not has_scores:
             print(f"note: the run has no anomaly scores, so the outlier tests are skipped "
                   f"(run `agg2exp anomaly --run {s.require_run(args.run)}` to add them)")
-        s.publish_snapshot(force=True)
     shown = result if args.all else result.filter(pl.col("rank") <= args.top)
     write_frame(shown, fmt=args.format, out=args.out)
     if args.out is None or args.format == "table":
@@ -45,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--model", default=None, help="anomaly model id (default the run's latest)")
     p.add_argument("--top-fraction", type=float, default=None,
                    help="outliers = this top fraction by mean score (default: decision < 0, else top 10%%)")
+    p.add_argument("--outlier-rule", choices=("decision", "union"), default="decision",
+                   help="outliers: mean decision < 0 (default) or 'union', the paper's rule (any class flags it)")
+    p.add_argument("--rois", choices=("parts", "joined"), default="parts",
+                   help="RoI set of the importance tests: 'parts' (default) or 'joined'")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--alpha", type=float, default=0.05, help="FDR level for 'significant' (default 0.05)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,20 +34,14 @@ def print_top_anomalies(db: Path, run_id: str, k: int = 5) -> None:
     from engine import store
 
     with store.open(db) as s:
-        scores = s.frame(
-            "SELECT a.patient_id, a.score, p.metadata FROM anomaly_scores a "
-            "JOIN patients p USING (run_id, patient_id) "
-            "WHERE a.run_id = ? AND a.target = ? ORDER BY a.score DESC LIMIT ?",
-            [run_id, MEAN_TARGET, k],
-        )
+        scores = s.top_anomalies(run_id, k=k, target=MEAN_TARGET)
     if scores.height == 0:
         print("no anomaly scores (fewer than two patients done)")
         return
     print("most anomalous patients (mean isolation-forest score over classes, higher = more anomalous):")
     for r in scores.iter_rows(named=True):
-        meta = json.loads(r["metadata"] or "{}")
         keys = ("age", "sex", "site", "scanner_kernel", "contrast", "anomaly_type")
-        shown = ", ".join(f"{key}={meta[key]}" for key in keys if key in meta)
+        shown = ", ".join(f"{key}={r[key]}" for key in keys if r.get(key) is not None)
         print(f"  {r['patient_id']}  score {r['score']:.3f}  {shown}")
 
 
@@ -65,7 +58,6 @@ def print_audit(db: Path, run_id: str) -> None:
 
     with store.open_writer(db) as s:
         audit_id, result, _ = audit_run(s, run_id=run_id, columns=AUDIT_COLUMNS, n_boot=200)
-        s.publish_snapshot(force=True)
     counts = result.group_by("column", maintain_order=True).agg(pl.col("significant").sum(), pl.len())
     shown = ", ".join(f"{r['column']} {r['significant']}/{r['len']}" for r in counts.iter_rows(named=True))
     print(f"bias audit {audit_id} (tests with BH q < 0.05 per metadata column; random_group is a coin flip): {shown}")

@@ -17,21 +17,18 @@ RULES = ("topk", "cumulative", "quantile")
 def handle(args: argparse.Namespace) -> int:
     """Build the graph(s), write JSON, GraphML and a figure per subgroup; optionally store edges."""
     from engine import store
-    from engine.analytics.graph import export_graph, importance_graphs, safe_name
+    from engine.analytics.graph import export_graph, graph_run, safe_name
 
     options = {"rule": args.rule, "k": args.k, "threshold": args.threshold, "quantile": args.quantile,
                "exclude_background": not args.keep_background, "self_edges": not args.no_self_edges}
     opener = store.open_writer if args.save else store.open
     with opener(args.db) as s:
         run_id = s.require_run(args.run)
-        patients = s.patients(run_id) if args.by else None
-        graphs = importance_graphs(s.importances(run_id), patients=patients, by=args.by, method=args.method,
-                                   sign=args.sign, **options)
-        params = {**options, "run_id": run_id, "by": args.by, "method": args.method, "sign": args.sign}
+        graphs, params = graph_run(s, run_id=run_id, by=args.by, method=args.method, sign=args.sign,
+                                   rois=args.rois, **options)
         if args.save:
             graph_id = "graph-" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
             n = s.write_graph(graph_id=graph_id, run_id=run_id, edges=graphs, params=params)
-            s.publish_snapshot(force=True)
             print(f"stored {n} edges as {graph_id}")
     for group, edges in graphs.items():
         name = "graph" if group == "all" else f"graph_{safe_name(args.by)}_{safe_name(group)}"
@@ -57,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--by", default=None, help="one graph per group of this metadata column")
     p.add_argument("--method", default=None, help="attribution method (needed when the run holds several)")
     p.add_argument("--sign", default="abs", choices=SIGNS, help="attribution sign (default abs)")
+    p.add_argument("--rois", choices=("parts", "joined"), default="parts",
+                   help="RoI set: 'parts' (default) leaves joined RoIs such as lung out; 'joined' uses them instead "
+                        "of their parts")
     p.add_argument("--figure-format", choices=("png", "svg"), default="png", help="figure format (default png)")
     p.add_argument("--out", type=Path, default=Path("graph"), help="output folder (default ./graph)")
     p.add_argument("--save", action="store_true", help="also store the edges in the store (table graph_edges)")

@@ -55,10 +55,7 @@ def print_summary(summary: RunSummary) -> None:
         from engine import store
 
         with store.open(summary.db) as s:
-            failed = s.frame(
-                "SELECT patient_id, error FROM patients WHERE run_id = ? AND status = 'failed' ORDER BY patient_id",
-                [summary.run_id],
-            )
+            failed = s.failed_patients(summary.run_id)
         for r in failed.iter_rows(named=True):
             print(f"  failed {r['patient_id']}: {r['error']}")
     print(f"database: {Path(summary.db).resolve()}")

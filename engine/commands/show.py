@@ -17,26 +17,25 @@ from engine.errors import UserError
 def handle(args: argparse.Namespace) -> int:
     from engine import store
     from engine.report import figures
-    from engine.report.maps import MapRecomputer, MapsUnavailable, patient_record
+    from engine.report.maps import MapRecomputer, MapsUnavailable
     from engine.report.nifti import export_explanation, safe_filename
 
     with store.open(args.db) as s:
         run_id = s.require_run(args.run)
         info = s.run_info(run_id)
-        rows = s.frame("SELECT * FROM patients WHERE run_id = ? AND patient_id = ?",
-                       [run_id, args.patient]).to_dicts()
-        if not rows:
+        records = s.manifest_records(run_id, [args.patient])
+        if args.patient not in records:
             known = s.patient_ids(run_id)
             shown = ", ".join(known[:8]) + (f", ... ({len(known)} in all)" if len(known) > 8 else "")
             raise UserError(f"patient {args.patient!r} is not in run {run_id!r}; its patients are: {shown or 'none'} "
                             f"(list them with `agg2exp sql \"SELECT patient_id FROM patients WHERE run_id = "
                             f"'{run_id}'\"`)")
-        imp_methods = s.frame("SELECT DISTINCT method FROM importances WHERE run_id = ?", [run_id])["method"].to_list()
+        imp_methods = s.importance_methods(run_id)
     config = dict(info.get("config") or {})
     class_names = list(config.get("class_names") or [])
     if class_names and args.target not in class_names:
         raise UserError(f"unknown target {args.target!r}; the run's classes are: {', '.join(class_names)}")
-    record = patient_record(rows[0])
+    record = records[args.patient]
     if not record.get("image_path"):
         raise UserError(f"patient {args.patient!r} of run {run_id!r} has no stored image path (an imported run?); "
                         "`show` needs a run computed by this engine, with images it can read")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from engine.commands.query import add_db_argument, add_output_arguments, write_frame
-from engine.errors import QueryError
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -13,10 +12,7 @@ def handle(args: argparse.Namespace) -> int:
     from engine import store
 
     with store.open(args.db) as s:
-        try:
-            df = s.run_named_query(args.statement, None)
-        except store.StoreError as exc:
-            raise QueryError(str(exc)) from None
+        df = s.sql(args.statement)
     write_frame(df, fmt=args.format, out=args.out)
     return 0
 

@@ -215,11 +215,14 @@ def importance_distributions(
     exclude_background_target: bool = True,
     ncols: int = 4,
     max_points: int = 400,
+    rois: str | Sequence[str] = "parts",
 ) -> Figure:
     """Fig. 3: per target class, box + strip plots of each RoI's attribution mass over the cohort.
 
-    One panel per target; RoIs on the y-axis (in class order), boxes coloured by the RoI's
-    anatomical group; each dot is one patient (at most ``max_points`` per RoI are drawn).
+    One panel per target; RoIs of the RoI set ``rois`` (``"parts"``: joined RoIs such as ``lung``
+    left out when their parts are there; see :mod:`engine.analytics.rois`) on the y-axis in class
+    order, boxes coloured by the RoI's anatomical group; each dot is one patient (at most
+    ``max_points`` per RoI are drawn).
     """
     df = importances.filter((pl.col("sign") == sign) & (pl.col("stat") == stat))
     if method is not None:
@@ -232,8 +235,10 @@ def importance_distributions(
         order = [t for t in targets if t in present]
     if exclude_background_target:
         order = [t for t in order if t != "background"] or order
-    roi_present = df["roi"].unique().to_list()
-    rois = [c for c in THORAX_CLASSES if c in roi_present] + sorted(c for c in roi_present if c not in THORAX_CLASSES)
+    from engine.analytics.rois import choose_rois
+
+    rois = choose_rois(df["roi"].unique().to_list(), rois)
+    df = df.filter(pl.col("roi").is_in(rois))
     n = len(order)
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))

@@ -141,12 +141,6 @@ def display_target(scores: pl.DataFrame, patient_id: str, available: Sequence[st
     return str(s["target"][0]) if s.height else None
 
 
-def _metadata_columns(patients: pl.DataFrame) -> list[str]:
-    skip = {"run_id", "patient_id", "image_path", "label_path", "status", "error", "traceback", "attempts",
-            "worker", "seconds", "timings", "updated_at"}
-    return [c for c in patients.columns if c not in skip]
-
-
 # --------------------------------------------------------------------------- sections
 
 
@@ -165,7 +159,7 @@ def _summary(s: store_mod.Store, run_id: str, info: Mapping[str, Any], patients:
         "started": started, "finished": finished, "wall seconds": report.get("seconds", duration),
         "model": json.dumps(config.get("model")) if config.get("model") else None,
         "method": attribution.get("method") or config.get("method"),
-        "store": str(s.path) + (" (snapshot of a running job)" if s.is_snapshot else ""),
+        "store": str(s.path) + (" (live: a job is writing it)" if s.is_live else ""),
     }
     parts = ['<div class="kv">', "<div><h3>Run</h3>", kv_table({k: v for k, v in overview.items() if v is not None}),
              "</div>", "<div><h3>Patients</h3>", kv_table(counts), "<h3>Rows</h3>", kv_table(rows), "</div>"]
@@ -278,12 +272,11 @@ def _panels_for(
 ) -> tuple[list[figures.PatientPanel], str | None]:
     """Fig. 5 rows for ``ids``; the second value explains why there are no overlays (None if there are)."""
     from engine import io
-    from engine.report.maps import MapRecomputer, MapsUnavailable, patient_record
+    from engine.report.maps import MapRecomputer, MapsUnavailable
 
     mean = dict(zip(scores.filter(pl.col("target") == MEAN_TARGET)["patient_id"].cast(pl.String).to_list(),
                     scores.filter(pl.col("target") == MEAN_TARGET)["score"].to_list()))
-    rows = {str(r["patient_id"]): r for r in s.frame(
-        "SELECT * FROM patients WHERE run_id = ? ORDER BY patient_id", [run_id]).iter_rows(named=True)}
+    records = s.manifest_records(run_id, ids)
     recomputer = None
     reason: str | None = None
     if recompute:
@@ -297,13 +290,12 @@ def _panels_for(
     for pid in ids:
         target = display_target(scores, pid, recomputer.class_names if recomputer else None)
         title = f"{kinds.get(pid, '')} {pid} - anomaly score {mean.get(pid, float('nan')):.3f}".strip()
-        row = rows.get(pid)
+        record = records.get(pid)
         panel = figures.PatientPanel(patient_id=pid, title=title)
-        if row is None:
+        if record is None:
             panel.note = "patient not in the patients table"
             panels.append(panel)
             continue
-        record = patient_record(row)
         try:
             if recomputer is not None and target is not None:
                 pm = recomputer.compute(record, [target])
@@ -346,29 +338,28 @@ def _anomalies(
         return section("anomalies", title, f'<p class="note">run {_e(run_id)} has no anomaly scores; run '
                        f"<code>agg2exp anomaly --run {_e(run_id)}</code> first</p>")
     scores = s.anomaly_model_scores(run_id, model_id).with_columns(pl.col("patient_id").cast(pl.String))
-    model = s.frame("SELECT * FROM anomaly_models WHERE model_id = ?", [model_id]).to_dicts()[0]
+    model = s.anomaly_model(model_id)
     mean = scores.filter(pl.col("target") == MEAN_TARGET).select("patient_id", "score", "decision")
     top, bottom = split_top_bottom(mean, top_k)
     kinds = {p: f"#{i + 1} most anomalous" for i, p in enumerate(top)}
     kinds.update({p: f"#{len(bottom) - i} least anomalous" for i, p in enumerate(bottom)})
 
-    meta_cols = _metadata_columns(patients)
+    metadata = s.patient_metadata(run_id, status=None)
+    meta_cols = [c for c in metadata.columns if c != "patient_id"]
     note_col = next((c for c in ("anomaly_type", "anomaly") if c in meta_cols), None)
     labels = None
     if note_col:
         labels = {str(r["patient_id"]): ("" if r[note_col] in (None, False, "none") else f"[{r[note_col]}]")
-                  for r in patients.iter_rows(named=True)}
+                  for r in metadata.iter_rows(named=True)}
     png = figures.to_png(figures.anomaly_ranking(scores, top_k=top_k, labels=labels))
     saved["anomaly_ranking.png"] = png
 
-    dice = s.frame(
-        "SELECT patient_id, avg(dice) AS mean_dice FROM predictions WHERE run_id = ? AND class <> 'background' "
-        "GROUP BY patient_id", [run_id])
+    dice = s.patient_dice(run_id)
     ranked = mean.sort("score", descending=True).with_row_index("rank", offset=1)
     if dice.height:
         ranked = ranked.join(dice.with_columns(pl.col("patient_id").cast(pl.String)), on="patient_id", how="left")
     if meta_cols:
-        ranked = ranked.join(patients.select("patient_id", *meta_cols).with_columns(pl.col("patient_id").cast(pl.String)),
+        ranked = ranked.join(metadata,
                              on="patient_id", how="left")
     shown = ranked.filter(pl.col("patient_id").is_in(top + bottom))
 
@@ -421,15 +412,10 @@ def _audits(s: store_mod.Store, run_id: str) -> str:
 
 def _evaluation(s: store_mod.Store, run_id: str) -> str:
     title = "Evaluation"
-    has = getattr(s, "_has_table", None)
-    if has is None or not has("evaluations"):
-        return section("evaluation", title, '<p class="note">no evaluations stored in this store; run '
-                       f"<code>agg2exp evaluate --run {_e(run_id)}</code> to add them</p>")
-    df = s.frame("SELECT * FROM evaluations")
-    if "run_id" in df.columns:
-        df = df.filter(pl.col("run_id") == run_id)
+    df = s.evaluations(run_id)
     if df.height == 0:
-        return section("evaluation", title, '<p class="note">no evaluation stored for this run</p>')
+        return section("evaluation", title, '<p class="note">no evaluations stored for this run; run '
+                       f"<code>agg2exp evaluate --run {_e(run_id)}</code> to add one</p>")
     key = next((c for c in ("evaluation_id", "eval_id", "kind", "metric_group") if c in df.columns), None)
     parts = []
     if key:

@@ -159,6 +159,8 @@ def _score_anomalies(writer: Store, spec: JobSpec, run_id: str) -> str | None:
         n_estimators=spec.anomaly.n_estimators, method=spec.attribution.method,
     )
     writer.write_anomaly(model=model, scores=scores)
+    if model.get("reasons") is not None:
+        writer.write_anomaly_reasons(model_id=model["model_id"], run_id=run_id, reasons=model["reasons"])
     return str(model["model_id"])
 
 
@@ -261,7 +263,6 @@ class _Dispatch:
                         self.writer.mark_failed(self.run_id, pid, error=outcome.error, traceback=outcome.traceback,
                                                 worker=outcome.worker)
                         status = "failed"
-                    self.writer.publish_snapshot()
                     writer_seconds += time.perf_counter() - t0
                     bar.update(status, pid=pid, error=None if status == "done" else outcome.error)  # type: ignore[union-attr]
                     if self.on_result is not None:

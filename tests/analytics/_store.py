@@ -14,6 +14,7 @@ import pytest
 
 from engine import store
 from engine.analytics.anomaly import score_run
+from engine.commands.import_csv import import_reference_csv
 from engine.store import PatientResult
 from tests._data import shared_data
 
@@ -46,7 +47,7 @@ def build_store(path: Path, *, n_estimators: int = 50) -> Path:
         from engine.analytics.reference import read_reference_csv
 
         ids = read_reference_csv(csv).patient_ids
-        s.import_reference_csv(csv, run_id=RUN_ID, metadata=synthetic_metadata(ids))
+        import_reference_csv(s, csv, run_id=RUN_ID, metadata=synthetic_metadata(ids))
         manifest = pl.DataFrame({
             "patient_id": ["syn1", "syn2", "syn3"],
             "image_path": ["/img/syn1.nii.gz", "/img/syn2.nii.gz", "/img/syn3.nii.gz"],
@@ -65,6 +66,7 @@ def build_store(path: Path, *, n_estimators: int = 50) -> Path:
         s.mark_failed(RUN_ID, "syn3", error="VolumeError: label map shape differs from image")
         model, scores = score_run(s, run_id=RUN_ID, seed=0, n_estimators=n_estimators)
         s.write_anomaly(model=model, scores=scores)
+        s.write_anomaly_reasons(model_id=model["model_id"], run_id=RUN_ID, reasons=model["reasons"])
     return path
 
 

@@ -88,15 +88,46 @@ def test_kruskal_and_epsilon_squared(cohort) -> None:
     assert row["ci_low"] <= row["ci_high"]
 
 
-def test_bootstrap_kruskal_matches_scipy_on_each_resample() -> None:
-    from engine.analytics.audit import _kruskal_h_batch
+def _pairwise_rank_biserial(x: np.ndarray, y: np.ndarray) -> float:
+    """The definition by pairs: P(x > y) - P(x < y), O(n1 n2) (only for small checks)."""
+    d = np.asarray(x, float)[:, None] - np.asarray(y, float)[None, :]
+    return float(((d > 0).sum() - (d < 0).sum()) / d.size)
 
-    rng = np.random.default_rng(0)
-    values = rng.integers(0, 5, size=(6, 12)).astype(float)  # many ties
-    h = _kruskal_h_batch(values, [4, 5, 3])
-    for b in range(values.shape[0]):
-        ref = stats.kruskal(values[b, :4], values[b, 4:9], values[b, 9:]).statistic
-        assert h[b] == pytest.approx(ref)
+
+def test_rank_biserial_from_u_equals_the_pairwise_definition_with_ties() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        x = rng.integers(0, 6, rng.integers(1, 15)).astype(float)
+        y = rng.integers(0, 6, rng.integers(1, 15)).astype(float)
+        assert rank_biserial(x, y) == pytest.approx(_pairwise_rank_biserial(x, y), abs=1e-12)
+
+
+def test_batched_bootstrap_equals_each_resample_computed_alone(monkeypatch) -> None:
+    import importlib
+
+    audit_mod = importlib.import_module("engine.analytics.audit")
+    monkeypatch.setattr(audit_mod, "BOOT_BATCH", 7)  # several batches, the last one partial
+    x = np.array([0.1, 0.4, 0.4, 0.9, 0.3, 0.2])
+    y = np.array([0.5, 0.4, 0.8, 0.7, 0.7])
+    boot = audit_mod._boot_rank_biserial(x, y, 20, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    expected = []
+    for b in audit_mod._batches(20):
+        bx = x[rng.integers(0, x.size, size=(b, x.size))]
+        by = y[rng.integers(0, y.size, size=(b, y.size))]
+        expected += [_pairwise_rank_biserial(bx[i], by[i]) for i in range(b)]
+    np.testing.assert_allclose(boot, expected, atol=1e-12)
+    groups = [np.array([1.0, 2, 2, 3]), np.array([2.0, 4, 4, 4, 5]), np.array([0.0, 1, 1])]
+    h = audit_mod._boot_kruskal_h(groups, 20, np.random.default_rng(9))
+    rng = np.random.default_rng(9)
+    ref = []
+    for b in audit_mod._batches(20):
+        blocks = [g[rng.integers(0, g.size, size=(b, g.size))] for g in groups]
+        for i in range(b):
+            rows = [blk[i] for blk in blocks]
+            const = np.unique(np.concatenate(rows)).size == 1
+            ref.append(np.nan if const else stats.kruskal(*rows).statistic)
+    np.testing.assert_allclose(h, ref, equal_nan=True)
 
 
 def test_numeric_column_is_split_at_the_median(cohort) -> None:
@@ -125,13 +156,18 @@ def test_outlier_tests(cohort) -> None:
              [int(((~j["outlier"]) & (j["sex"] == s)).sum()) for s in ("F", "M")]]
     assert row["test"] == "fisher-exact"
     assert row["p_value"] == pytest.approx(stats.fisher_exact(table).pvalue)
-    # categorical with 3 levels: chi-square
+    # categorical with 3 levels and 8 patients per site: expected counts below 5, so a
+    # permutation test of the chi-square statistic (two Monte Carlo estimates agree to ~0.01)
     row3 = audit_column(patients, imp, column="site", scores=scores, n_boot=20).filter(
         pl.col("family") == "outlier").row(0, named=True)
-    table3 = [[int((j["outlier"] & (j["site"] == s)).sum()) for s in "abc"],
-              [int((~j["outlier"] & (j["site"] == s)).sum()) for s in "abc"]]
-    assert row3["test"] == "chi-square"
-    assert row3["p_value"] == pytest.approx(stats.chi2_contingency(table3, correction=False).pvalue)
+    table3 = np.array([[int((j["outlier"] & (j["site"] == s)).sum()) for s in "abc"],
+                       [int((~j["outlier"] & (j["site"] == s)).sum()) for s in "abc"]])
+    assert stats.contingency.expected_freq(table3).min() < 5
+    assert row3["test"] == "chi-square-permutation"
+    perm = stats.chi2_contingency(table3, correction=False,
+                                  method=stats.PermutationMethod(n_resamples=9999, random_state=0))
+    assert row3["statistic"] == pytest.approx(perm.statistic)
+    assert row3["p_value"] == pytest.approx(perm.pvalue, abs=0.03)
     # numeric: Mann-Whitney of age, outliers vs inliers
     rowa = audit_column(patients, imp, column="age", scores=scores, n_boot=20).filter(
         pl.col("family") == "outlier").row(0, named=True)
@@ -168,3 +204,21 @@ def test_audit_on_the_shared_csv_is_ranked() -> None:
         q = part["q_value"].drop_nulls().to_numpy()
         assert np.all(np.diff(q) >= 0)
         assert part["rank"].to_list() == list(range(1, part.height + 1))
+
+
+def test_delong_interval_by_hand_and_against_the_bootstrap() -> None:
+    from engine.analytics.audit import _boot_rank_biserial, delong_interval
+
+    # placements by hand: x = [1, 3], y = [0, 2, 3]; V10 = [1/3, (2 + 0.5)/3], V01 = [1, 0.5, 0.25]
+    x, y = np.array([1.0, 3.0]), np.array([0.0, 2.0, 3.0])
+    v10, v01 = np.array([1 / 3, 2.5 / 3]), np.array([1.0, 0.5, 0.25])
+    r = 2 * v10.mean() - 1
+    assert r == pytest.approx(_pairwise_rank_biserial(x, y))
+    se = 2 * np.sqrt(v10.var(ddof=1) / 2 + v01.var(ddof=1) / 3)
+    lo, hi = delong_interval(x, y)
+    assert (lo, hi) == pytest.approx((max(-1, r - 1.959964 * se), min(1, r + 1.959964 * se)), abs=1e-6)
+    # on a larger sample the DeLong interval and the bootstrap percentile interval agree
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0.3, 1, 1500), rng.normal(0, 1, 2500)
+    boot = np.percentile(_boot_rank_biserial(x, y, 2000, np.random.default_rng(1)), [2.5, 97.5])
+    np.testing.assert_allclose(delong_interval(x, y), boot, atol=0.01)

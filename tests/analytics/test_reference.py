@@ -10,6 +10,7 @@ import pytest
 
 from engine import store
 from engine.analytics.reference import ReferenceFormatError, parse_reference_frame, read_reference_csv
+from engine.commands.import_csv import import_reference_csv
 from engine.labels import THORAX_CLASSES
 from tests.analytics._store import reference_csv
 
@@ -64,7 +65,7 @@ def test_shared_csv_parses_to_the_thorax_classes() -> None:
 
 def test_importing_the_shared_csv_gives_a_run_of_32_patients(tmp_path: Path) -> None:
     with store.open_writer(tmp_path / "s.duckdb") as s:
-        run_id = s.import_reference_csv(reference_csv())
+        run_id = import_reference_csv(s, reference_csv())
         assert run_id == "import-tsv2_test_aggregated_sg_explanations_with_dice"
         info = s.run_info(run_id)
         assert info["kind"] == "import" and info["status"] == "done"
@@ -72,7 +73,7 @@ def test_importing_the_shared_csv_gives_a_run_of_32_patients(tmp_path: Path) -> 
         assert s.status_counts(run_id)["done"] == 32
         pred = s.predictions(run_id)
         # re-importing replaces, never duplicates
-        s.import_reference_csv(reference_csv())
+        import_reference_csv(s, reference_csv())
         assert s.table_counts(run_id)["importances"] == 32 * 17 * 17 * 2
     fg = pred.filter(pl.col("class") != "background")
     mean_dice = fg.group_by("patient_id").agg(pl.col("dice").mean())["dice"].mean()

@@ -17,10 +17,7 @@ scored AS (
     WHERE s.target = '__mean__'
 ),
 dice AS (
-    SELECT patient_id, avg(dice) AS mean_dice
-    FROM predictions
-    WHERE run_id = $run_id AND class <> 'background' AND dice IS NOT NULL
-    GROUP BY patient_id
+    SELECT patient_id, mean_dice FROM patient_dice WHERE run_id = $run_id
 )
 SELECT
     sc.patient_id,

@@ -10,10 +10,7 @@ WITH model AS (
     LIMIT 1
 ),
 dice AS (
-    SELECT patient_id, avg(dice) AS mean_dice
-    FROM predictions
-    WHERE run_id = $run_id AND class <> 'background' AND dice IS NOT NULL
-    GROUP BY patient_id
+    SELECT patient_id, mean_dice FROM patient_dice WHERE run_id = $run_id
 )
 SELECT
     row_number() OVER (ORDER BY s.score DESC, s.patient_id) AS rank,

@@ -1,0 +1,30 @@
+"""The store-scale benchmark at a small size: it runs end to end and reports every figure it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KEYS = ("bytes_per_row", "write_patients_per_s_first10", "write_patients_per_s_last10", "read_latency_p95_s",
+        "read_staleness_max_s", "anomaly_s", "audit_s", "graph_s", "peak_rss_gb")
+
+
+def test_store_scale_benchmark_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "store_scale.py"), "--patients", "40", "--read-interval", "0.2",
+         "--n-boot", "20", "--json", str(out), "--db", str(tmp_path / "scale.duckdb")],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(fig[key], (int, float)) and fig[key] > 0, (key, fig[key])
+    assert fig["importance_rows"] == 40 * 17 * 19 * 2 * 3 and fig["rows_per_patient"] == 1938
+    assert fig["reads"] > 0 and fig["read_errors"] == 0 and fig["reads_live"] == fig["reads"]
+    assert fig["reads_incomplete_patient"] == 0
+    assert {r["exit"] for r in fig["analytics"].values()} == {0}
