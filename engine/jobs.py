@@ -5,7 +5,7 @@ attribution settings, RoIs, the runtime and the analytics to run after. Every ta
 class (``engine.settings.section``: a strict pydantic dataclass): unknown keys and wrong types stop
 the job before anything runs, with one line naming the table and the key. The tables owned
 elsewhere are composed here: ``[model]`` is :class:`engine.models.ModelSpec`, ``[preprocess]``
-:class:`engine.io.PreprocessSpec`, ``[rois]`` :class:`engine.io.RoISpec`, ``[evaluate]``
+:class:`engine.volumes.PreprocessSpec`, ``[rois]`` :class:`engine.rois.RoISpec`, ``[evaluate]``
 :class:`engine.analytics.evaluate.EvaluateSpec`.
 
 ``JobSpec.to_sections()`` is the exact inverse of ``JobSpec.from_dict`` (the TOML tables);
@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import JobSpecError, check_keys
-from engine.io import PreprocessSpec, RoISpec
 from engine.models import ModelSpec
+from engine.rois import RoISpec
 from engine.settings import field_names, json_schema, parse, section, to_table
+from engine.volumes import PreprocessSpec
 
 #: The tables of a job file, in the order they are written.
 SECTIONS = ("job", "cohort", "model", "preprocess", "attribution", "rois", "runtime", "anomaly", "evaluate")

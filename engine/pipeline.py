@@ -7,7 +7,6 @@ reason. The Ray runtime wraps it in actors; tests and notebooks can use it direc
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
@@ -19,7 +18,6 @@ from typing import Any
 import polars as pl
 import torch
 
-from engine.aggregate import RoISet
 from engine.attribution import explain_volume
 from engine.errors import UserError
 from engine.jobs import JobSpec
@@ -92,9 +90,7 @@ class PatientProcessor:
         t0 = time.perf_counter()
         rois = None
         if self.rois.source != "prediction":
-            base = io.build_rois(dataclasses.replace(self.rois, joined=()), case=case, class_names=names)
-            labels, roi_names = base  # type: ignore[misc]
-            rois = RoISet(labels.to(self.device), tuple(roi_names), self.rois.joined_parts())
+            rois = io.build_rois(self.rois, case=case, class_names=names, device=self.device)
         explanation = explain_volume(
             self.model, case.image, method=a.method, targets=a.targets, class_names=names,
             roi_size=self.loaded.roi_size, overlap=a.overlap, blend=a.blend, seed=a.seed,  # type: ignore[arg-type]

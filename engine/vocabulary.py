@@ -1,10 +1,12 @@
 """Names shared by the store, the analytics, the report and the command line (one owner for each).
 
-A leaf module: it imports nothing, so the command line can build its options (``--sign``,
+A leaf module: it imports only the standard library, so the command line can build its options (``--sign``,
 ``--db``) without loading DuckDB, torch or Ray.
 """
 
 from __future__ import annotations
+
+import re
 
 #: Importance statistics per (target, RoI): ``mass`` (share of the attribution) and ``mean`` (per voxel).
 STATS: tuple[str, ...] = ("mass", "mean")
@@ -15,4 +17,11 @@ MEAN_TARGET = "__mean__"
 #: The store file commands use when ``--db`` is not given.
 DEFAULT_DB = "agg2exp.duckdb"
 
-__all__ = ["DEFAULT_DB", "MEAN_TARGET", "SIGNS", "STATS"]
+
+
+def safe_filename(text: str) -> str:
+    """``text`` as one file-name component: runs of characters other than ``A-Za-z0-9._-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "unnamed"
+
+
+__all__ = ["DEFAULT_DB", "MEAN_TARGET", "SIGNS", "STATS", "safe_filename"]

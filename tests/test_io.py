@@ -1,4 +1,4 @@
-"""Tests for engine.io: reading volumes, validation, preprocessing, manifests, cohort scans, RoIs."""
+"""Tests for the input side: volumes (reading, validation, preprocessing), cohorts (manifests, scans), RoI sets."""
 
 from __future__ import annotations
 
@@ -13,20 +13,10 @@ import torch
 
 from tests._data import totalseg_dir
 from engine.errors import JobSpecError, VolumeError
-from engine.io import (
-    PreprocessSpec,
-    RoISpec,
-    as_masks,
-    build_rois,
-    is_label_map,
-    join_rois,
-    load_case,
-    read_manifest,
-    resample_to_source,
-    rois_from_label_map,
-    rois_from_prediction,
-    scan_cohort,
-)
+from engine.aggregate import RoISet
+from engine.cohorts import read_manifest, scan_cohort
+from engine.rois import RoISpec, build_rois, rois_from_label_map, rois_from_prediction
+from engine.volumes import PreprocessSpec, load_case, resample_to_source
 from engine.labels import JOINED_ROIS, THORAX_CLASSES, totalsegmentator_to_thorax
 
 
@@ -327,7 +317,8 @@ def test_scan_cohort_reports_skips(data: Path, tmp_path: Path) -> None:
 def test_totalsegmentator_label_map_to_thorax_rois(data: Path) -> None:
     ts = {int(k): v for k, v in json.loads((data / "classes_total.json").read_text()).items()}
     seg = torch.as_tensor(np.asarray(nib.load(str(data / "example_seg.nii.gz")).dataobj).astype(np.int64))
-    labels, names = rois_from_label_map(seg, totalsegmentator_to_thorax(ts), names=THORAX_CLASSES)
+    rois = rois_from_label_map(seg, totalsegmentator_to_thorax(ts), names=THORAX_CLASSES)
+    labels, names = rois.labels, rois.names
     assert names == THORAX_CLASSES and labels.shape == seg.shape
     lobe_ids = [k for k, v in ts.items() if v == "lung_upper_lobe_left"]
     assert torch.equal(labels == names.index("lung_upper_lobe_left"), torch.isin(seg, torch.tensor(lobe_ids)))
@@ -336,11 +327,7 @@ def test_totalsegmentator_label_map_to_thorax_rois(data: Path) -> None:
     liver = [k for k, v in ts.items() if v == "liver"][0]
     assert bool((labels[seg == liver] == 0).all())  # not a thorax class: background
 
-    masks = dict(join_rois((labels, names), {"lung": JOINED_ROIS["lung"]}))
-    lobes = torch.zeros_like(masks["lung"])
-    for lobe in JOINED_ROIS["lung"]:
-        lobes |= masks[lobe]
-    assert torch.equal(masks["lung"], lobes) and masks["lung"].any()
+    assert any((labels == names.index(lobe)).any() for lobe in JOINED_ROIS["lung"])
 
 
 def test_build_rois_from_spec(data: Path) -> None:
@@ -349,15 +336,16 @@ def test_build_rois_from_spec(data: Path) -> None:
     spec = RoISpec.from_dict({"source": "label", "label_names": "classes_total.json",
                               "preset": "totalsegmentator_thorax", "joined": ["lung", "bones"]}, base_dir=data)
     rois = build_rois(spec, case=case, class_names=THORAX_CLASSES)
-    assert not is_label_map(rois)
-    names = [n for n, _ in rois]
-    assert names[: len(THORAX_CLASSES)] == list(THORAX_CLASSES) and names[-2:] == ["lung", "bones"]
+    assert isinstance(rois, RoISet) and rois.names == THORAX_CLASSES and tuple(rois.labels.shape) == case.shape
+    assert rois.joined == {"lung": JOINED_ROIS["lung"], "bones": JOINED_ROIS["bones"]}
 
     logits = torch.randn(3, 4, 5, 6)
-    pred = build_rois(RoISpec(), case=case, class_names=("bg", "a", "b"), prediction=logits)
-    assert is_label_map(pred) and torch.equal(pred[0], logits.argmax(0))
-    assert [n for n, _ in as_masks(pred)] == ["bg", "a", "b"]
-    assert rois_from_prediction(logits, ("bg", "a", "b"))[1] == ("bg", "a", "b")
+    pred = build_rois(RoISpec(joined={"ab": ["a", "b"]}), case=case, class_names=("bg", "a", "b"), prediction=logits)
+    assert torch.equal(pred.labels, logits.argmax(0)) and pred.names == ("bg", "a", "b")
+    assert pred.joined == {"ab": ("a", "b")}
+    assert rois_from_prediction(logits, ("bg", "a", "b")).names == ("bg", "a", "b")
+    with pytest.raises(JobSpecError, match="joined RoI 'ac': part"):
+        build_rois(RoISpec(joined={"ac": ["a", "c"]}), case=case, class_names=("bg", "a", "b"), prediction=logits)
 
     with pytest.raises(VolumeError, match="has no RoI mask column roi_tumour"):
         build_rois(RoISpec(source="tumour"), case=case, class_names=THORAX_CLASSES)

@@ -12,10 +12,11 @@ import pytest
 
 from engine.analytics.evaluate import EvaluateSpec
 from engine.errors import JobSpecError
-from engine.io import PreprocessSpec, RoISpec
 from engine.jobs import AnomalySpec, AttributionSpec, CohortSpec, JobSpec, RuntimeSpec, job_schema
 from engine.models import ModelSpec
 from engine.resources import resource_path
+from engine.rois import RoISpec
+from engine.volumes import PreprocessSpec
 
 SHIPPED = sorted(resource_path("jobs").glob("*.toml"))
 SCHEMA_FILE = resource_path("job.schema.json")

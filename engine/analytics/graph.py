@@ -37,6 +37,7 @@ from engine.analytics.matrix import SelectionError, select_importances
 from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, describe
 from engine.errors import UserError
 from engine.labels import colour_of, group_of
+from engine.vocabulary import safe_filename
 
 Rule = Literal["topk", "cumulative", "quantile"]
 RULES: tuple[str, ...] = ("topk", "cumulative", "quantile")
@@ -304,9 +305,7 @@ def export_graph(
     return [json_path, graphml_path, fig_path]
 
 
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a subgroup label."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+safe_name = safe_filename  # a file-name-safe version of a subgroup label
 
 
 def count_edges(edges_by_group: dict[str, pl.DataFrame]) -> dict[str, int]:

@@ -20,6 +20,7 @@ are gradients of exactly what ``monai.inferers.sliding_window_inference`` return
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -139,18 +140,10 @@ def stitched_forward(
     return torch.as_tensor(out).float()
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast | _NullContext:
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None or dtype == torch.float32:
-        return _NullContext()
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def resolve_vjp_mode(mode: VJPMode, device: torch.device) -> Literal["loop", "batched"]:

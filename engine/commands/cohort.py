@@ -40,7 +40,7 @@ def _relative_to(value: str | None, folder: Path) -> str | None:
 def _scan(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from engine.io import scan_cohort
+    from engine.cohorts import scan_cohort
 
     manifest, skipped = scan_cohort(args.dir)
     print(f"found {manifest.height} volume(s) in {Path(args.dir).resolve()}")

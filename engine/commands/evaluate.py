@@ -40,29 +40,14 @@ def load_evaluation(path: str | Path) -> tuple[Any, Any]:
 
 
 def _patients(job: Any, limit: int | None) -> Iterator[tuple[str, Any]]:
-    """(patient_id, scaled image (C, X, Y, Z)) of the cohort, phantoms generated in memory."""
-    import torch
+    """(patient_id, preprocessed image (C, X, Y, Z)) of the job's cohort, read as ``agg2exp run`` reads it."""
+    from engine import cohorts, volumes
 
-    c = job.cohort
-    n_limit = min(x for x in (limit, c.limit) if x is not None) if (limit or c.limit) else None
-    if c.phantoms is not None:
-        from engine.phantoms import anomaly_schedule, make_phantom
-        from engine.training import scale_hu
-
-        n = c.phantoms if n_limit is None else min(c.phantoms, n_limit)
-        schedule = anomaly_schedule(c.phantoms, seed=c.seed, anomaly_fraction=c.anomaly_fraction)
-        for i in range(n):
-            ph = make_phantom(i, seed=c.seed, anomaly_type=schedule[i])
-            pid = str(ph.metadata.get("patient_id", f"phantom_{i:03d}")) if isinstance(ph.metadata, dict) else f"phantom_{i:03d}"
-            yield pid, torch.from_numpy(scale_hu(ph.image)).float()[None]
-        return
-    from engine import io
-
-    manifest = io.read_manifest(job.resolve_path(c.manifest))
-    pre = io.PreprocessSpec.from_dict(job.preprocess)
-    rows = list(manifest.iter_rows(named=True))
-    for rec in rows[:n_limit] if n_limit else rows:
-        case = io.load_case(rec, preprocess=pre)
+    manifest = cohorts.resolve_cohort(job, progress=False)
+    if limit is not None:
+        manifest = manifest.head(limit)
+    for record in manifest.iter_rows(named=True):
+        case = volumes.load_case(record, preprocess=job.preprocess)
         yield case.patient_id, case.image
 
 

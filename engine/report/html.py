@@ -23,6 +23,7 @@ import polars as pl
 
 from engine import store as store_mod
 from engine.report import figures
+from engine.vocabulary import safe_filename
 
 SECTION_IDS: tuple[str, ...] = ("summary", "distributions", "graph", "anomalies", "audits", "evaluation")
 MEAN_TARGET = "__mean__"
@@ -483,7 +484,7 @@ def write_report(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in rid)
+    safe = safe_filename(rid)
     path = out / f"report-{safe}.html"
     path.write_text(doc, encoding="utf-8")
     if save_figures:

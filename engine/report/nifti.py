@@ -16,7 +16,6 @@ Files written to ``out_dir``:
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,7 @@ import numpy as np
 import torch
 
 from engine.labels import colour_of
-
-
-def safe_filename(text: str) -> str:
-    """A file-name-safe version of a class or method name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "unnamed"
+from engine.vocabulary import safe_filename
 
 
 def _rgb(hex_colour: str) -> tuple[int, int, int]:

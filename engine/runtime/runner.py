@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 
 from engine import store as store_mod
+from engine.cohorts import resolve_cohort
 from engine.errors import UserError
 from engine.jobs import JobSpec
 from engine.pipeline import Failure, build_model
@@ -62,26 +62,6 @@ def versions() -> dict[str, str]:
         except ImportError:
             continue
     return out
-
-
-def resolve_cohort(spec: JobSpec, *, progress: bool = True) -> pl.DataFrame:
-    """The manifest of the job: read it, or generate the phantom cohort it asks for."""
-    from engine import io
-
-    c = spec.cohort
-    if c.manifest is not None:
-        manifest = io.read_manifest(spec.resolve_path(c.manifest))
-    else:
-        from engine import phantoms
-
-        out_dir = spec.resolve_path(c.out_dir)
-        manifest = phantoms.generate_cohort(
-            out_dir, n_patients=int(c.phantoms or 0), seed=c.seed, anomaly_fraction=c.anomaly_fraction,
-            progress=progress,
-        )
-    if c.limit is not None:
-        manifest = manifest.head(c.limit)
-    return manifest
 
 
 def _worker_plan(spec: JobSpec, ctx: RayContext, workers: int | None) -> tuple[int, dict[str, float]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -97,9 +98,13 @@ def test_job_schema_prints_the_shipped_schema(capsys) -> None:
 @pytest.mark.slow
 def test_a_wheel_installed_in_a_fresh_venv_runs_query_list_and_the_demo(tmp_path: Path) -> None:
     """`pip install .` (not editable): queries and the demo job travel as package data."""
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the repository
+    shutil.copytree(REPO / "engine", source / "engine", ignore=shutil.ignore_patterns("__pycache__", "agg2exp_out"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
     bin_dir = env_dir / "bin"
@@ -125,7 +130,22 @@ def test_the_cli_vocabularies_are_the_libraries() -> None:
     from engine import store
     from engine.analytics.graph import RULES
     from engine.commands.graph import RULES as CLI_RULES
-    from engine.vocabulary import DEFAULT_DB, SIGNS, STATS
+    import importlib
+
+    from engine.vocabulary import DEFAULT_DB, MEAN_TARGET, SIGNS, STATS
 
     assert CLI_RULES == RULES
     assert (SIGNS, STATS, DEFAULT_DB) == (store.SIGNS, store.STATS, store.DEFAULT_DB)
+    for module in ("engine.analytics.anomaly", "engine.analytics.audit"):  # the package re-exports functions of these names
+        assert importlib.import_module(module).MEAN_TARGET == MEAN_TARGET
+
+
+@pytest.mark.parametrize(("text", "expected"), [("aorta", "aorta"), ("site A/B", "site_A_B"), ("  ", "unnamed"),
+                                                ("x..y-z_1", "x..y-z_1"), ("a\u00e9b", "a_b")])
+def test_one_filename_sanitiser_for_maps_graphs_and_reports(text, expected) -> None:
+    from engine.analytics.graph import safe_name
+    from engine.report.nifti import safe_filename as nifti_safe
+    from engine.vocabulary import safe_filename
+
+    assert safe_filename(text) == expected
+    assert safe_name is safe_filename and nifti_safe is safe_filename

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.io import read_manifest
+from engine.cohorts import read_manifest
 from tests._data import totalseg_dir
 
 
