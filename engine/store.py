@@ -274,7 +274,9 @@ class Store:
         try:
             self.con = duckdb.connect(str(self.path), read_only=True, config=_CONFIG)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
-            if "lock" not in str(exc).lower():
+            # "lock": another process writes; "different configuration": this process does
+            text = str(exc).lower()
+            if "lock" not in text and "different configuration" not in text:
                 raise StoreError(f"cannot open {self.path}: {_first_line(exc)}") from None
             try:
                 self._client = LiveClient(self.path)

@@ -191,6 +191,19 @@ def test_another_process_reads_through_the_endpoint(live_writer: store.Store) ->
     assert seen == {"live": True, "done": ["p0"], "lazy": ROWS_PER_PATIENT // 3, "meta": ["patient_id"]}
 
 
+def test_the_cli_reads_a_store_this_process_is_writing(live_writer: store.Store, capsys) -> None:
+    from engine import cli
+
+    assert cli.main(["sql", "SELECT count(*) AS n FROM patients WHERE status = 'done'", "--format", "csv",
+                     "--db", str(live_writer.path)]) == 0
+    assert capsys.readouterr().out.split() == ["n", "1"]
+    live_writer.write_patient(RUN, result("p1"))
+    assert cli.main(["query", "run_status", "--format", "csv", "--db", str(live_writer.path)]) == 0
+    assert "done" in capsys.readouterr().out
+    assert cli.main(["sql", "DELETE FROM runs", "--db", str(live_writer.path)]) == 2
+    assert "read-only" in capsys.readouterr().err
+
+
 def test_a_locked_store_without_endpoint_or_with_a_stale_one_says_so(tmp_path: Path) -> None:
     db = tmp_path / "s.duckdb"
     store.open_writer(db, live=False).close()
