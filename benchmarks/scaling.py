@@ -4,8 +4,7 @@
    patients per second from the first dispatch to the last commit (Ray start-up and model
    loading excluded, reported separately); prints the ratio (goal on 2 cores: >= 1.7).
 2. Writer: the single writer's sustained ingest rate (rows/s) for realistic per-patient results
-   (17 targets x 19 RoIs x 2 stats x 3 signs), one transaction per patient plus snapshot
-   publishing, against what N GPUs would produce at a given seconds-per-patient.
+   (17 targets x 19 RoIs x 2 stats x 3 signs), one transaction per patient, against what N GPUs would produce at a given seconds-per-patient.
 
     python benchmarks/scaling.py --patients 16 --method smoothgrad --samples 2 --json scaling.json
 """
@@ -43,7 +42,7 @@ def run_cohort(manifest: Path, workers: int, *, method: str, samples: int, db: P
 
 
 def ingest_rate(n_patients: int, db: Path) -> dict[str, float]:
-    """Rows per second through Store.write_patient (+ throttled snapshots), realistic row counts."""
+    """Rows per second through Store.write_patient, realistic row counts."""
     from engine import store
     from engine.labels import THORAX_CLASSES
 
@@ -104,7 +103,7 @@ def main() -> None:
         out["ingest"] = ingest
         print(f"writer: {ingest['rows_per_second']:.0f} rows/s sustained ({ingest['patients_per_second']:.1f} patients/s; "
               f"mean {1000 * ingest['mean_seconds_per_patient']:.1f} ms, median "
-              f"{1000 * ingest['median_seconds_per_patient']:.1f} ms per patient incl. snapshots)")
+              f"{1000 * ingest['median_seconds_per_patient']:.1f} ms per patient)")
         print(f"one GPU at {args.gpu_seconds_per_patient:.0f} s/patient produces {per_gpu_rows:.0f} rows/s; "
               f"the writer keeps up with {gpus:.0f} GPUs (goal: >= 64)")
     if args.json:

@@ -236,6 +236,32 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _predicate_sql(predicate: pl.Expr | None, schema: Mapping[str, pl.DataType]) -> tuple[str | None, pl.Expr | None]:
+    """Split a Polars filter into SQL for the live endpoint and what Polars must still apply.
+
+    Uses DuckDB's own Polars-to-SQL translation (``duckdb.polars_io``, the same one behind
+    ``relation.pl(lazy=True)``): conjuncts it translates go to the writer, and the whole
+    predicate is applied again locally whenever one does not, so the result is always exact.
+    """
+    if predicate is None:
+        return None, None
+    try:
+        from duckdb import polars_io as pio
+
+        tree, dynamic = pio._strip_dynamic_predicates(json.loads(predicate.meta.serialize(format="json")))
+        if tree is None:
+            return None, None
+        conjuncts = pio._conjuncts(tree)
+        parts = [pio._tree_to_sql_expression(c, dict(schema)) for c in conjuncts]
+        pushed = [str(p) for p in parts if p is not None]
+        local = None
+        if len(pushed) < len(conjuncts):
+            local = pio._expression_from_tree(tree) if dynamic else predicate
+        return (" AND ".join(f"({p})" for p in pushed) or None), local
+    except Exception:  # noqa: BLE001 - a private helper that moved: filter everything locally
+        return None, predicate
+
+
 class Store:
     """A connection to one store file.
 
@@ -287,7 +313,9 @@ class Store:
         try:
             self.con = duckdb.connect(str(self.path), read_only=True, config=_CONFIG)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
-            if "lock" not in str(exc).lower():
+            # "lock": another process writes; "different configuration": this process does
+            text = str(exc).lower()
+            if "lock" not in text and "different configuration" not in text:
                 raise StoreError(f"cannot open {self.path}: {_first_line(exc)}") from None
             try:
                 self._client = LiveClient(self.path)
@@ -798,8 +826,14 @@ class Store:
 
         def source(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
                    batch_size: int | None) -> Iterator[pl.DataFrame]:
-            cols = ", ".join(f'"{c}"' for c in with_columns) if with_columns else "*"
-            sql = f"SELECT {cols} FROM ({query})" + (f" LIMIT {int(n_rows)}" if n_rows is not None else "")  # noqa: S608
+            pushed, local = _predicate_sql(predicate, schema)
+            # the predicate may need columns the projection drops: filter first, then project
+            cols = ", ".join(f'"{c}"' for c in with_columns) if with_columns and local is None else "*"
+            sql = f"SELECT {cols} FROM ({query})"  # noqa: S608
+            if pushed:
+                sql += f" WHERE {pushed}"
+            if n_rows is not None and local is None:
+                sql += f" LIMIT {int(n_rows)}"
             try:
                 reader = client.reader(sql, params)
             except LiveError as exc:
@@ -807,7 +841,11 @@ class Store:
             for batch in reader:
                 df = pl.from_arrow(batch)
                 assert isinstance(df, pl.DataFrame)
-                yield df.filter(predicate) if predicate is not None else df
+                if local is not None:
+                    df = df.filter(local)
+                    if with_columns:
+                        df = df.select(with_columns)
+                yield df
 
         return register_io_source(source, schema=pl.Schema(dict(schema)))
 

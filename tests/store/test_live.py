@@ -191,6 +191,45 @@ def test_another_process_reads_through_the_endpoint(live_writer: store.Store) ->
     assert seen == {"live": True, "done": ["p0"], "lazy": ROWS_PER_PATIENT // 3, "meta": ["patient_id"]}
 
 
+def test_lazy_frames_over_the_endpoint_send_their_filters_to_the_writer(live_writer: store.Store,
+                                                                       monkeypatch) -> None:
+    import polars as pl
+
+    from engine.store_live import LiveClient
+
+    live_writer.write_patient(RUN, result("p1", seed=4))
+    sent: list[str] = []
+    real = LiveClient.reader
+    monkeypatch.setattr(LiveClient, "reader", lambda self, q, p=None: (sent.append(q), real(self, q, p))[1])
+    with store.open(live_writer.path) as s:
+        assert s.is_live
+        lf = s.importances(RUN, lazy=True)
+        out = lf.filter((pl.col("target") == "heart") & (pl.col("patient_id") == "p1")).select("roi", "value").collect()
+        odd = lf.filter(pl.col("roi").str.contains("ea") & (pl.col("stat") == "mass")).collect()
+    eager = live_writer.importances(RUN)
+    assert out.height == eager.filter((pl.col("target") == "heart") & (pl.col("patient_id") == "p1")).height
+    assert out.columns == ["roi", "value"]
+    assert odd.height == eager.filter(pl.col("roi").str.contains("ea") & (pl.col("stat") == "mass")).height > 0
+    lazy = [q.rsplit(") WHERE ", 1)[1] for q in sent if q.startswith("SELECT") and ") WHERE " in q]
+    assert any("'heart'" in w and "'p1'" in w for w in lazy), sent
+    assert any("'mass'" in w and "ea" not in w for w in lazy), sent  # the part SQL can say goes
+    assert all(q.startswith("SELECT \"") and "value" in q.split(" FROM ")[0] and "sign" not in q.split(" FROM ")[0]
+               for q in sent if "'heart'" in q), sent  # and only the columns asked for
+
+
+def test_the_cli_reads_a_store_this_process_is_writing(live_writer: store.Store, capsys) -> None:
+    from engine import cli
+
+    assert cli.main(["sql", "SELECT count(*) AS n FROM patients WHERE status = 'done'", "--format", "csv",
+                     "--db", str(live_writer.path)]) == 0
+    assert capsys.readouterr().out.split() == ["n", "1"]
+    live_writer.write_patient(RUN, result("p1"))
+    assert cli.main(["query", "run_status", "--format", "csv", "--db", str(live_writer.path)]) == 0
+    assert "done" in capsys.readouterr().out
+    assert cli.main(["sql", "DELETE FROM runs", "--db", str(live_writer.path)]) == 2
+    assert "read-only" in capsys.readouterr().err
+
+
 def test_a_locked_store_without_endpoint_or_with_a_stale_one_says_so(tmp_path: Path) -> None:
     db = tmp_path / "s.duckdb"
     store.open_writer(db, live=False).close()
