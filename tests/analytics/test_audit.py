@@ -222,3 +222,35 @@ def test_delong_interval_by_hand_and_against_the_bootstrap() -> None:
     x, y = rng.normal(0.3, 1, 1500), rng.normal(0, 1, 2500)
     boot = np.percentile(_boot_rank_biserial(x, y, 2000, np.random.default_rng(1)), [2.5, 97.5])
     np.testing.assert_allclose(delong_interval(x, y), boot, atol=0.01)
+
+
+def test_the_audit_bootstrap_benchmark_runs_and_writes_its_json(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "b.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "audit_bootstrap.py"), "--sizes", "60,25000",
+                    "--n-boot", "50", "--json", str(out)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(root)})
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["interval"] for r in rows] == ["bootstrap", "delong"]
+    assert rows[0]["baseline_s"] > 0 and rows[0]["ci"][0] <= rows[0]["ci"][1]
+
+
+def test_above_the_bootstrap_limit_kruskal_gets_a_normal_interval_close_to_the_percentile_one(monkeypatch) -> None:
+    import importlib
+
+    audit_mod = importlib.import_module("engine.analytics.audit")
+    rng = np.random.default_rng(2)
+    groups = [rng.normal(0.0, 1, 700), rng.normal(0.2, 1, 800), rng.normal(0.4, 1, 900)]
+    percentile = audit_mod.compare_groups(groups, n_boot=1000, rng=np.random.default_rng(0))
+    monkeypatch.setattr(audit_mod, "BOOT_MAX_N", 1000)
+    normal = audit_mod.compare_groups(groups, n_boot=1000, rng=np.random.default_rng(0))
+    assert normal["effect_size"] == percentile["effect_size"] == pytest.approx(
+        stats.kruskal(*groups).statistic / 2399)
+    assert normal["ci_low"] == pytest.approx(percentile["ci_low"], abs=0.01)
+    assert normal["ci_high"] == pytest.approx(percentile["ci_high"], abs=0.01)

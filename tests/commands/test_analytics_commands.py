@@ -67,6 +67,28 @@ def test_anomaly_audit_graph(db: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert (out_dir / "graph_sex_F.svg").exists() and (out_dir / "graph_sex_M.json").exists()
 
 
+def test_paper_settings_roi_sets_and_the_union_rule_from_the_command_line(
+        db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["anomaly", "--run", RUN_ID, "--settings", "paper", "--n-estimators", "20", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert " z=" in out  # the top patients' reasons are printed
+    with store.open(db) as s:
+        model = s.frame("SELECT * FROM anomaly_models WHERE seed = 123")
+        params = json.loads(model["params"][0])
+        assert params["settings"] == "paper" and params["rois"] == "parts" and params["dice_classes"] == "all"
+        assert "heart" in params["spearman_per_class"]
+        reasons = s.anomaly_reasons(RUN_ID, model["model_id"][0])
+        assert reasons.height > 0 and set(reasons["rank"]) <= {1, 2, 3}
+    assert cli.main(["audit", "--run", RUN_ID, "--by", "sex", "--outlier-rule", "union", "--n-boot", "5",
+                     "--db", str(db)]) == 0
+    with store.open(db) as s:
+        params = json.loads(s.audits(RUN_ID)["params"][0])
+        assert params["outlier_rule"] == "union" and params["rois"] == "parts" and params["missing"] == {"sex": 0}
+    assert cli.main(["graph", "--run", RUN_ID, "--rois", "joined", "--out", str(tmp_path / "g"), "--db", str(db)]) == 0
+    doc = json.loads((tmp_path / "g" / "graph.json").read_text())
+    assert doc["params"]["rois"] == "joined"
+
+
 def test_query_command_formats(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["query", "list", "--db", str(db)]) == 0
     assert "top_anomalies" in capsys.readouterr().out
