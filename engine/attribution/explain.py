@@ -128,7 +128,7 @@ def predict_clean(
     t0 = time.perf_counter()
     dev, dtype = model_device_dtype(model, device)
     x = image.to(dev, dtype)[None]
-    geometry = window.geometry(x.shape[2:], device=dev)
+    geometry = window.geometry(x.shape[2:], device=dev, dtype=dtype)
     logits = stitched_forward(model, x, window)[0]
     names = resolve_class_names(logits.shape[0], class_names)
     prediction = logits.argmax(0)
@@ -160,7 +160,7 @@ def compute_maps(
     class_chunk: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Attribution maps (K, C, *S) of ``classes`` for input ``x`` (1, C_in, *S) over the masks of ``prediction``."""
-    problem = Problem(model=model, x=x, geometry=window.geometry(x.shape[2:], device=x.device),
+    problem = Problem(model=model, x=x, geometry=window.geometry(x.shape[2:], device=x.device, dtype=x.dtype),
                       prediction=prediction, classes=tuple(classes), objective=resolve_objective(objective),
                       seed=seed, class_chunk=class_chunk)
     method.check(problem)

@@ -73,10 +73,11 @@ class SlidingWindow:
         if self.vjp not in ("auto", "loop", "batched"):
             raise ValueError(f"vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
 
-    def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu") -> WindowGeometry:
-        """The window layout of this setting for one image size (MONAI's)."""
+    def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> WindowGeometry:
+        """The window layout of this setting for one image size (MONAI's), weights in ``dtype``."""
         return window_geometry(image_size, self.roi_size, overlap=self.overlap, blend=self.blend, device=device,
-                               window=self)
+                               dtype=dtype, window=self)
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly settings, for run records."""
@@ -141,6 +142,7 @@ def window_geometry(
     blend: BlendMode = "constant",
     sigma_scale: float = 0.125,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
     window: SlidingWindow | None = None,
 ) -> WindowGeometry:
     """The window layout MONAI's ``sliding_window_inference`` uses for this image and window size.
@@ -165,9 +167,9 @@ def window_geometry(
     padded = tuple(max(int(image_size[d]), roi[d]) for d in range(nd))
     interval = scan_interval(padded, roi, ov)
     slices = tuple(tuple(s) for s in dense_patch_slices(padded, roi, interval, return_slice=True))
-    weight = compute_importance_map(roi, mode=blend, sigma_scale=sigma_scale, device=device, dtype=torch.float32)
+    weight = compute_importance_map(roi, mode=blend, sigma_scale=sigma_scale, device=device, dtype=dtype)
     weight = weight.reshape(roi)
-    omega = torch.zeros(padded, dtype=torch.float32, device=device)
+    omega = torch.zeros(padded, dtype=dtype, device=device)
     for s in slices:
         omega[s] += weight
     return WindowGeometry(

@@ -145,3 +145,23 @@ def test_bad_options_are_refused(model, image):
         explain_volume(model, image, method="occlusion", window=ROI, baseline="blur")
     with pytest.raises(ValueError, match="legacy"):
         explain_volume(model, image, method="occlusion", window=ROI, objective="legacy")
+
+
+def test_a_given_partition_replaces_the_predicted_segments_as_features(model, image):
+    # the paper's average-sensitivity variant explains a perturbed input over the *clean* segments;
+    # here any label map can be the partition: two halves of the volume
+    partition = torch.zeros(SHAPE, dtype=torch.long)
+    partition[6:] = 1
+    e = explain_volume(model, image, method="occlusion", window=WINDOW, partition=partition, return_maps=True)
+    x = image[None]
+    pred = stitched(model, x).argmax(0)
+    base = float(image.min())
+    for c in torch.unique(pred).tolist():
+        s_clean = float((stitched(model, x)[c] * (pred == c)).sum())
+        for r in (0, 1):
+            xr = x.clone()
+            xr[0, :, partition == r] = base
+            phi = s_clean - float((stitched(model, xr)[c] * (pred == c)).sum())
+            # spread uniformly: every voxel of half r carries φ_r / |r|
+            got = e.maps[str(c)][partition == r]
+            assert torch.allclose(got, torch.full_like(got, phi / int((partition == r).sum())), rtol=1e-4, atol=1e-7)
