@@ -26,9 +26,8 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
+from engine.analytics.anomaly import MEAN_TARGET
 from engine.errors import UserError
-
-MEAN_TARGET = "__mean__"
 
 AUDIT_SCHEMA: dict[str, Any] = {
     "rank": pl.Int64,
