@@ -224,3 +224,34 @@ def test_spec_validation_and_paper_defaults():
     assert EvaluateSpec(subset_fraction=0.25).subset_of(400) == 100
     with pytest.raises(ValueError, match="exceeds"):
         EvaluateSpec(subset_size=50_176).subset_of(1000)
+
+
+def test_sensitivity_uses_the_clean_sigma_and_optionally_the_clean_segments(model, image):
+    from engine.attribution import explain_volume
+
+    spec = EvaluateSpec(targets=("a", "b", "c"), methods=("smoothgrad", "occlusion"), runs=3, subset_fraction=0.1,
+                        n_perturbations=1, noise=0.3, smoothgrad_samples=2, stability_samples=(), seed=2,
+                        sensitivity_partition="clean")
+    rows = evaluate_patient(model, image, patient_id="p", setup=SETUP, spec=spec, stability=False)
+    g = torch.Generator().manual_seed(2 * 1_000_003 + 0 + 500_009)  # the protocol's noise for patient 0
+    noisy = image + (torch.rand(image.shape, generator=g) * 2 - 1) * 0.3
+    lo, hi = float(image.min()), float(image.max())  # no declared range: the clean image's, for both inputs
+    window = SETUP.explainer.window
+
+    def maps(x, method, **options):
+        e = explain_volume(model, x, method=method, window=window, seed=2, targets=["a", "b", "c"],
+                           class_names=("a", "b", "c"), return_maps=True, **options)
+        return e.maps
+
+    clean_pred = explain_volume(model, image, method="saliency", window=window).prediction
+    for method, options in (("smoothgrad", {"n_samples": 2, "input_range": (lo, hi)}),
+                            ("occlusion", {"partition": clean_pred})):
+        extra = {"partition": options.pop("partition")} if "partition" in options else {}
+        a = maps(image, method, **options)
+        b = maps(noisy, method, **options, **extra)
+        got = rows.filter((pl.col("method") == method) & (pl.col("metric") == "average_sensitivity"))
+        for row in got.iter_rows(named=True):
+            t = row["target"]
+            ref = np.linalg.norm((a[t] / a[t].abs().max() - b[t] / b[t].abs().max()).numpy()) / \
+                np.linalg.norm((a[t] / a[t].abs().max()).numpy())
+            assert row["value"] == pytest.approx(float(ref), rel=1e-5)
