@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.attribution import explain_volume  # noqa: E402
+from engine.attribution import SlidingWindow, explain_volume  # noqa: E402
 from engine.attribution.sliding import window_geometry  # noqa: E402
 from engine.labels import THORAX_CLASSES  # noqa: E402
 from engine.models import DEMO_ROI_SIZE, DEMO_WEIGHTS, demo_model  # noqa: E402
@@ -120,7 +120,8 @@ def choose_roi(shape: tuple[int, ...], roi: list[int] | None) -> tuple[int, int,
 def run_engine(model, image, roi, overlap, samples, sigma, seed, targets=None, return_maps=True):
     t0 = time.perf_counter()
     e = explain_volume(
-        model, image, method="smoothgrad", roi_size=roi, overlap=overlap, seed=seed, n_samples=samples,
+        model, image, method="smoothgrad", window=SlidingWindow(roi_size=roi, overlap=overlap), seed=seed,
+        n_samples=samples,
         sigma=sigma, targets=targets, return_maps=return_maps, class_names=THORAX_CLASSES,
     )
     return time.perf_counter() - t0, e

@@ -4,8 +4,7 @@ Prepared for a single-GPU machine that has PyTorch and nothing else of ours. It
 
 1. installs the few wheels the engine's attribution path imports from ``benchmarks/wheels`` (filled
    by ``benchmarks/fetch_gpu_wheels.sh``), offline and without dependencies: monai (needs only torch
-   and numpy), captum (only ``captum.attr._utils.approximation_methods`` is used; its matplotlib /
-   tqdm dependencies are not needed), einops (SwinUNETR) and numpy if it is missing. polars is not
+   and numpy), captum (installed for completeness; the gradient path imports none of it), einops (SwinUNETR) and numpy if it is missing. polars is not
    installed (a ~40 MB wheel only needed for the engine's importance tables): when it is absent a
    stub stands in, and the script calls the engine's ``compute_maps`` + ``roi_statistics`` directly;
 2. builds a SwinUNETR (feature_size 48, use_v2=True, 17 classes, random weights) with 96³ windows on
@@ -107,9 +106,8 @@ def import_engine() -> types.SimpleNamespace:
     """The engine's attribution core, tolerating an environment without polars or matplotlib.
 
     * polars (only for the engine's importance tables, unused here): a stub module when absent;
-    * captum: the engine imports only ``captum.attr._utils.approximation_methods``, but
-      ``captum/__init__`` pulls in matplotlib; when that fails, the three parent packages are
-      registered as bare namespaces so that only that file (torch-only) is executed.
+    * captum is imported only by the perturbation methods, when they run, so the gradient path
+      needs none of it (nor its matplotlib dependency).
     """
     if importlib.util.find_spec("polars") is None:
         stub = types.ModuleType("polars")
@@ -125,29 +123,14 @@ def import_engine() -> types.SimpleNamespace:
         sys.modules["polars"] = stub
         note("polars absent: a stub stands in (the engine's importance tables are not built; "
              "compute_maps + roi_statistics are called directly)")
-    try:
-        import captum.attr._utils.approximation_methods  # noqa: F401
-    except Exception as exc:  # ImportError of matplotlib, tqdm, ...
-        for name in [m for m in list(sys.modules) if m == "captum" or m.startswith("captum.")]:
-            del sys.modules[name]
-        spec = importlib.util.find_spec("captum")
-        if spec is None or not spec.submodule_search_locations:
-            raise
-        base = Path(list(spec.submodule_search_locations)[0])
-        for name, path in (("captum", base), ("captum.attr", base / "attr"), ("captum.attr._utils", base / "attr" / "_utils")):
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(path)]  # type: ignore[attr-defined]
-            sys.modules[name] = mod
-        importlib.import_module("captum.attr._utils.approximation_methods")
-        note(f"captum's package __init__ failed ({type(exc).__name__}: {exc}); loaded only "
-             "captum.attr._utils.approximation_methods, the one module the engine uses")
     from engine.aggregate import roi_statistics
     from engine.attribution.explain import compute_maps
     from engine.attribution.gradients import SmoothGrad
-    from engine.attribution.sliding import stitched_forward, window_geometry
+    from engine.attribution.sliding import SlidingWindow, stitched_forward, window_geometry
 
     return types.SimpleNamespace(compute_maps=compute_maps, roi_statistics=roi_statistics, SmoothGrad=SmoothGrad,
-                                 stitched_forward=stitched_forward, window_geometry=window_geometry)
+                                 SlidingWindow=SlidingWindow, stitched_forward=stitched_forward,
+                                 window_geometry=window_geometry)
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -255,13 +238,13 @@ def run_engine(eng, model, image, labels, classes, args, device, *, bf16: bool, 
     dtype = torch.bfloat16 if bf16 else None
     sync(device)
     t0 = time.perf_counter()
-    geometry = eng.window_geometry(x.shape[2:], args.roi, overlap=args.overlap, device=device)
-    eng.stitched_forward(model, x, geometry, blend="constant", overlap=args.overlap,
-                         window_batch=cfg["window_batch"], autocast_dtype=dtype)  # the clean prediction
+    window = eng.SlidingWindow(roi_size=args.roi, overlap=args.overlap, window_batch=cfg["window_batch"],
+                               autocast=dtype, vjp=cfg["vjp"])
+    geometry = window.geometry(x.shape[2:], device=device)
+    eng.stitched_forward(model, x, window)  # the clean prediction
     maps, work = eng.compute_maps(
-        model, x, labels, classes, eng.SmoothGrad(n_samples=samples, sigma=0.1), roi_size=args.roi,
-        overlap=args.overlap, seed=0, window_batch=cfg["window_batch"], class_chunk=cfg["class_chunk"],
-        vjp=cfg["vjp"], autocast_dtype=dtype,
+        model, x, labels, classes, eng.SmoothGrad(n_samples=samples, sigma=0.1), window=window, seed=0,
+        class_chunk=cfg["class_chunk"],
     )
     stats = eng.roi_statistics(maps.sum(dim=1), labels, args.classes)
     mass = stats.mass.cpu()

@@ -17,7 +17,7 @@ import torch
 from scipy.stats import spearmanr
 
 from engine import phantoms
-from engine.attribution import explain_volume
+from engine.attribution import SlidingWindow, explain_volume
 from engine.labels import THORAX_CLASSES
 from engine.models import DEMO_ROI_SIZE, demo_model
 from engine.training import scale_hu
@@ -35,10 +35,10 @@ def main() -> None:
     for i in range(args.patients):
         ph = phantoms.make_phantom(i, seed=1)
         x = torch.from_numpy(scale_hu(ph.image))[None].float()
-        kw = dict(method="smoothgrad", n_samples=args.samples, roi_size=DEMO_ROI_SIZE, class_names=THORAX_CLASSES,
-                  device=args.device)
-        fp32 = explain_volume(model, x, **kw).importances
-        bf16 = explain_volume(model, x, autocast_dtype=torch.bfloat16, **kw).importances
+        kw = dict(method="smoothgrad", n_samples=args.samples, class_names=THORAX_CLASSES, device=args.device)
+        fp32 = explain_volume(model, x, window=SlidingWindow(roi_size=DEMO_ROI_SIZE), **kw).importances
+        bf16 = explain_volume(model, x, window=SlidingWindow(roi_size=DEMO_ROI_SIZE, autocast=torch.bfloat16),
+                              **kw).importances
         both = fp32.join(bf16, on=["target", "roi", "stat", "sign"], suffix="_bf16")
         both = both.filter((both["stat"] == "mass") & (both["sign"] == "abs"))
         for target in both["target"].unique().to_list():

@@ -73,7 +73,8 @@ class AttributionSpec:
     sigma: float = 0.1
     steps: int = 20
     baseline: str | float = "zeros"
-    target: str = "sum"
+    ig_rule: str = "gausslegendre"  # IG quadrature: gausslegendre, paper (N evenly spaced, 1/N), riemann_*
+    objective: str = "sum"  # the scalar explained per class: sum, mean, softmax, probability_weighted, legacy
     targets: tuple[str, ...] | None = None
     overlap: float = 0.25
     blend: str = "constant"
@@ -85,22 +86,21 @@ class AttributionSpec:
     save_maps: tuple[str, ...] = ()  # patient ids whose maps are written as NIfTI (source grid and affine)
     maps_dir: str = "agg2exp_out/maps"  # where, relative to the job file; one folder per patient
     features: str = "segments"  # kernel_shap / occlusion: "segments" or "cubes"
-    cube_size: int = 8  # voxels per cube side when features = "cubes"
+    cubes: int = 8  # cubes per axis when features = "cubes" (the paper: about 8)
+    cube_size: int | None = None  # voxels per cube side instead of `cubes`
+    kernel_shap_samples: int | None = None  # None: the paper's 200 (segments) or 1,000 (cubes)
     perturbation_baseline: str | float = "min"  # value removed features are set to
 
     def __post_init__(self) -> None:
-        from engine.attribution.gradients import GRADIENT_METHODS
-        from engine.attribution.targets import TARGET_KINDS, resolve_target_kind
+        from engine.attribution.methods import canonical_name, make_method
+        from engine.attribution.objectives import resolve_objective
 
-        if self.method not in GRADIENT_METHODS and self.method not in ("kernel_shap", "occlusion"):
-            raise JobSpecError(
-                f"[attribution] unknown method {self.method!r}; choose one of "
-                f"{sorted(set(GRADIENT_METHODS) | {'kernel_shap', 'occlusion'})}"
-            )
-        try:
-            resolve_target_kind(self.target)
-        except ValueError:
-            raise JobSpecError(f"[attribution] target must be one of {TARGET_KINDS}, got {self.target!r}") from None
+        for check in (lambda: canonical_name(self.method), lambda: resolve_objective(self.objective),
+                      lambda: make_method(self.method, **self.method_options())):
+            try:
+                check()
+            except ValueError as exc:
+                raise JobSpecError(f"[attribution] {exc}") from None
         if self.blend not in ("constant", "gaussian"):
             raise JobSpecError(f"[attribution] blend must be 'constant' or 'gaussian', got {self.blend!r}")
         if not 0 <= self.overlap < 1:
@@ -109,22 +109,25 @@ class AttributionSpec:
             raise JobSpecError("[attribution] n_samples, steps and window_batch must be at least 1")
         if self.autocast not in (None, "bf16", "fp16"):
             raise JobSpecError(f"[attribution] autocast must be 'bf16' or 'fp16' (or absent), got {self.autocast!r}")
-        if self.features not in ("segments", "cubes") or self.cube_size < 1:
-            raise JobSpecError("[attribution] features must be 'segments' or 'cubes' and cube_size at least 1")
+        if self.features not in ("segments", "cubes") or self.cubes < 1 or (self.cube_size or 1) < 1:
+            raise JobSpecError("[attribution] features must be 'segments' or 'cubes', cubes and cube_size at least 1")
         if self.vjp not in ("auto", "loop", "batched"):
             raise JobSpecError(f"[attribution] vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
 
     def method_options(self) -> dict[str, Any]:
         """Options of the chosen method only, as ``explain_volume`` takes them."""
-        if self.method == "smoothgrad":
+        from engine.attribution.methods import canonical_name
+
+        method = canonical_name(self.method)
+        if method == "smoothgrad":
             return {"n_samples": self.n_samples, "sigma": self.sigma}
-        if self.method in ("integrated_gradients", "ig"):
-            return {"steps": self.steps, "baseline": self.baseline}
-        if self.method in ("kernel_shap", "occlusion"):
-            options: dict[str, Any] = {"features": self.features, "cube_size": self.cube_size,
-                                       "baseline": None if self.perturbation_baseline == "min" else self.perturbation_baseline}
-            if self.method == "kernel_shap":
-                options["n_samples"] = self.n_samples
+        if method == "integrated_gradients":
+            return {"steps": self.steps, "baseline": self.baseline, "rule": self.ig_rule}
+        if method in ("kernel_shap", "occlusion"):
+            options: dict[str, Any] = {"features": self.features, "cubes": self.cubes, "cube_size": self.cube_size,
+                                       "baseline": self.perturbation_baseline}
+            if method == "kernel_shap":
+                options["n_samples"] = self.kernel_shap_samples
             return options
         return {}
 
@@ -217,6 +220,9 @@ class JobSpec:
             raise JobSpecError("the job needs a [cohort] section with `manifest` or `phantoms`")
         if "model" not in data:
             raise JobSpecError("the job needs a [model] section (kind = \"demo\" for the shipped model)")
+        if isinstance(data.get("attribution"), Mapping) and "target" in data["attribution"]:
+            raise JobSpecError("[attribution] `target` is now `objective` (the scalar explained per class: sum, "
+                               "mean, softmax, probability_weighted, legacy); `targets` lists the classes")
         table = parse(JobTable, job)
         sections: dict[str, Any] = {
             key: parse(spec_cls, data.get(key))

@@ -16,15 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
-import torch
 
-from engine.attribution import explain_volume
 from engine.errors import UserError
+from engine.job_setup import JobSetup, build_model, resolve_device
 from engine.jobs import JobSpec
 from engine.metrics import dice_iou
 from engine.results import PatientResult
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -39,65 +36,38 @@ class Failure:
 
 Outcome = PatientResult | Failure
 
-
-def resolve_device(requested: str = "auto") -> torch.device:
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("[runtime] device = 'cuda' but no CUDA device is visible to this worker")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def build_model(spec: JobSpec) -> Any:
-    """The job's model (``engine.models.LoadedModel``), validated before any patient is processed."""
-    from engine import models
-
-    loaded = models.load_model(models.ModelSpec.from_dict(spec.model, base_dir=spec.base_dir))
-    models.validate_model(loaded)
-    return loaded
+__all__ = ["Failure", "Outcome", "PatientProcessor", "build_model", "failure_of", "resolve_device"]
 
 
 class PatientProcessor:
     """Holds one loaded model and processes patients one at a time."""
 
     def __init__(self, spec: JobSpec, *, worker_name: str | None = None) -> None:
-        from engine import io
-
         self.spec = spec
         self.worker = worker_name or f"{socket.gethostname()}:{os.getpid()}"
-        self.device = resolve_device(spec.runtime.device)
-        self.loaded = build_model(spec)
-        self.model = self.loaded.module.to(self.device).eval()
-        self.preprocess = io.PreprocessSpec.from_dict(spec.preprocess)
-        self.rois = io.RoISpec.from_dict(spec.rois, base_dir=spec.base_dir)
-        self.autocast = _AUTOCAST.get(spec.attribution.autocast or "") if self.device.type == "cuda" else None
+        self.setup = JobSetup.from_spec(spec)
+        self.device, self.loaded, self.model = self.setup.device, self.setup.loaded, self.setup.model
+        self.preprocess, self.rois, self.explainer = self.setup.preprocess, self.setup.rois, self.setup.explainer
 
     # -- stages --------------------------------------------------------------------------------
     def load(self, record: Mapping[str, Any]) -> Any:
         """CPU stage: read and preprocess one case (``engine.io.Case``)."""
-        from engine import io
-
-        return io.load_case(record, preprocess=self.preprocess)
+        return self.setup.load(record)
 
     def compute(self, case: Any, *, timings: dict[str, float] | None = None) -> PatientResult:
         """Device stage: explain every class of one case and reduce to RoI rows."""
         from engine import io
 
-        a = self.spec.attribution
         names = self.loaded.class_names
         t0 = time.perf_counter()
         rois = None
         if self.rois.source != "prediction":
             rois = io.build_rois(self.rois, case=case, class_names=names, device=self.device)
-        explanation = explain_volume(
-            self.model, case.image, method=a.method, targets=a.targets, class_names=names,
-            roi_size=self.loaded.roi_size, overlap=a.overlap, blend=a.blend, seed=a.seed,  # type: ignore[arg-type]
-            return_maps=case.patient_id in a.save_maps, device=self.device, target=a.target, rois=rois,
+        a = self.spec.attribution
+        explanation = self.explainer.explain(
+            self.model, case.image, targets=a.targets, class_names=names, rois=rois,
             joined_rois=self.rois.joined_parts() if rois is None else None,
-            window_batch=a.window_batch, class_chunk=a.class_chunk, vjp=a.vjp,  # type: ignore[arg-type]
-            autocast_dtype=self.autocast, **a.method_options(),
+            return_maps=case.patient_id in a.save_maps,
         )
         voxels = explanation.voxels()
         dice = dice_iou(explanation.prediction, case.label, len(names)) if case.label is not None else None
@@ -110,7 +80,7 @@ class PatientProcessor:
             },
             schema={"class": pl.String, "voxels": pl.Int64, "dice": pl.Float64, "iou": pl.Float64},
         )
-        importances = explanation.importances.with_columns(pl.lit(self.spec.attribution.method).alias("method"))
+        importances = explanation.importances.with_columns(pl.lit(explanation.method).alias("method"))
         if explanation.maps is not None:
             self._save_maps(case, explanation)
         stage = dict(timings or {})

@@ -26,8 +26,8 @@ from sklearn.ensemble import IsolationForest
 from engine.analytics.matrix import ImportanceMatrix, SelectionError, from_long, from_wide
 from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, class_order, describe, joined_definitions
 from engine.errors import UserError
+from engine.vocabulary import MEAN_TARGET
 
-MEAN_TARGET = "__mean__"
 SCORE_COLUMNS = ("score", "raw_score", "decision", "offset")
 
 

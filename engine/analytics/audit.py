@@ -37,8 +37,8 @@ from scipy import stats
 from engine.analytics.matrix import ImportanceMatrix, SelectionError, from_long
 from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, class_order, describe
 from engine.errors import UserError
+from engine.vocabulary import MEAN_TARGET
 
-MEAN_TARGET = "__mean__"
 OUTLIER_RULES: tuple[str, ...] = ("decision", "union")
 #: Bootstrap resamples evaluated at once: memory is BOOT_BATCH x n, whatever n_boot is.
 BOOT_BATCH = 64

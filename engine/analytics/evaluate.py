@@ -10,7 +10,10 @@ Metric functions (pure torch/numpy; no DuckDB, no Ray), each on one class's attr
   Higher is better.
 - :func:`average_sensitivity` (Yeh et al., 2019): mean over ``n_perturbations`` inputs
   x̃ = x + U(−noise, noise) (on the scaled intensities) of ‖Â(x) − Â(x̃)‖_F / ‖Â(x)‖_F, with the
-  explanation of x̃ recomputed by the same method (same method seed, so only the input changes).
+  explanation of x̃ recomputed by the same method with the same settings (same seed, and
+  SmoothGrad's σ of the clean input, so only the input changes). The masks M_c and, by default,
+  the segments of segment-based perturbation methods are recomputed from x̃;
+  ``sensitivity_partition = "clean"`` keeps the clean segments as the features (the paper's variant).
   Lower is better.
 - :func:`effective_complexity`: the fraction of voxels with |A|/max|A| > ``threshold`` (0.1).
   Lower is sparser.
@@ -37,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -71,8 +74,10 @@ METRICS: dict[str, bool | None] = {
 AGREEMENT_METRIC = "roi_agreement_spearman"
 STABILITY_METRIC = "stability_spearman_n"  # followed by n
 STABILITY_MIN_N = "stability_min_n"
-#: The paper's subset size (224², one ImageNet image) for faithfulness correlation.
+#: The paper's subset size (224², one ImageNet image) for faithfulness correlation ...
 PAPER_SUBSET_SIZE = 50_176
+#: ... which is 0.2–0.4% of its CT volumes; ``--paper-defaults`` perturbs this fraction of a volume.
+PAPER_SUBSET_FRACTION = 0.003
 EVALUATION_COLUMNS: dict[str, pl.DataType] = {
     "patient_id": pl.String(), "target": pl.String(), "method": pl.String(), "metric": pl.String(),
     "value": pl.Float64(),
@@ -127,9 +132,9 @@ def output_drops(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 
 def output_scores(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """(K,) F_c = Σ of class-c logits over the voxels *this* output predicts as c (mask recomputed)."""
-    from engine.attribution.perturbation import class_scores
+    from engine.attribution.objectives import objective_scores
 
-    return class_scores(logits, logits.argmax(0), classes, "sum")
+    return objective_scores(logits, logits.argmax(0), classes, "sum")
 
 
 def faithfulness_correlation(attribution: torch.Tensor, subsets: torch.Tensor, drops: Sequence[float] | torch.Tensor) -> float:
@@ -204,15 +209,19 @@ class EvaluateSpec:
     # average sensitivity
     n_perturbations: int = 3
     noise: float = 0.1
+    sensitivity_partition: str = "recompute"  # or "clean": segment features of x̃ from the clean prediction
     # effective complexity
     complexity_threshold: float = 0.1
     # method options
     smoothgrad_samples: int = 20
-    smoothgrad_sigma: float = 0.1
+    smoothgrad_sigma: float = 0.1  # a fraction of the model input's declared range (ModelSetup.input_range)
     ig_steps: int = 20
     ig_baseline: str | float = "zeros"
-    kernel_shap_samples: int = 100
-    cube_size: int = 8
+    ig_rule: str = "gausslegendre"
+    kernel_shap_samples_segments: int = 200  # the paper's
+    kernel_shap_samples_cubes: int = 1000  # the paper's
+    cubes: int = 8  # cubes per axis (the paper: about 8)
+    cube_size: int | None = None  # voxels per cube side instead of `cubes`
     perturbation_baseline: str | float = "min"
     # SmoothGrad stability of RoI importances
     stability_samples: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -233,21 +242,41 @@ class EvaluateSpec:
             raise ValueError(f"[evaluate] subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.n_perturbations < 0 or not self.noise >= 0:
             raise ValueError("[evaluate] n_perturbations and noise must be >= 0")
-        if min(self.smoothgrad_samples, self.ig_steps, self.kernel_shap_samples, self.cube_size) < 1:
-            raise ValueError("[evaluate] smoothgrad_samples, ig_steps, kernel_shap_samples and cube_size must be >= 1")
+        if min(self.smoothgrad_samples, self.ig_steps, self.kernel_shap_samples_segments,
+               self.kernel_shap_samples_cubes, self.cubes, self.cube_size or 1) < 1:
+            raise ValueError("[evaluate] smoothgrad_samples, ig_steps, kernel_shap_samples_*, cubes and cube_size "
+                             "must be >= 1")
+        if self.sensitivity_partition not in ("recompute", "clean"):
+            raise ValueError(f"[evaluate] sensitivity_partition must be 'recompute' or 'clean', "
+                             f"got {self.sensitivity_partition!r}")
+        from engine.attribution.methods import make_method
+
+        for name in self.methods:  # every method's options are checked before any patient is explained
+            try:
+                method, options = self.method_options(name)
+                make_method(method, **options)
+            except ValueError as exc:
+                raise ValueError(f"[evaluate] {name}: {exc}") from None
         if self.stability_samples and min(self.stability_samples) < 1:
             raise ValueError(f"[evaluate] stability_samples must be positive, got {self.stability_samples}")
 
+    #: The paper's parameters: 100 faithfulness runs of 0.3% of the volume (its 50,176 voxels were
+    #: 0.2–0.4% of a CT), 3 perturbations of ±0.1, 20 SmoothGrad samples, IG with 20 evenly spaced
+    #: steps, KernelSHAP with 200 (segments) / 1,000 (cubes) samples and 8 cubes per axis.
+    PAPER: ClassVar[dict[str, Any]] = dict(
+        runs=100, subset_size=None, subset_fraction=PAPER_SUBSET_FRACTION, n_perturbations=3, noise=0.1,
+        complexity_threshold=0.1, smoothgrad_samples=20, smoothgrad_sigma=0.1, ig_steps=20, ig_rule="paper",
+        kernel_shap_samples_segments=200, kernel_shap_samples_cubes=1000, cubes=8, cube_size=None,
+        sensitivity_partition="clean",
+    )
+
     @classmethod
     def paper(cls, **overrides: Any) -> EvaluateSpec:
-        """The paper's metric parameters: 100 runs of 50,176 voxels, 3 perturbations of ±0.1, 20 SmoothGrad samples."""
-        base = dict(runs=100, subset_size=PAPER_SUBSET_SIZE, n_perturbations=3, noise=0.1, complexity_threshold=0.1,
-                    smoothgrad_samples=20, smoothgrad_sigma=0.1)
-        return cls(**{**base, **overrides})
+        """The paper's parameters (:attr:`PAPER`), with ``overrides``."""
+        return cls(**{**cls.PAPER, **overrides})
 
     def with_paper_defaults(self) -> EvaluateSpec:
-        return replace(self, runs=100, subset_size=PAPER_SUBSET_SIZE, n_perturbations=3, noise=0.1,
-                       complexity_threshold=0.1, smoothgrad_samples=20, smoothgrad_sigma=0.1)
+        return replace(self, **self.PAPER)
 
     def subset_of(self, n_voxels: int) -> int:
         size = self.subset_size if self.subset_size is not None else max(1, round(self.subset_fraction * n_voxels))
@@ -263,13 +292,14 @@ class EvaluateSpec:
         if method == "smoothgrad":
             opts.update(n_samples=self.smoothgrad_samples, sigma=self.smoothgrad_sigma)
         elif method == "integrated_gradients":
-            opts.update(steps=self.ig_steps, baseline=self.ig_baseline)
+            opts.update(steps=self.ig_steps, baseline=self.ig_baseline, rule=self.ig_rule)
         elif method in ("kernel_shap", "occlusion"):
             opts["baseline"] = self.perturbation_baseline
+            cubes = opts.get("features") == "cubes"
             if method == "kernel_shap":
-                opts["n_samples"] = self.kernel_shap_samples
-            if opts.get("features") == "cubes":
-                opts["cube_size"] = self.cube_size
+                opts["n_samples"] = self.kernel_shap_samples_cubes if cubes else self.kernel_shap_samples_segments
+            if cubes:
+                opts.update(cubes=self.cubes, cube_size=self.cube_size)
         return method, opts
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,16 +308,35 @@ class EvaluateSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSetup:
-    """How the model is run: window size, overlap, blending, explained target, batching."""
+    """How the model is run and what is explained: the class names and a base explainer.
 
-    roi_size: tuple[int, ...]
+    ``explainer`` carries the window settings, the objective and the device (its method is replaced
+    by each evaluated method, its seed by ``EvaluateSpec.seed``); ``input_range`` is the model
+    input's declared intensity range that SmoothGrad's σ is a fraction of (None: each clean
+    image's own range, reused for its perturbed copies).
+    """
+
     class_names: tuple[str, ...]
-    overlap: float = 0.25
-    blend: str = "constant"
-    target: str = "sum"
-    window_batch: int = 1
-    vjp: str = "auto"
-    device: torch.device | str | None = None
+    explainer: Any  # engine.attribution.Explainer
+    input_range: tuple[float, float] | None = None
+
+    @classmethod
+    def of(cls, roi_size: Sequence[int], class_names: Sequence[str], *, input_range: tuple[float, float] | None = None,
+           **window: Any) -> ModelSetup:
+        """A setup from a window size (and other :class:`~engine.attribution.SlidingWindow` settings)."""
+        from engine.attribution import Explainer, Saliency, SlidingWindow
+
+        return cls(class_names=tuple(class_names), input_range=input_range,
+                   explainer=Explainer(method=Saliency(), window=SlidingWindow(roi_size=tuple(roi_size), **window)))
+
+    def method(self, spec: EvaluateSpec, name: str) -> Any:
+        """The evaluated method ``name``, built with its options (SmoothGrad's σ on ``input_range``)."""
+        from engine.attribution import make_method
+
+        method, opts = spec.method_options(name)
+        if method == "smoothgrad" and self.input_range is not None:
+            opts["input_range"] = self.input_range
+        return make_method(method, **opts)
 
 
 @dataclass
@@ -300,20 +349,12 @@ class _Explained:
 
 
 # ================================================================================ the driver
-def _explain(model: torch.nn.Module, image: torch.Tensor, name: str, classes: Sequence[str], setup: ModelSetup,
-             spec: EvaluateSpec) -> _Explained:
-    from engine.attribution import explain_volume
-    from engine.attribution.perturbation import PERTURBATION_METHODS, explain_volume_perturbation
-
-    method, opts = spec.method_options(name)
-    common = dict(method=method, targets=list(classes), class_names=setup.class_names, roi_size=setup.roi_size,
-                  overlap=setup.overlap, blend=setup.blend, seed=spec.seed, return_maps=True, device=setup.device,
-                  target=setup.target, window_batch=setup.window_batch)
+def _explain(model: torch.nn.Module, image: torch.Tensor, method: Any, classes: Sequence[str], setup: ModelSetup,
+             spec: EvaluateSpec, partition: torch.Tensor | None = None) -> _Explained:
+    explainer = replace(setup.explainer, method=method, seed=spec.seed)
     t0 = time.perf_counter()
-    if method in PERTURBATION_METHODS:
-        e = explain_volume_perturbation(model, image, **common, **opts)  # type: ignore[arg-type]
-    else:
-        e = explain_volume(model, image, vjp=setup.vjp, **common, **opts)  # type: ignore[arg-type]
+    e = explainer.explain(model, image, targets=list(classes), class_names=setup.class_names, partition=partition,
+                          return_maps=True)
     seconds = time.perf_counter() - t0
     maps = torch.zeros((len(classes), *image.shape[1:]))
     for i, c in enumerate(classes):
@@ -330,18 +371,19 @@ def smoothgrad_stability(model: torch.nn.Module, image: torch.Tensor, prediction
     One run of max(n) samples; the map at n is the mean of the first n per-sample gradients, which
     is what SmoothGrad(n_samples=n, seed) computes (same noise, drawn in the same order).
     """
-    from engine.attribution import Saliency, SmoothGrad, compute_maps
+    from dataclasses import replace as _replace
+
+    from engine.attribution import Saliency, compute_maps
 
     ns = sorted(set(int(n) for n in spec.stability_samples))
     x = image.to(torch.float32)[None]
-    sg = SmoothGrad(n_samples=max(ns), sigma=spec.smoothgrad_sigma)
+    sg = _replace(setup.method(spec, "smoothgrad"), n_samples=max(ns))
     generator = torch.Generator(device=x.device).manual_seed(int(spec.seed))
     total = torch.zeros((len(classes), *image.shape[1:]))
     out: dict[int, torch.Tensor] = {}
     for i, (xi, _) in enumerate(sg.passes(x, generator=generator), start=1):
-        maps, _ = compute_maps(model, xi, prediction, classes, Saliency(), roi_size=setup.roi_size,
-                               overlap=setup.overlap, blend=setup.blend, target=setup.target,  # type: ignore[arg-type]
-                               window_batch=setup.window_batch, vjp=setup.vjp)  # type: ignore[arg-type]
+        maps, _ = compute_maps(model, xi, prediction, classes, Saliency(), window=setup.explainer.window,
+                               objective=setup.explainer.objective)
         total += maps.sum(dim=1).cpu()
         if i in ns:
             out[i] = total / i
@@ -365,23 +407,24 @@ def evaluate_patient(
     for every method, and a re-run gives identical numbers.
     """
     from engine.aggregate import RoISet, aggregate
-    from engine.attribution.explain import _resolve_targets
-    from engine.attribution.sliding import stitched_forward, window_geometry
+    from engine.attribution import SmoothGrad
+    from engine.attribution.explain import resolve_targets
+    from engine.attribution.sliding import stitched_forward
 
     was_training = model.training
     model.eval()
     try:
         x = image.to(torch.float32)[None]
-        geometry = window_geometry(x.shape[2:], setup.roi_size, overlap=setup.overlap, blend=setup.blend)  # type: ignore[arg-type]
+        window = setup.explainer.window
+        geometry = window.geometry(x.shape[2:])
 
         def logits_of(inp: torch.Tensor) -> torch.Tensor:
-            return stitched_forward(model, inp, geometry, blend=setup.blend, overlap=setup.overlap,  # type: ignore[arg-type]
-                                    window_batch=setup.window_batch)[0]
+            return stitched_forward(model, inp, window)[0]
 
         clean = logits_of(x)
         prediction = clean.argmax(0)
         names = setup.class_names
-        class_ids = _resolve_targets(list(spec.targets), names, torch.unique(prediction).tolist())
+        class_ids = resolve_targets(list(spec.targets), names, torch.unique(prediction).tolist())
         classes = [names[c] for c in class_ids]
         rows: list[tuple[str, str, str, str, float]] = []
         if not classes:
@@ -390,10 +433,14 @@ def evaluate_patient(
         def add(target: str, method: str, metric: str, value: float) -> None:
             rows.append((patient_id, target, method, metric, float(value)))
 
-        # explanations of the clean input
+        # explanations of the clean input; SmoothGrad's σ is pinned here, so x̃ gets the clean σ
+        methods = {}
+        for name in spec.methods:
+            m = setup.method(spec, name)
+            methods[name] = m.pinned_to(x) if isinstance(m, SmoothGrad) else m
         explained: dict[str, _Explained] = {}
         for name in spec.methods:
-            explained[name] = _explain(model, image, name, classes, setup, spec)
+            explained[name] = _explain(model, image, methods[name], classes, setup, spec)
             if log:
                 log(f"  {patient_id} {name}: {explained[name].seconds:.1f}s")
         # faithfulness: one set of subsets and output drops per patient, shared by the methods
@@ -406,7 +453,8 @@ def evaluate_patient(
         noisy = [image + (torch.rand(image.shape, generator=g, dtype=torch.float32) * 2 - 1) * spec.noise
                  for _ in range(spec.n_perturbations)]
         for name, ex in explained.items():
-            perturbed = [_explain(model, xt, name, classes, setup, spec).maps for xt in noisy]
+            partition = prediction if spec.sensitivity_partition == "clean" else None
+            perturbed = [_explain(model, xt, methods[name], classes, setup, spec, partition).maps for xt in noisy]
             share_t = ex.seconds / ex.n_explained
             share_c = forward_equivalents(ex.work, geometry.n_windows, spec.vjp_cost) / ex.n_explained
             for k, c in enumerate(classes):
@@ -553,6 +601,7 @@ __all__ = [
     "EVALUATION_COLUMNS",
     "METHOD_VARIANTS",
     "METRICS",
+    "PAPER_SUBSET_FRACTION",
     "PAPER_SUBSET_SIZE",
     "PAPER_TARGETS",
     "EvaluateSpec",

@@ -1,9 +1,11 @@
-"""``explain_volume``: one volume in, predicted label map and RoI importances out.
+"""The front door: :class:`Explainer` and ``explain_volume``, one volume in, prediction and RoI importances out.
 
-Steps, all on the compute device: stitched clean prediction (MONAI sliding windows) → masks M_c →
-per-class gradient maps for the chosen method (classes batched per window, memory bounded to the
-K maps being accumulated) → one scatter pass per class into RoI statistics. Maps are freed unless
-``return_maps`` asks to keep them.
+Every method, gradient or perturbation, goes through the same three steps on the compute device:
+the clean stitched prediction (MONAI sliding windows; masks M_c and the classes to explain) →
+the method's maps (:meth:`~engine.attribution.base.AttributionMethod.attribute`) → one scatter pass
+per class into RoI statistics (:func:`engine.aggregate.aggregate`). Maps are freed unless
+``return_maps`` asks to keep them. Inputs follow the model's parameter dtype (a float64 model
+gets float64 inputs and maps); ``autocast`` in the window settings applies on top.
 """
 
 from __future__ import annotations
@@ -11,23 +13,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
 import torch
 
 from engine.aggregate import RoISet, aggregate
-from engine.attribution.gradients import GRADIENT_METHODS, GradientMethod, gradient_method
-from engine.attribution.sliding import (
-    BlendMode,
-    VJPMode,
-    WindowGeometry,
-    stitched_forward,
-    window_geometry,
-    window_gradients,
-)
-from engine.attribution.targets import TargetSeeds, resolve_target_kind
+from engine.attribution.base import AttributionMethod, Problem
+from engine.attribution.gradients import GradientMethod, SmoothGrad
+from engine.attribution.methods import make_method
+from engine.attribution.objectives import Objective, resolve_objective
+from engine.attribution.sliding import SlidingWindow, WindowGeometry, stitched_forward
 from engine.labels import resolve_class_names
 
 ClassRef = int | str
@@ -40,7 +37,9 @@ class Explanation:
     ``prediction`` is the (D, H, W) label map of the clean stitched prediction; ``importances`` is
     the long format (target, roi, stat, sign, value); ``maps`` (class name → (D, H, W) attribution,
     summed over input channels) only when ``return_maps=True``; ``logits`` the stitched logits
-    when ``return_logits=True``.
+    when ``return_logits=True``. ``method`` is the method's canonical name; ``options`` its
+    options, the objective, the window settings, the seed and what was resolved on this input
+    (e.g. SmoothGrad's ``sigma_abs``).
     """
 
     prediction: torch.Tensor
@@ -60,7 +59,8 @@ class Explanation:
         return {n: int(c) for n, c in zip(self.class_names, counts.tolist())}
 
 
-def _resolve_targets(targets: Sequence[ClassRef] | None, names: tuple[str, ...], present: list[int]) -> list[int]:
+def resolve_targets(targets: Sequence[ClassRef] | None, names: tuple[str, ...], present: list[int]) -> list[int]:
+    """Class ids to explain: the requested ones (names or ids) that are predicted; all present when None."""
     if targets is None:
         return present
     out = []
@@ -76,19 +76,24 @@ def _resolve_targets(targets: Sequence[ClassRef] | None, names: tuple[str, ...],
     return [c for c in dict.fromkeys(out) if c in present]
 
 
-def _device_of(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def model_device_dtype(model: torch.nn.Module, device: torch.device | str | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where and in which floating dtype the model computes (its first floating parameter or buffer)."""
+    dtype = torch.float32
+    found = None
+    for t in [*model.parameters(), *model.buffers()]:
+        found = found or t.device
+        if t.is_floating_point():
+            dtype = t.dtype
+            found = t.device
+            break
+    return (torch.device(device) if device is not None else found or torch.device("cpu")), dtype
 
 
 @dataclass
 class CleanPrediction:
     """The clean stitched prediction every method starts from, and what it fixes."""
 
-    x: torch.Tensor  # (1, C_in, *S) on the compute device
+    x: torch.Tensor  # (1, C_in, *S) on the compute device, in the model's dtype
     geometry: WindowGeometry
     logits: torch.Tensor  # (C, *S)
     names: tuple[str, ...]
@@ -106,15 +111,11 @@ class CleanPrediction:
 def predict_clean(
     model: torch.nn.Module,
     image: torch.Tensor,
+    window: SlidingWindow,
     *,
-    roi_size: Sequence[int],
-    overlap: float,
-    blend: BlendMode,
-    window_batch: int,
-    autocast_dtype: torch.dtype | None,
-    class_names: Sequence[str] | None,
-    targets: Sequence[ClassRef] | None,
-    device: torch.device,
+    class_names: Sequence[str] | None = None,
+    targets: Sequence[ClassRef] | None = None,
+    device: torch.device | str | None = None,
 ) -> CleanPrediction:
     """Check the image, run MONAI's stitched forward once and resolve names and targets.
 
@@ -125,14 +126,13 @@ def predict_clean(
     if not torch.isfinite(image).all():
         raise ValueError("image contains NaN or infinite values; fix or exclude the volume")
     t0 = time.perf_counter()
-    x = image.to(device, torch.float32)[None]
-    geometry = window_geometry(x.shape[2:], roi_size, overlap=overlap, blend=blend, device=device)
-    logits = stitched_forward(
-        model, x, geometry, blend=blend, overlap=overlap, window_batch=window_batch, autocast_dtype=autocast_dtype,
-    )[0]
+    dev, dtype = model_device_dtype(model, device)
+    x = image.to(dev, dtype)[None]
+    geometry = window.geometry(x.shape[2:], device=dev, dtype=dtype)
+    logits = stitched_forward(model, x, window)[0]
     names = resolve_class_names(logits.shape[0], class_names)
     prediction = logits.argmax(0)
-    classes = _resolve_targets(targets, names, torch.unique(prediction).tolist())
+    classes = resolve_targets(targets, names, torch.unique(prediction).tolist())
     return CleanPrediction(x, geometry, logits, names, prediction, classes, time.perf_counter() - t0)
 
 
@@ -152,121 +152,186 @@ def compute_maps(
     x: torch.Tensor,
     prediction: torch.Tensor,
     classes: Sequence[int],
-    method: GradientMethod,
+    method: AttributionMethod,
     *,
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    blend: BlendMode = "constant",
-    target: str = "sum",
+    window: SlidingWindow,
+    objective: str = "sum",
     seed: int = 0,
-    window_batch: int = 1,
     class_chunk: int | None = None,
-    vjp: VJPMode = "auto",
-    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Attribution maps (K, C_in, *S) of ``classes`` for input ``x`` (1, C_in, *S).
+    """Attribution maps (K, C, *S) of ``classes`` for input ``x`` (1, C_in, *S) over the masks of ``prediction``."""
+    problem = Problem(model=model, x=x, geometry=window.geometry(x.shape[2:], device=x.device, dtype=x.dtype),
+                      prediction=prediction, classes=tuple(classes), objective=resolve_objective(objective),
+                      seed=seed, class_chunk=class_chunk)
+    method.check(problem)
+    result = method.attribute(problem)
+    return result.maps, result.work
 
-    ``class_chunk`` bounds how many class maps are accumulated at once (each chunk repeats the
-    forwards); the noise of every chunk is the same, since the generator restarts from ``seed``.
+
+@dataclass(frozen=True, kw_only=True)
+class Explainer:
+    """A method with every setting it runs under, called per volume (as ``SlidingWindowInferer`` is).
+
+    Build it once (``Explainer.from_spec`` from a job's ``[attribution]`` settings, or directly)
+    and call :meth:`explain` for each image; the model is passed per call, as to an inferer.
     """
-    geometry = window_geometry(x.shape[2:], roi_size, overlap=overlap, blend=blend, device=x.device)
-    seeds = TargetSeeds(
-        target, prediction, geometry, model=model, blend=blend, overlap=overlap,
-        window_batch=window_batch, autocast_dtype=autocast_dtype,
-    )
-    chunk = len(classes) if not class_chunk else max(1, int(class_chunk))
-    out = torch.zeros((len(classes), x.shape[1], *x.shape[2:]), device=x.device)
-    work = {"forwards": 0, "vjps": 0, "passes": 0}
-    for lo in range(0, len(classes), chunk):
-        part = list(classes[lo:lo + chunk])
-        generator = torch.Generator(device=x.device).manual_seed(int(seed))
-        acc = out[lo:lo + chunk]
-        for xi, weight in method.passes(x, generator=generator):
-            _, counters = window_gradients(
-                model, xi, geometry, part, seeds.seed_fn(xi), window_batch=window_batch, vjp=vjp,
-                autocast_dtype=autocast_dtype, out=acc, scale=weight,
+
+    method: AttributionMethod
+    window: SlidingWindow
+    objective: Objective = "sum"
+    seed: int = 0
+    class_chunk: int | None = None
+    device: torch.device | str | None = None
+    #: HU per model-input unit, when the preprocessing window is known (for recording σ in HU).
+    hu_per_unit: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objective", resolve_objective(self.objective))
+        if self.class_chunk is not None and int(self.class_chunk) < 1:
+            raise ValueError(f"class_chunk must be at least 1, got {self.class_chunk}")
+
+    @classmethod
+    def from_spec(
+        cls,
+        attribution: Any,
+        *,
+        roi_size: Sequence[int],
+        device: torch.device | str | None = None,
+        autocast: torch.dtype | None = None,
+        input_range: tuple[float, float] | None = None,
+        hu_range: tuple[float, float] | None = None,
+    ) -> Explainer:
+        """The explainer of a job's ``[attribution]`` settings (an ``engine.jobs.AttributionSpec``).
+
+        ``input_range`` is the model input's declared intensity range ([b_min, b_max] of the
+        preprocessing), against which SmoothGrad's σ is defined; ``hu_range`` the HU window
+        ([a_min, a_max]) mapped onto it, used only to record σ in HU.
+        """
+        options = dict(attribution.method_options())
+        method = make_method(attribution.method, **options)
+        if isinstance(method, SmoothGrad) and input_range is not None and method.input_range is None:
+            method = replace(method, input_range=(float(input_range[0]), float(input_range[1])))
+        hu_per_unit = None
+        if input_range is not None and hu_range is not None:
+            hu_per_unit = (float(hu_range[1]) - float(hu_range[0])) / (float(input_range[1]) - float(input_range[0]))
+        window = SlidingWindow(roi_size=tuple(roi_size), overlap=attribution.overlap, blend=attribution.blend,
+                               window_batch=attribution.window_batch, autocast=autocast, vjp=attribution.vjp)
+        return cls(method=method, window=window, objective=attribution.objective, seed=attribution.seed,
+                   class_chunk=attribution.class_chunk, device=device, hu_per_unit=hu_per_unit)
+
+    def with_method(self, method: AttributionMethod) -> Explainer:
+        return replace(self, method=method)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings, JSON-friendly (method options, objective, window, seed; σ when it is fixed)."""
+        out: dict[str, Any] = {"method": self.method.name, **self.method.options(), "objective": self.objective,
+                               **self.window.describe(), "seed": self.seed}
+        if isinstance(self.method, SmoothGrad) and self.method.input_range is not None:
+            out.update(self._sigma(self.method.stdev(torch.zeros(1))))
+        return out
+
+    def _sigma(self, sigma_abs: float) -> dict[str, float]:
+        out = {"sigma_abs": sigma_abs}
+        if self.hu_per_unit is not None:
+            out["sigma_hu"] = sigma_abs * self.hu_per_unit
+        return out
+
+    def explain(
+        self,
+        model: torch.nn.Module,
+        image: torch.Tensor,
+        *,
+        targets: Sequence[ClassRef] | None = None,
+        class_names: Sequence[str] | None = None,
+        rois: RoISet | None = None,
+        joined_rois: Mapping[str, Sequence[str]] | None = None,
+        partition: torch.Tensor | None = None,
+        return_maps: bool = False,
+        return_logits: bool = False,
+    ) -> Explanation:
+        """Explain every (or each requested) predicted class of ``image`` (C_in, D, H, W) and aggregate into RoIs.
+
+        RoIs default to the predicted segments (named like the classes), plus ``joined_rois``
+        (e.g. ``{"lung": (five lobes)}``); pass ``rois`` for custom RoIs. ``partition`` (a label
+        map) replaces the predicted segments as the features of segment-based perturbation methods.
+        """
+        with eval_mode(model):
+            clean = predict_clean(model, image, self.window, class_names=class_names, targets=targets,
+                                  device=self.device)
+            timings = {"predict": clean.seconds}
+            t0 = time.perf_counter()
+            problem = Problem(model=model, x=clean.x, geometry=clean.geometry, prediction=clean.prediction,
+                              classes=tuple(clean.classes), objective=self.objective, seed=self.seed,
+                              class_chunk=self.class_chunk, clean_logits=clean.logits,
+                              partition=None if partition is None else partition.to(clean.x.device))
+            self.method.check(problem)
+            result = self.method.attribute(problem)
+            # over input channels: (K, *S); a view for one channel, not a second K-map copy
+            maps = result.maps[:, 0] if result.maps.shape[1] == 1 else result.maps.sum(dim=1)
+            work = dict(result.work)
+            work["forwards"] = work.get("forwards", 0) + clean.geometry.n_windows
+            work["passes"] = work.get("passes", 0) + (0 if isinstance(self.method, GradientMethod) else 1)
+            timings["attribute"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            target_names = [clean.names[c] for c in clean.classes]
+            importances = aggregate(maps, clean.rois(rois, joined_rois), target_names)
+            timings["aggregate"] = time.perf_counter() - t0
+            details = dict(result.details)
+            if "sigma_abs" in details:
+                details.update(self._sigma(details["sigma_abs"]))
+            return Explanation(
+                prediction=clean.prediction.cpu(),
+                importances=importances,
+                class_names=clean.names,
+                targets=tuple(target_names),
+                method=self.method.name,
+                options={**self.describe(), **details},
+                maps={n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None,
+                logits=clean.logits.cpu() if return_logits else None,
+                timings=timings,
+                work=work,
             )
-            work["forwards"] += counters["forwards"]
-            work["vjps"] += counters["vjps"]
-            work["passes"] += 1
-    method.finalize(x, out)
-    return out, work
 
 
 def explain_volume(
     model: torch.nn.Module,
     image: torch.Tensor,
     *,
-    method: str = "smoothgrad",
+    method: str | AttributionMethod = "smoothgrad",
+    window: SlidingWindow | Sequence[int],
+    objective: str = "sum",
+    seed: int = 0,
+    class_chunk: int | None = None,
+    device: torch.device | str | None = None,
     targets: Sequence[ClassRef] | None = None,
     class_names: Sequence[str] | None = None,
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    blend: BlendMode = "constant",
-    seed: int = 0,
-    return_maps: bool = False,
-    return_logits: bool = False,
-    device: torch.device | str | None = None,
-    target: str = "sum",
     rois: RoISet | None = None,
     joined_rois: Mapping[str, Sequence[str]] | None = None,
-    window_batch: int = 1,
-    class_chunk: int | None = None,
-    vjp: VJPMode = "auto",
-    autocast_dtype: torch.dtype | None = None,
+    partition: torch.Tensor | None = None,
+    return_maps: bool = False,
+    return_logits: bool = False,
     **method_options: Any,
 ) -> Explanation:
-    """Explain every (or each requested) predicted class of one volume and aggregate into RoIs.
+    """One call: ``Explainer(method, window, ...).explain(model, image, ...)``.
 
     ``model`` maps (B, C_in, *roi_size) to (B, C_out, *roi_size) logits; ``image`` is (C_in, D, H, W).
-    ``targets=None`` explains every class present in the prediction. RoIs default to the predicted
-    segments (named like the classes), plus ``joined_rois`` (e.g. ``{"lung": (five lobes)}``); pass
-    ``rois`` for custom RoIs (a :class:`~engine.aggregate.RoISet`). Method options:
-    ``n_samples``, ``sigma`` (SmoothGrad); ``steps``, ``baseline`` (IG).
+    ``window`` is a :class:`SlidingWindow` (or just its ``roi_size``); ``method`` a registered name
+    (options as keywords, e.g. ``n_samples``, ``sigma``, ``input_range`` for SmoothGrad) or a built
+    method. ``targets`` are the classes to explain (None: every predicted class); ``objective``
+    the scalar explained for each (:mod:`engine.attribution.objectives`).
     """
-    resolve_target_kind(target)
-    if method not in GRADIENT_METHODS:
-        from engine.attribution import perturbation
-
-        if method in perturbation.PERTURBATION_METHODS:
-            return perturbation.explain_volume_perturbation(
-                model, image, method=method, targets=targets, class_names=class_names, roi_size=roi_size,
-                overlap=overlap, blend=blend, seed=seed, device=device, target=target, rois=rois,
-                joined_rois=joined_rois, window_batch=window_batch, return_maps=return_maps,
-                return_logits=return_logits, autocast_dtype=autocast_dtype, **method_options,
-            )
-    grad_method = gradient_method(method, **method_options)
-    dev = _device_of(model, device)
-    with eval_mode(model):
-        clean = predict_clean(
-            model, image, roi_size=roi_size, overlap=overlap, blend=blend, window_batch=window_batch,
-            autocast_dtype=autocast_dtype, class_names=class_names, targets=targets, device=dev,
-        )
-        timings = {"predict": clean.seconds}
-        t0 = time.perf_counter()
-        maps, work = compute_maps(
-            model, clean.x, clean.prediction, clean.classes, grad_method, roi_size=roi_size, overlap=overlap,
-            blend=blend, target=target, seed=seed, window_batch=window_batch, class_chunk=class_chunk, vjp=vjp,
-            autocast_dtype=autocast_dtype,
-        )
-        # over input channels: (K, *S); a view for one channel, not a second K-map copy
-        maps = maps[:, 0] if maps.shape[1] == 1 else maps.sum(dim=1)
-        work["forwards"] += clean.geometry.n_windows
-        timings["attribute"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        target_names = [clean.names[c] for c in clean.classes]
-        importances = aggregate(maps, clean.rois(rois, joined_rois), target_names)
-        timings["aggregate"] = time.perf_counter() - t0
-        return Explanation(
-            prediction=clean.prediction.cpu(),
-            importances=importances,
-            class_names=clean.names,
-            targets=tuple(target_names),
-            method=grad_method.name,
-            options={**grad_method.options(), "target": target, "blend": blend, "overlap": overlap,
-                     "roi_size": list(roi_size), "seed": seed},
-            maps={n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None,
-            logits=clean.logits.cpu() if return_logits else None,
-            timings=timings,
-            work=work,
-        )
+    if "target" in method_options:
+        raise TypeError("explain_volume's `target` is now `objective` (the scalar explained per class); "
+                        "`targets` are the classes")
+    if isinstance(method, AttributionMethod):
+        if method_options:
+            raise TypeError(f"options {sorted(method_options)} go into the method object, not explain_volume")
+        built = method
+    else:
+        built = make_method(method, **method_options)
+    sw = window if isinstance(window, SlidingWindow) else SlidingWindow(roi_size=tuple(window))
+    explainer = Explainer(method=built, window=sw, objective=objective, seed=seed, class_chunk=class_chunk,  # type: ignore[arg-type]
+                          device=device)
+    return explainer.explain(model, image, targets=targets, class_names=class_names, rois=rois,
+                             joined_rois=joined_rois, partition=partition, return_maps=return_maps,
+                             return_logits=return_logits)

@@ -1,9 +1,9 @@
 """Perturbation attributions over features (RoIs or cubes): KernelSHAP and occlusion, via captum.
 
-What is explained for class c is the same scalar as for the gradient methods,
+What is explained for class c is the same objective as for the gradient methods (see
+:mod:`engine.attribution.objectives`), e.g. ``sum``:
 
-    S_c(x) = Σ_{v∈M_c} Ẑ_c(v; x)        (``target="sum"``; ``"mean"`` divides by |M_c|,
-                                          ``"probability"`` sums softmax(Ẑ)_c over M_c)
+    S_c(x) = Σ_{v∈M_c} Ẑ_c(v; x)
 
 with Ẑ MONAI's stitched sliding-window prediction and M_c the mask of class c in the *clean*
 prediction, held fixed while features are perturbed. A perturbed input sets every voxel of the
@@ -11,59 +11,74 @@ switched-off features (all input channels) to the baseline, by default the image
 
 Features (``features=``):
 
-- ``"segments"``: the predicted segments of the clean prediction (one feature per class present);
-- ``"cubes"``: a regular grid of ``cube_size``³-voxel cubes (the last ones cut at the border).
+- ``"segments"``: the predicted segments of the clean prediction (one feature per class present),
+  or of the label map given as the problem's ``partition``;
+- ``"cubes"``: a regular grid of ``cubes`` cubes per axis (default 8, as the paper: 8³ = 512
+  features on any volume), or of ``cube_size`` voxels per side when that is given (the last cubes
+  cut at the border).
 
 Methods (``captum.attr.FeatureAblation`` and ``captum.attr.KernelShap`` with that feature mask):
 
-- ``occlusion``: φ_f = S_c(x) − S_c(x with feature f at the baseline). captum's FeatureAblation takes
-  a forward with K outputs, so one forward per feature serves every target class.
-- ``kernel_shap``: captum's KernelShap with ``n_samples`` coalitions drawn from the global torch
-  generator seeded with ``seed`` (inside ``torch.random.fork_rng``, so the caller's RNG is left
-  alone). KernelShap needs a scalar output, so it is called once per class with the same seed,
-  hence the same coalitions; the forward outputs of every class are cached per perturbed input,
-  so each coalition costs one stitched forward for all classes together.
+- :class:`Occlusion`: φ_f = S_c(x) − S_c(x with feature f at the baseline). captum's
+  FeatureAblation takes a forward with K outputs, so one forward per feature serves every class.
+- :class:`KernelShap`: captum's KernelShap with ``n_samples`` coalitions (the paper's defaults:
+  200 for segments, 1,000 for cubes) drawn from the global torch generator seeded with ``seed``
+  (inside ``torch.random.fork_rng``, so the caller's RNG is left alone). The weighted regression
+  has F + 1 unknowns, so ``n_samples`` ≤ F is refused (:class:`~engine.attribution.base.SettingsError`).
+  KernelShap needs a scalar output, so it is called once per class with the same seed, hence the
+  same coalitions; the scores of every class are cached per perturbed input, so each coalition
+  costs one stitched forward for all classes together.
 
-From feature attributions to RoI importances (the rule used here): each feature's attribution is
-spread uniformly over its voxels, a(v) = φ_f / |f| for v ∈ f, and the voxel map is aggregated with
+From feature attributions to voxel maps (the rule used here; the reference code instead gives every
+voxel of a feature the feature's full score): each feature's attribution is spread uniformly over
+its voxels, a(v) = φ_f / |f| for v ∈ f, and the voxel map is aggregated with
 :func:`engine.aggregate.aggregate` like a gradient map. With ``features="segments"`` and the default
 RoIs (the predicted segments), mass_r = |φ_r| / Σ_f |φ_f| and mean_r = φ_r / |r|.
 
-Cost (``Explanation.work``): ``forwards`` counts window forwards (as for the gradient methods),
-``passes`` the distinct stitched forwards (clean input included), ``vjps`` is 0.
+Cost (``work``): ``forwards`` counts window forwards, ``passes`` the distinct stitched forwards
+beyond the clean one, ``vjps`` is 0.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from engine.aggregate import RoISet, aggregate
-from engine.attribution.explain import Explanation, _device_of, eval_mode, predict_clean
-from engine.attribution.sliding import BlendMode, WindowGeometry, stitched_forward
-from engine.attribution.targets import resolve_target_kind
+from engine.attribution.base import Attributions, AttributionMethod, Problem, SettingsError
+from engine.attribution.objectives import objective_scores, resolve_objective
+from engine.attribution.sliding import SlidingWindow, stitched_forward
 from engine.labels import resolve_class_names
 
-PERTURBATION_METHODS: tuple[str, ...] = ("kernel_shap", "occlusion")
 FEATURE_KINDS: tuple[str, ...] = ("segments", "cubes")
+#: The paper's KernelSHAP sample counts.
+KERNEL_SHAP_SAMPLES: dict[str, int] = {"segments": 200, "cubes": 1000}
+
+
+def _per_axis(value: int | Sequence[int], nd: int, what: str) -> tuple[int, ...]:
+    out = (int(value),) * nd if isinstance(value, (int, float)) else tuple(int(s) for s in value)
+    if len(out) != nd or any(s < 1 for s in out):
+        raise ValueError(f"{what} must be a positive int or {nd} positive ints, got {value!r}")
+    return out
 
 
 def feature_mask(
     prediction: torch.Tensor,
     features: str = "segments",
     *,
-    cube_size: int | Sequence[int] = 8,
+    cubes: int | Sequence[int] = 8,
+    cube_size: int | Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, tuple[str, ...]]:
     """Feature ids (*S) numbered 0..F−1 without gaps, and a name per feature.
 
     ``segments``: the classes present in ``prediction`` in increasing class order (named like the
-    classes); ``cubes``: a grid of ``cube_size`` cubes in C order (named ``cube_i_j_k``).
+    classes); ``cubes``: a grid of ``cubes`` per axis (cube sides ⌈n/cubes⌉), or of ``cube_size``
+    voxels when given, in C order (named ``cube_i_j_k``).
     """
     if features == "segments":
         present, inverse = torch.unique(prediction.long(), return_inverse=True)
@@ -71,9 +86,10 @@ def feature_mask(
         return inverse.reshape(prediction.shape), tuple(names[int(c)] for c in present.tolist())
     if features == "cubes":
         nd = prediction.dim()
-        size = (int(cube_size),) * nd if isinstance(cube_size, (int, float)) else tuple(int(s) for s in cube_size)
-        if len(size) != nd or any(s < 1 for s in size):
-            raise ValueError(f"cube_size must be a positive int or {nd} positive ints, got {cube_size!r}")
+        if cube_size is not None:
+            size = _per_axis(cube_size, nd, "cube_size")
+        else:
+            size = tuple(math.ceil(n / k) for n, k in zip(prediction.shape, _per_axis(cubes, nd, "cubes")))
         counts = [math.ceil(n / s) for n, s in zip(prediction.shape, size)]
         ids = torch.zeros(prediction.shape, dtype=torch.long, device=prediction.device)
         for d in range(nd):
@@ -87,53 +103,34 @@ def feature_mask(
     raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
 
 
-def class_scores(
-    logits: torch.Tensor, masks_from: torch.Tensor, classes: Sequence[int], kind: str = "sum"
-) -> torch.Tensor:
-    """(K,) scores S_c of stitched ``logits`` (C, *S) over the masks M_c = {``masks_from`` == c}."""
-    kind = resolve_target_kind(kind)
-    pred = masks_from.reshape(-1).long()
-    values = torch.softmax(logits, 0) if kind == "probability" else logits
-    flat = values.reshape(values.shape[0], -1)
-    picked = flat.gather(0, pred[None])[0].double()
-    sums = torch.bincount(pred, weights=picked, minlength=values.shape[0])
-    idx = torch.as_tensor(list(classes), dtype=torch.long, device=sums.device)
-    out = sums[idx]
-    if kind == "mean":
-        out = out / torch.bincount(pred, minlength=values.shape[0])[idx].clamp_min(1).double()
-    return out.float()
-
-
 class CachedScores:
-    """Forward for captum: (B, C_in, *S) → (B, K) target scores, one stitched forward per distinct input.
+    """Forward for captum: (B, C_in, *S) → (B, K) objective values, one stitched forward per distinct input.
 
     Results are cached by the input's bytes, so KernelShap's per-class calls (same seed, same
-    coalitions) and repeated coalitions cost nothing after the first evaluation.
+    coalitions) and repeated coalitions cost nothing after the first evaluation. ``known`` seeds
+    the cache with inputs already evaluated (the clean input), which are not counted.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        geometry: WindowGeometry,
+        window: SlidingWindow,
         prediction: torch.Tensor,
         classes: Sequence[int],
         *,
-        kind: str = "sum",
-        blend: BlendMode = "constant",
-        overlap: float = 0.25,
-        window_batch: int = 1,
-        autocast_dtype: torch.dtype | None = None,
+        objective: str = "sum",
+        known: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> None:
-        if resolve_target_kind(kind) == "legacy":
-            raise ValueError("the legacy target is a gradient convention; perturbation methods take "
-                             "'sum', 'mean' or 'probability'")
-        self.model, self.geometry, self.prediction = model, geometry, prediction
-        self.classes, self.kind = list(classes), kind
-        self.blend, self.overlap, self.window_batch, self.autocast = blend, overlap, window_batch, autocast_dtype
-        self._cache: dict[bytes, torch.Tensor] = {}
+        if resolve_objective(objective) == "legacy":
+            raise ValueError("the legacy objective is a gradient convention; perturbation methods take "
+                             "'sum', 'mean', 'softmax' or 'probability_weighted'")
+        self.model, self.window, self.prediction = model, window, prediction
+        self.classes, self.objective = list(classes), objective
+        self._cache: dict[bytes, torch.Tensor] = {self._key(x): s for x, s in known}
         self.evaluations = 0
 
-    def _key(self, x: torch.Tensor) -> bytes:
+    @staticmethod
+    def _key(x: torch.Tensor) -> bytes:
         return hashlib.blake2b(x.detach().contiguous().cpu().numpy().tobytes(), digest_size=20).digest()
 
     def one(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +138,8 @@ class CachedScores:
         key = self._key(x)
         hit = self._cache.get(key)
         if hit is None:
-            logits = stitched_forward(
-                self.model, x, self.geometry, blend=self.blend, overlap=self.overlap,
-                window_batch=self.window_batch, autocast_dtype=self.autocast,
-            )[0]
-            hit = class_scores(logits, self.prediction, self.classes, self.kind)
+            logits = stitched_forward(self.model, x, self.window)[0]
+            hit = objective_scores(logits, self.prediction, self.classes, self.objective).to(x.dtype)
             self._cache[key] = hit
             self.evaluations += 1
         return hit
@@ -153,12 +147,13 @@ class CachedScores:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.one(x[i:i + 1]) for i in range(x.shape[0])])
 
-    def scalar(self, k: int) -> Any:
-        """Forward of the k-th target alone, (B,) — what KernelShap explains."""
+    def scalar(self, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Forward of the k-th class alone, (B,): what KernelShap explains."""
         return lambda x: self(x)[:, k]
 
 
-def _baseline_value(image: torch.Tensor, baseline: str | float | None) -> float:
+def baseline_value(image: torch.Tensor, baseline: str | float | None) -> float:
+    """The value switched-off features are set to: ``min`` (default), ``zeros``, ``mean`` or a number."""
     if baseline is None or baseline == "min":
         return float(image.min())
     if baseline == "zeros":
@@ -170,48 +165,6 @@ def _baseline_value(image: torch.Tensor, baseline: str | float | None) -> float:
     return float(baseline)
 
 
-def feature_attributions(
-    scorer: CachedScores,
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    n_features: int,
-    *,
-    method: str,
-    baseline: float,
-    n_samples: int = 50,
-    seed: int = 0,
-    perturbations_per_eval: int = 1,
-) -> torch.Tensor:
-    """(K, F) attributions of the F features for the K target classes of ``scorer``."""
-    from captum.attr import FeatureAblation, KernelShap
-
-    k = len(scorer.classes)
-    full_mask = mask.reshape(1, 1, *mask.shape).expand(1, x.shape[1], *mask.shape).contiguous()
-    if method == "occlusion":
-        attr = FeatureAblation(scorer).attribute(
-            x, baselines=baseline, feature_mask=full_mask, perturbations_per_eval=perturbations_per_eval,
-        )  # (K, C_in, *S): φ_f on every voxel of f
-        flat = attr.reshape(k, x.shape[1], -1)[:, 0].double()
-        ids = mask.reshape(-1)
-        sums = torch.zeros((k, n_features), dtype=torch.float64, device=flat.device).index_add_(1, ids, flat)
-        sizes = torch.bincount(ids, minlength=n_features).clamp_min(1).double()
-        return (sums / sizes).float()
-    if method == "kernel_shap":
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-        rows = []
-        for i in range(k):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed))
-                coefs = KernelShap(scorer.scalar(i)).attribute(
-                    x, baselines=baseline, feature_mask=full_mask, n_samples=int(n_samples),
-                    return_input_shape=False,
-                )
-            rows.append(coefs.reshape(-1)[:n_features].float())
-        return torch.stack(rows) if rows else torch.zeros((0, n_features))
-    raise ValueError(f"unknown perturbation method {method!r}; choose one of {PERTURBATION_METHODS}")
-
-
 def spread(attributions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Voxel maps (K, *S): each feature's attribution divided evenly among its voxels."""
     n_features = attributions.shape[1]
@@ -220,98 +173,147 @@ def spread(attributions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_voxel[:, mask.reshape(-1)].reshape(attributions.shape[0], *mask.shape)
 
 
-def explain_volume_perturbation(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    *,
-    method: str,
-    targets: Sequence[int | str] | None = None,
-    class_names: Sequence[str] | None = None,
-    roi_size: Sequence[int],
-    overlap: float = 0.25,
-    blend: BlendMode = "constant",
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    target: str = "sum",
-    rois: RoISet | None = None,
-    joined_rois: Mapping[str, Sequence[str]] | None = None,
-    window_batch: int = 1,
-    n_samples: int = 50,
-    features: str = "segments",
-    cube_size: int | Sequence[int] = 8,
-    baseline: str | float | None = None,
-    perturbations_per_eval: int = 1,
-    return_maps: bool = False,
-    return_logits: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-) -> Explanation:
-    """KernelSHAP or occlusion of one volume (C_in, D, H, W), aggregated into RoIs.
+@dataclass(frozen=True, kw_only=True)
+class FeatureMethod(AttributionMethod):
+    """A perturbation method over features: segments or cubes, switched off to a baseline."""
 
-    Same contract as :func:`engine.attribution.explain_volume`; the extra options are ``n_samples``
-    (KernelSHAP coalitions), ``features`` (``segments`` or ``cubes``), ``cube_size`` (voxels),
-    ``baseline`` (``None``/``'min'``: the image minimum; ``'zeros'``, ``'mean'`` or a number) and
-    ``perturbations_per_eval`` (occlusion batch). ``maps`` hold the spread voxel maps.
-    """
-    if method not in PERTURBATION_METHODS:
-        raise ValueError(f"unknown perturbation method {method!r}; choose one of {PERTURBATION_METHODS}")
-    resolve_target_kind(target)
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
-    dev = _device_of(model, device)
-    with eval_mode(model):
-        clean = predict_clean(
-            model, image, roi_size=roi_size, overlap=overlap, blend=blend, window_batch=window_batch,
-            autocast_dtype=autocast_dtype, class_names=class_names, targets=targets, device=dev,
-        )
-        x, geometry, logits, names = clean.x, clean.geometry, clean.logits, clean.names
-        prediction, classes = clean.prediction, clean.classes
-        timings: dict[str, float] = {"predict": clean.seconds}
-        t0 = time.perf_counter()
-        mask, feature_names = feature_mask(prediction, features, cube_size=cube_size, class_names=names)
-        base = _baseline_value(x, baseline)
-        scorer = CachedScores(model, geometry, prediction, classes, kind=target, blend=blend, overlap=overlap,
-                              window_batch=window_batch, autocast_dtype=autocast_dtype)
-        scorer._cache[scorer._key(x)] = class_scores(logits, prediction, classes, target)  # the clean forward
-        scorer.evaluations = 1
-        phis = feature_attributions(
-            scorer, x, mask, len(feature_names), method=method, baseline=base, n_samples=n_samples, seed=seed,
-            perturbations_per_eval=perturbations_per_eval,
-        ) if classes else torch.zeros((0, len(feature_names)), device=dev)
-        maps = spread(phis.to(dev), mask)
-        timings["attribute"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        target_names = [names[c] for c in classes]
-        importances = aggregate(maps, clean.rois(rois, joined_rois), target_names)
-        timings["aggregate"] = time.perf_counter() - t0
-        options: dict[str, Any] = {
-            "features": features, "n_features": len(feature_names), "baseline": base,
-            "target": target, "blend": blend, "overlap": overlap, "roi_size": list(roi_size), "seed": seed,
-        }
-        if method == "kernel_shap":
-            options["n_samples"] = int(n_samples)
-        if features == "cubes":
-            options["cube_size"] = cube_size if isinstance(cube_size, int) else list(cube_size)
-        return Explanation(
-            prediction=prediction.cpu(),
-            importances=importances,
-            class_names=names,
-            targets=tuple(target_names),
-            method=method,
-            options=options,
-            maps={n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None,
-            logits=logits.cpu() if return_logits else None,
-            timings=timings,
-            work={"forwards": scorer.evaluations * geometry.n_windows, "vjps": 0, "passes": scorer.evaluations},
-        )
+    family: ClassVar[str] = "perturbation"
+    features: str = "segments"
+    cubes: int | tuple[int, ...] = 8
+    cube_size: int | tuple[int, ...] | None = None
+    baseline: str | float | None = "min"
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {FEATURE_KINDS}, got {self.features!r}")
+        for name in ("cubes", "cube_size"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        baseline_value(torch.zeros(1), self.baseline)  # a bad baseline fails here, not per patient
+
+    def check(self, problem: Problem) -> None:
+        if problem.class_chunk:
+            raise SettingsError(f"class_chunk applies to gradient methods; {self.name} evaluates every class "
+                                "from the same forwards, so remove class_chunk")
+        if problem.geometry.window.vjp != "auto":
+            raise SettingsError(f"vjp = {problem.geometry.window.vjp!r} applies to gradient methods; {self.name} "
+                                "takes no VJPs, so leave vjp at 'auto'")
+
+    def mask_of(self, problem: Problem) -> tuple[torch.Tensor, tuple[str, ...]]:
+        source = problem.partition if problem.partition is not None else problem.prediction
+        return feature_mask(source.to(problem.x.device), self.features, cubes=self.cubes,
+                            cube_size=self.cube_size)
+
+    def phis(self, scorer: CachedScores, x: torch.Tensor, mask: torch.Tensor, n_features: int, base: float,
+             seed: int) -> torch.Tensor:
+        """(K, F) feature attributions."""
+        raise NotImplementedError
+
+    def attribute(self, problem: Problem) -> Attributions:
+        self.check(problem)
+        x, classes = problem.x, list(problem.classes)
+        mask, names = self.mask_of(problem)
+        base = baseline_value(x, self.baseline)
+        known = []
+        if problem.clean_logits is not None:
+            known.append((x, objective_scores(problem.clean_logits, problem.prediction, classes,
+                                              problem.objective).to(x.dtype)))
+        scorer = CachedScores(problem.model, problem.geometry.window, problem.prediction, classes,
+                              objective=problem.objective, known=known)
+        phis = self.phis(scorer, x, mask, len(names), base, problem.seed) if classes else \
+            torch.zeros((0, len(names)), device=x.device, dtype=x.dtype)
+        maps = spread(phis.to(x.device, x.dtype), mask)[:, None]
+        work = {"forwards": scorer.evaluations * problem.geometry.n_windows, "vjps": 0, "passes": scorer.evaluations}
+        return Attributions(maps, work, {"n_features": len(names), "baseline_value": base})
+
+    def options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"features": self.features, "baseline": self.baseline}
+        if self.features == "cubes":
+            if self.cube_size is not None:
+                out["cube_size"] = self.cube_size if isinstance(self.cube_size, int) else list(self.cube_size)
+            else:
+                out["cubes"] = self.cubes if isinstance(self.cubes, int) else list(self.cubes)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Occlusion(FeatureMethod):
+    """Each feature's effect when it alone is switched off (captum's FeatureAblation)."""
+
+    name: ClassVar[str] = "occlusion"
+    perturbations_per_eval: int = 1
+
+    def phis(self, scorer: CachedScores, x: torch.Tensor, mask: torch.Tensor, n_features: int, base: float,
+             seed: int) -> torch.Tensor:
+        from captum.attr import FeatureAblation
+
+        k = len(scorer.classes)
+        full_mask = mask.reshape(1, 1, *mask.shape).expand(1, x.shape[1], *mask.shape).contiguous()
+        attr = FeatureAblation(scorer).attribute(
+            x, baselines=base, feature_mask=full_mask, perturbations_per_eval=self.perturbations_per_eval,
+        )  # (K, C_in, *S): φ_f on every voxel of f
+        flat = attr.reshape(k, x.shape[1], -1)[:, 0].double()
+        ids = mask.reshape(-1)
+        sums = torch.zeros((k, n_features), dtype=torch.float64, device=flat.device).index_add_(1, ids, flat)
+        sizes = torch.bincount(ids, minlength=n_features).clamp_min(1).double()
+        return sums / sizes
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelShap(FeatureMethod):
+    """Shapley values of the features by weighted regression on random coalitions (captum's KernelShap)."""
+
+    name: ClassVar[str] = "kernel_shap"
+    n_samples: int | None = None  # None: the paper's 200 (segments) or 1,000 (cubes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_samples is not None and self.n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {self.n_samples}")
+        if self.features == "cubes" and self.cube_size is None:
+            n_cubes = math.prod(_per_axis(self.cubes, 3, "cubes")) if not isinstance(self.cubes, int) else self.cubes ** 3
+            if self.samples <= n_cubes:
+                raise SettingsError(self._underdetermined(n_cubes))
+
+    @property
+    def samples(self) -> int:
+        return int(self.n_samples) if self.n_samples is not None else KERNEL_SHAP_SAMPLES[self.features]
+
+    def _underdetermined(self, n_features: int) -> str:
+        return (f"kernel_shap with {self.samples} samples cannot fit {n_features} {self.features} features "
+                f"(it needs more samples than features); raise n_samples above {n_features} "
+                "or use fewer features (fewer cubes per axis)")
+
+    def phis(self, scorer: CachedScores, x: torch.Tensor, mask: torch.Tensor, n_features: int, base: float,
+             seed: int) -> torch.Tensor:
+        from captum.attr import KernelShap as CaptumKernelShap
+
+        if self.samples <= n_features:
+            raise SettingsError(self._underdetermined(n_features))
+        full_mask = mask.reshape(1, 1, *mask.shape).expand(1, x.shape[1], *mask.shape).contiguous()
+        rows = []
+        for i in range(len(scorer.classes)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                coefs = CaptumKernelShap(scorer.scalar(i)).attribute(
+                    x, baselines=base, feature_mask=full_mask, n_samples=self.samples, return_input_shape=False,
+                )
+            rows.append(coefs.reshape(-1)[:n_features].double())
+        return torch.stack(rows)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "n_samples": self.samples}
 
 
 __all__ = [
     "FEATURE_KINDS",
-    "PERTURBATION_METHODS",
+    "KERNEL_SHAP_SAMPLES",
     "CachedScores",
-    "class_scores",
-    "explain_volume_perturbation",
-    "feature_attributions",
+    "FeatureMethod",
+    "KernelShap",
+    "Occlusion",
+    "baseline_value",
     "feature_mask",
     "spread",
 ]

@@ -20,10 +20,10 @@ are gradients of exactly what ``monai.inferers.sliding_window_inference`` return
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,60 @@ VJPMode = Literal["auto", "loop", "batched"]
 SeedFn = Callable[[int, Sequence[tuple[slice, ...]], torch.Tensor], torch.Tensor | None]
 
 
+@dataclass(frozen=True, kw_only=True)
+class SlidingWindow:
+    """How the model is run over a volume, held once (as MONAI's ``SlidingWindowInferer`` holds it).
+
+    ``roi_size``, ``overlap`` and ``blend`` fix the stitched prediction; ``window_batch`` (windows
+    per forward), ``autocast`` (a reduced-precision dtype on accelerators, or None) and ``vjp``
+    (how per-class VJPs are taken, see :func:`resolve_vjp_mode`) only change how it is computed.
+    """
+
+    roi_size: tuple[int, ...]
+    overlap: float | tuple[float, ...] = 0.25
+    blend: BlendMode = "constant"
+    window_batch: int = 1
+    autocast: torch.dtype | None = None
+    vjp: VJPMode = "auto"
+
+    def __post_init__(self) -> None:
+        roi = tuple(int(r) for r in self.roi_size)
+        if not roi or any(r <= 0 for r in roi):
+            raise ValueError(f"roi_size must be positive ints, got {self.roi_size!r}")
+        object.__setattr__(self, "roi_size", roi)
+        ov = (self.overlap,) if isinstance(self.overlap, (int, float)) else tuple(self.overlap)
+        if not all(0 <= float(o) < 1 for o in ov):
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if not isinstance(self.overlap, (int, float)):
+            object.__setattr__(self, "overlap", tuple(float(o) for o in ov))
+        if self.blend not in ("constant", "gaussian"):
+            raise ValueError(f"blend must be 'constant' or 'gaussian', got {self.blend!r}")
+        if int(self.window_batch) < 1:
+            raise ValueError(f"window_batch must be at least 1, got {self.window_batch}")
+        if self.vjp not in ("auto", "loop", "batched"):
+            raise ValueError(f"vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
+
+    def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> WindowGeometry:
+        """The window layout of this setting for one image size (MONAI's), weights in ``dtype``."""
+        return window_geometry(image_size, self.roi_size, overlap=self.overlap, blend=self.blend, device=device,
+                               dtype=dtype, window=self)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly settings, for run records."""
+        overlap = self.overlap if isinstance(self.overlap, (int, float)) else list(self.overlap)
+        return {"roi_size": list(self.roi_size), "overlap": overlap, "blend": self.blend,
+                "window_batch": self.window_batch, "vjp": self.vjp,
+                "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch.")}
+
+
 @dataclass(frozen=True)
 class WindowGeometry:
-    """Where the windows of a sliding-window pass lie, and their blending weights."""
+    """Where the windows of a sliding-window pass lie, and their blending weights.
+
+    ``window`` holds the settings the layout was built from (batching, autocast and VJP mode
+    included), so that everything that runs over these windows takes the geometry alone.
+    """
 
     image_size: tuple[int, ...]  # spatial size of the (unpadded) input
     roi_size: tuple[int, ...]
@@ -51,6 +102,7 @@ class WindowGeometry:
     slices: tuple[tuple[slice, ...], ...]  # spatial slices in the padded volume
     weight: torch.Tensor  # (*roi) window blending weight w
     overlap_weight: torch.Tensor  # (*padded) Ω = Σ_w w
+    window: SlidingWindow
 
     @property
     def n_windows(self) -> int:
@@ -90,8 +142,13 @@ def window_geometry(
     blend: BlendMode = "constant",
     sigma_scale: float = 0.125,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    window: SlidingWindow | None = None,
 ) -> WindowGeometry:
-    """The window layout MONAI's ``sliding_window_inference`` uses for this image and window size."""
+    """The window layout MONAI's ``sliding_window_inference`` uses for this image and window size.
+
+    ``window``: the full settings to keep with the layout (default: these with default batching).
+    """
     nd = len(image_size)
     roi = tuple(int(r) for r in roi_size)
     if len(roi) != nd:
@@ -110,39 +167,35 @@ def window_geometry(
     padded = tuple(max(int(image_size[d]), roi[d]) for d in range(nd))
     interval = scan_interval(padded, roi, ov)
     slices = tuple(tuple(s) for s in dense_patch_slices(padded, roi, interval, return_slice=True))
-    weight = compute_importance_map(roi, mode=blend, sigma_scale=sigma_scale, device=device, dtype=torch.float32)
+    weight = compute_importance_map(roi, mode=blend, sigma_scale=sigma_scale, device=device, dtype=dtype)
     weight = weight.reshape(roi)
-    omega = torch.zeros(padded, dtype=torch.float32, device=device)
+    omega = torch.zeros(padded, dtype=dtype, device=device)
     for s in slices:
         omega[s] += weight
     return WindowGeometry(
         image_size=tuple(int(i) for i in image_size), roi_size=roi, pad=tuple(pad), padded_size=padded,
         slices=slices, weight=weight, overlap_weight=omega,
+        window=window if window is not None else SlidingWindow(roi_size=roi, overlap=overlap, blend=blend),
     )
 
 
-def stitched_forward(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    geometry: WindowGeometry,
-    *,
-    blend: BlendMode,
-    overlap: float | Sequence[float],
-    window_batch: int = 1,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """MONAI's stitched sliding-window prediction Ẑ of ``x`` (1, C_in, *S) -> (1, C, *S), no grad."""
-    with torch.no_grad(), _autocast(x.device, autocast_dtype):
+def stitched_forward(model: torch.nn.Module, x: torch.Tensor, window: SlidingWindow) -> torch.Tensor:
+    """MONAI's stitched sliding-window prediction Ẑ of ``x`` (1, C_in, *S) -> (1, C, *S), no grad.
+
+    The result has ``x``'s dtype (autocast only changes how the windows are computed).
+    """
+    with torch.no_grad(), autocast(x.device, window.autocast):
         out = sliding_window_inference(
-            x, geometry.roi_size, window_batch, model, overlap=overlap, mode=blend,
+            x, window.roi_size, window.window_batch, model, overlap=window.overlap, mode=window.blend,
             padding_mode="constant", cval=0.0,
         )
-    return torch.as_tensor(out).float()
+    return torch.as_tensor(out).to(x.dtype)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for None / float32."""
     if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
+        return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -166,7 +219,7 @@ def _vjp(logits: torch.Tensor, win: torch.Tensor, seed: torch.Tensor, *, retain:
 
 def _add(maps: torch.Tensor, i: int, g: torch.Tensor, slices: Sequence[tuple[slice, ...]]) -> None:
     """Scatter-add window gradients g (B, C_in, *roi) of class row i into the full-volume maps."""
-    g = g.float()
+    g = g.to(maps.dtype)
     for b, s in enumerate(slices):
         maps[(i, slice(None), *s)] += g[b]
 
@@ -178,9 +231,6 @@ def window_gradients(
     classes: Sequence[int],
     seed_fn: SeedFn,
     *,
-    window_batch: int = 1,
-    vjp: VJPMode = "auto",
-    autocast_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, int]]:
@@ -189,20 +239,24 @@ def window_gradients(
     ``x`` is (1, C_in, *S); returns maps (K, C_in, *S) for ``classes``, multiplied by ``scale``
     and added into ``out`` when given (so SmoothGrad samples and IG steps accumulate in place,
     with their weights folded into the seeds instead of an extra buffer), and counters of the
-    work done (forwards = windows run, vjps = class backward passes).
+    work done (forwards = windows run, vjps = class backward passes). Batching, autocast and the
+    VJP mode come from ``geometry.window``.
     """
+    window_batch, vjp, autocast_dtype = geometry.window.window_batch, geometry.window.vjp, geometry.window.autocast
     if x.dim() != 2 + len(geometry.image_size) or x.shape[0] != 1:
         raise ValueError(f"expected x of shape (1, C_in, *{geometry.image_size}), got {tuple(x.shape)}")
     mode = resolve_vjp_mode(vjp, x.device)
     xp = geometry.pad_input(x.detach())
     k = len(classes)
-    maps = out if out is not None else torch.zeros((k, x.shape[1], *geometry.image_size), device=x.device)
-    padded_maps = torch.zeros((k, x.shape[1], *geometry.padded_size), device=x.device) if any(geometry.pad) else maps
+    maps = out if out is not None else torch.zeros((k, x.shape[1], *geometry.image_size), device=x.device,
+                                                   dtype=x.dtype)
+    padded_maps = torch.zeros((k, x.shape[1], *geometry.padded_size), device=x.device,
+                              dtype=maps.dtype) if any(geometry.pad) else maps
     counters = {"forwards": 0, "vjps": 0}
     for start in range(0, geometry.n_windows, window_batch):
         batch_slices = geometry.slices[start:start + window_batch]
         win = torch.cat([xp[(slice(None), slice(None), *s)] for s in batch_slices]).requires_grad_(True)
-        with torch.enable_grad(), _autocast(x.device, autocast_dtype):
+        with torch.enable_grad(), autocast(x.device, autocast_dtype):
             logits = model(win)
         if logits.shape[2:] != win.shape[2:]:
             raise ValueError(

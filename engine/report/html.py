@@ -22,11 +22,11 @@ from typing import Any
 import polars as pl
 
 from engine import store as store_mod
+from engine.vocabulary import MEAN_TARGET
 from engine.report import figures
 from engine.vocabulary import safe_filename
 
 SECTION_IDS: tuple[str, ...] = ("summary", "distributions", "graph", "anomalies", "audits", "evaluation")
-MEAN_TARGET = "__mean__"
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}

@@ -2,8 +2,8 @@
 
 The store keeps only aggregated RoI rows; voxel maps are recomputed on demand for the handful of
 patients a figure shows. The run's ``config`` (``JobSpec.to_dict()`` plus ``class_names``) is turned
-back into a :class:`~engine.jobs.JobSpec`, the model is built exactly as the run built it, and
-``explain_volume(return_maps=True)`` is called with the run's attribution options.
+back into a :class:`~engine.jobs.JobSpec`, and the model and explainer are built from it exactly as
+the run built them (:class:`engine.job_setup.JobSetup`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def spec_from_config(config: Mapping[str, Any]) -> Any:
     if "model" not in d or "name" not in d:
         raise MapsUnavailable("the run's configuration names no model (an imported run?), so maps cannot be "
                               "recomputed; maps need a run computed by this engine")
+    attribution = dict(d.get("attribution") or {})
+    if "target" in attribution:  # runs stored before the explained scalar was called `objective`
+        old = attribution.pop("target")
+        attribution.setdefault("objective", {"probability": "softmax"}.get(old, old))
+        d = {**d, "attribution": attribution}
     try:
         return JobSpec.from_config(d)
     except UserError as exc:
@@ -76,53 +81,47 @@ class MapRecomputer:
     """Loads a run's model once and recomputes maps for patients of that run."""
 
     def __init__(self, config: Mapping[str, Any], *, device: str | None = "cpu") -> None:
-        from engine.pipeline import PatientProcessor
+        from engine.job_setup import JobSetup
 
-        spec = spec_from_config(config)
-        if device is not None:
-            spec = dataclasses.replace(spec, runtime=dataclasses.replace(spec.runtime, device=device))
-        # save_maps would make the processor write NIfTI as a side effect; maps are returned here instead.
-        spec = dataclasses.replace(spec, attribution=dataclasses.replace(spec.attribution, save_maps=()))
-        self.spec = spec
+        self.spec = spec_from_config(config)
         try:
-            self.processor = PatientProcessor(spec, worker_name="report")
+            self.setup = JobSetup.from_spec(self.spec, device=device)
         except Exception as exc:  # noqa: BLE001 - any model problem means "no overlays", with the reason
             raise MapsUnavailable(f"the run's model could not be loaded: {exc}") from None
-        self.class_names: tuple[str, ...] = tuple(self.processor.loaded.class_names)
+        self.class_names: tuple[str, ...] = tuple(self.setup.loaded.class_names)
 
     def load_case(self, record: Mapping[str, Any]) -> Any:
         if not record.get("image_path"):
             raise MapsUnavailable(f"patient {record.get('patient_id')} has no image path in the store")
-        return self.processor.load(record)
+        return self.setup.load(record)
 
     def compute(
         self, record: Mapping[str, Any], targets: Sequence[str] | None = None, *, method: str | None = None,
         case: Any = None,
     ) -> PatientMaps:
         """Maps of ``targets`` (default: every predicted class) for one manifest record."""
-        from engine.attribution import explain_volume
+        from engine.job_setup import explainer_for
 
         a = self.spec.attribution
+        explainer = self.setup.explainer
         if method is not None and method != a.method:
             try:
-                a = dataclasses.replace(a, method=method)
+                other = dataclasses.replace(self.spec, attribution=dataclasses.replace(a, method=method))
             except UserError as exc:
                 raise UserError(f"method {method!r}: {exc}") from None
+            explainer = explainer_for(other, self.setup.loaded.roi_size, self.setup.device, self.setup.preprocess)
         if targets is not None:
             unknown = [t for t in targets if t not in self.class_names]
             if unknown:
                 raise UserError(f"unknown target class(es) {unknown}; the run's model has classes "
                                 f"{list(self.class_names)}")
         case = case if case is not None else self.load_case(record)
-        p = self.processor
-        explanation = explain_volume(
-            p.model, case.image, method=a.method, targets=list(targets) if targets is not None else a.targets,
-            class_names=self.class_names, roi_size=p.loaded.roi_size, overlap=a.overlap, blend=a.blend,
-            seed=a.seed, return_maps=True, device=p.device, target=a.target,
-            window_batch=a.window_batch, class_chunk=a.class_chunk, vjp=a.vjp, autocast_dtype=p.autocast,
-            **a.method_options(),
+        explanation = explainer.explain(
+            self.setup.model, case.image, targets=list(targets) if targets is not None else a.targets,
+            class_names=self.class_names, return_maps=True,
         )
-        return PatientMaps(case=case, explanation=explanation, class_names=self.class_names, method=a.method)
+        return PatientMaps(case=case, explanation=explanation, class_names=self.class_names,
+                           method=explanation.method)
 
 
 __all__ = ["MapsUnavailable", "MapRecomputer", "PatientMaps", "patient_record", "spec_from_config"]

@@ -24,6 +24,7 @@ from typing import Any
 from engine import store as store_mod
 from engine.cohorts import resolve_cohort
 from engine.errors import UserError
+from engine.job_setup import explainer_record
 from engine.jobs import JobSpec
 from engine.pipeline import Failure, build_model
 from engine.runtime.cluster import RayContext, connect, disconnect
@@ -102,6 +103,7 @@ def run_job(
     # Validate the model before any patient is processed (and before Ray starts).
     loaded = build_model(spec)
     class_names = list(loaded.class_names)
+    explainer = explainer_record(spec, loaded.roi_size)  # resolved settings, SmoothGrad's σ included
     del loaded
     manifest = resolve_cohort(spec, progress=progress)
     writer = store_mod.open_writer(db_path)
@@ -109,7 +111,7 @@ def run_job(
         existed = run_id in writer.run_ids()
         if existed and not resume:
             raise UserError(f"run {run_id!r} already exists in {db_path}; pass --resume to continue it or a new --run-id")
-        config = spec.to_dict() | {"class_names": class_names}
+        config = spec.to_dict() | {"class_names": class_names, "explainer": explainer}
         writer.create_run(run_id, config=config, versions=versions(), job_name=spec.name)
         writer.register_patients(run_id, manifest)
         already = set(writer.patient_ids(run_id, status=["done"]))

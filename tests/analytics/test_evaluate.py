@@ -27,7 +27,7 @@ from engine.analytics.evaluate import (
     smoothgrad_stability,
     spearman,
 )
-from engine.attribution import SmoothGrad, compute_maps
+from engine.attribution import SlidingWindow, SmoothGrad, compute_maps
 
 
 # --------------------------------------------------------------------------- independent numpy versions
@@ -175,7 +175,7 @@ def image():
     return torch.rand((1, *SHAPE), generator=torch.Generator().manual_seed(1))
 
 
-SETUP = ModelSetup(roi_size=ROI, class_names=("a", "b", "c"))
+SETUP = ModelSetup.of(ROI, ("a", "b", "c"))
 
 
 def test_stability_prefix_equals_smoothgrad_runs(model, image):
@@ -184,13 +184,14 @@ def test_stability_prefix_equals_smoothgrad_runs(model, image):
     pred[6:] = 1
     by_n = smoothgrad_stability(model, image, pred, [0, 1], SETUP, spec)
     for n in (1, 3):
-        ref, _ = compute_maps(model, image[None], pred, [0, 1], SmoothGrad(n_samples=n, sigma=0.1), roi_size=ROI, seed=4)
+        ref, _ = compute_maps(model, image[None], pred, [0, 1], SmoothGrad(n_samples=n, sigma=0.1),
+                              window=SlidingWindow(roi_size=ROI), seed=4)
         torch.testing.assert_close(by_n[n], ref.sum(1), rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_patient_is_deterministic_and_complete(model, image):
     spec = EvaluateSpec(targets=("a", "b", "c"), methods=("saliency", "kernel_shap_cubes", "occlusion"), runs=6,
-                        subset_fraction=0.2, n_perturbations=1, kernel_shap_samples=12, cube_size=4,
+                        subset_fraction=0.2, n_perturbations=1, kernel_shap_samples_cubes=24, cube_size=4,
                         stability_samples=(1, 2), seed=1)
     a = evaluate_patient(model, image, patient_id="p", setup=SETUP, spec=spec)
     b = evaluate_patient(model, image, patient_id="p", setup=SETUP, spec=spec)
@@ -216,8 +217,41 @@ def test_spec_validation_and_paper_defaults():
     with pytest.raises(ValueError, match="runs"):
         EvaluateSpec(runs=1)
     p = EvaluateSpec(runs=5).with_paper_defaults()
-    assert (p.runs, p.subset_size, p.n_perturbations, p.noise) == (100, 50_176, 3, 0.1)
-    assert p.subset_of(48 * 40 * 40) == 50_176
+    assert (p.runs, p.n_perturbations, p.noise, p.ig_rule) == (100, 3, 0.1, "paper")
+    assert (p.kernel_shap_samples_segments, p.kernel_shap_samples_cubes, p.cubes) == (200, 1000, 8)
+    # the paper's 50,176 voxels were 0.2-0.4% of a CT: 0.3% of the demo's 48·40·40 = 76,800 voxels is 230
+    assert p.subset_of(48 * 40 * 40) == 230
     assert EvaluateSpec(subset_fraction=0.25).subset_of(400) == 100
     with pytest.raises(ValueError, match="exceeds"):
-        p.subset_of(1000)
+        EvaluateSpec(subset_size=50_176).subset_of(1000)
+
+
+def test_sensitivity_uses_the_clean_sigma_and_optionally_the_clean_segments(model, image):
+    from engine.attribution import explain_volume
+
+    spec = EvaluateSpec(targets=("a", "b", "c"), methods=("smoothgrad", "occlusion"), runs=3, subset_fraction=0.1,
+                        n_perturbations=1, noise=0.3, smoothgrad_samples=2, stability_samples=(), seed=2,
+                        sensitivity_partition="clean")
+    rows = evaluate_patient(model, image, patient_id="p", setup=SETUP, spec=spec, stability=False)
+    g = torch.Generator().manual_seed(2 * 1_000_003 + 0 + 500_009)  # the protocol's noise for patient 0
+    noisy = image + (torch.rand(image.shape, generator=g) * 2 - 1) * 0.3
+    lo, hi = float(image.min()), float(image.max())  # no declared range: the clean image's, for both inputs
+    window = SETUP.explainer.window
+
+    def maps(x, method, **options):
+        e = explain_volume(model, x, method=method, window=window, seed=2, targets=["a", "b", "c"],
+                           class_names=("a", "b", "c"), return_maps=True, **options)
+        return e.maps
+
+    clean_pred = explain_volume(model, image, method="saliency", window=window).prediction
+    for method, options in (("smoothgrad", {"n_samples": 2, "input_range": (lo, hi)}),
+                            ("occlusion", {"partition": clean_pred})):
+        extra = {"partition": options.pop("partition")} if "partition" in options else {}
+        a = maps(image, method, **options)
+        b = maps(noisy, method, **options, **extra)
+        got = rows.filter((pl.col("method") == method) & (pl.col("metric") == "average_sensitivity"))
+        for row in got.iter_rows(named=True):
+            t = row["target"]
+            ref = np.linalg.norm((a[t] / a[t].abs().max() - b[t] / b[t].abs().max()).numpy()) / \
+                np.linalg.norm((a[t] / a[t].abs().max()).numpy())
+            assert row["value"] == pytest.approx(float(ref), rel=1e-5)

@@ -14,6 +14,7 @@ from engine.attribution import (
     IntegratedGradients,
     Saliency,
     SmoothGrad,
+    SlidingWindow,
     compute_maps,
     explain_volume,
 )
@@ -57,7 +58,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
 def test_saliency_equals_captum(model, image):
     pred = prediction_of(model, image, SHAPE)
     classes = _classes(pred)
-    maps, _ = compute_maps(model, image, pred, classes, Saliency(), roi_size=SHAPE)
+    maps, _ = compute_maps(model, image, pred, classes, Saliency(), window=SlidingWindow(roi_size=SHAPE))
     for i, c in enumerate(classes):
         ref = CaptumSaliency(MaskedClassSum(model, pred == c, c)).attribute(image, abs=False)
         assert_rel_close(maps[i], ref[0])
@@ -67,7 +68,7 @@ def test_smoothgrad_equals_captum_noise_tunnel_with_same_noise(model, image):
     pred = prediction_of(model, image, SHAPE)
     classes = _classes(pred)
     method = SmoothGrad(n_samples=4, sigma=0.15)
-    maps, _ = compute_maps(model, image, pred, classes, method, roi_size=SHAPE, seed=123)
+    maps, _ = compute_maps(model, image, pred, classes, method, window=SlidingWindow(roi_size=SHAPE), seed=123)
     stdev = method.stdev(image)
     for i, c in enumerate(classes):
         torch.manual_seed(123)  # captum draws its noise from the global generator
@@ -81,7 +82,7 @@ def test_integrated_gradients_equals_captum(model, image, baseline):
     pred = prediction_of(model, image, SHAPE)
     classes = _classes(pred)
     maps, _ = compute_maps(
-        model, image, pred, classes, IntegratedGradients(steps=7, baseline=baseline), roi_size=SHAPE
+        model, image, pred, classes, IntegratedGradients(steps=7, baseline=baseline), window=SlidingWindow(roi_size=SHAPE)
     )
     base = torch.zeros_like(image) if baseline == "zeros" else torch.full_like(image, baseline)
     for i, c in enumerate(classes):
@@ -94,8 +95,8 @@ def test_integrated_gradients_equals_captum(model, image, baseline):
 def test_input_x_gradient_is_input_times_saliency(model, image):
     pred = prediction_of(model, image, SHAPE)
     classes = _classes(pred)
-    grad, _ = compute_maps(model, image, pred, classes, Saliency(), roi_size=SHAPE)
-    ixg, _ = compute_maps(model, image, pred, classes, InputXGradient(), roi_size=SHAPE)
+    grad, _ = compute_maps(model, image, pred, classes, Saliency(), window=SlidingWindow(roi_size=SHAPE))
+    ixg, _ = compute_maps(model, image, pred, classes, InputXGradient(), window=SlidingWindow(roi_size=SHAPE))
     torch.testing.assert_close(ixg, grad * image[0])
 
 
@@ -106,7 +107,7 @@ def test_overlapping_windows_equal_autograd_through_stitching(model, image, blen
     roi = (8, 6, 8)
     pred = prediction_of(model, image, roi, overlap, blend)
     classes = _classes(pred)
-    maps, work = compute_maps(model, image, pred, classes, Saliency(), roi_size=roi, overlap=overlap, blend=blend)
+    maps, work = compute_maps(model, image, pred, classes, Saliency(), window=SlidingWindow(roi_size=roi, overlap=overlap, blend=blend))
     n_windows = window_geometry(SHAPE, roi, overlap=overlap).n_windows
     assert n_windows >= 4 and work["forwards"] == n_windows  # several overlapping windows, one forward each
     for i, c in enumerate(classes):
@@ -120,7 +121,7 @@ def test_window_larger_than_image_is_padded_like_monai(model, image):
     roi = (16, 12, 8)  # larger than the image in two dims
     pred = prediction_of(model, image, roi)
     c = int(pred.flatten()[0])
-    maps, _ = compute_maps(model, image, pred, [c], Saliency(), roi_size=roi)
+    maps, _ = compute_maps(model, image, pred, [c], Saliency(), window=SlidingWindow(roi_size=roi))
     x = image.clone().requires_grad_(True)
     z = sliding_window_inference(x, roi, 1, model, overlap=0.25)
     (g,) = torch.autograd.grad((z[0, c] * (pred == c)).sum(), x)
@@ -131,9 +132,9 @@ def test_mean_and_probability_targets_equal_autograd(model, image):
     roi, overlap = (8, 6, 8), 0.5
     pred = prediction_of(model, image, roi, overlap)
     classes = _classes(pred)
-    mean_maps, _ = compute_maps(model, image, pred, classes, Saliency(), roi_size=roi, overlap=overlap, target="mean")
+    mean_maps, _ = compute_maps(model, image, pred, classes, Saliency(), window=SlidingWindow(roi_size=roi, overlap=overlap), objective="mean")
     prob_maps, _ = compute_maps(
-        model, image, pred, classes, Saliency(), roi_size=roi, overlap=overlap, target="probability-weighted"
+        model, image, pred, classes, Saliency(), window=SlidingWindow(roi_size=roi, overlap=overlap), objective="softmax"
     )
     for i, c in enumerate(classes):
         mask = pred == c
@@ -149,8 +150,8 @@ def test_legacy_target_adds_unblended_window_gradients(model, image):
     roi, overlap = (8, 6, 8), 0.5
     pred = prediction_of(model, image, roi, overlap)
     c = int(pred.flatten()[0])
-    legacy, _ = compute_maps(model, image, pred, [c], Saliency(), roi_size=roi, overlap=overlap, target="legacy")
-    exact, _ = compute_maps(model, image, pred, [c], Saliency(), roi_size=roi, overlap=overlap)
+    legacy, _ = compute_maps(model, image, pred, [c], Saliency(), window=SlidingWindow(roi_size=roi, overlap=overlap), objective="legacy")
+    exact, _ = compute_maps(model, image, pred, [c], Saliency(), window=SlidingWindow(roi_size=roi, overlap=overlap))
     # Independent: Σ_w ∂/∂x Σ_{v∈M_c∩w} Z_{w,c}(v), windows from MONAI's own layout.
     from monai.data.utils import dense_patch_slices
 
@@ -185,7 +186,7 @@ def test_class_specificity_mass_inside_region():
     image[0, :6] = 1.0
     image[0, 6:, :5] = 2.0
     image[0, 6:, 5:] = 3.0
-    e = explain_volume(RegionModel(4), image, method="saliency", roi_size=(8, 6, 8), overlap=0.5, blend="gaussian")
+    e = explain_volume(RegionModel(4), image, method="saliency", window=SlidingWindow(roi_size=(8, 6, 8), overlap=0.5, blend="gaussian"))
     self_mass = e.importances.filter(stat="mass", sign="abs").filter(
         e.importances.filter(stat="mass", sign="abs")["target"] == e.importances.filter(stat="mass", sign="abs")["roi"]
     )
@@ -199,23 +200,25 @@ def test_chunked_batched_and_plain_paths_agree(model, image):
     pred = prediction_of(model, image, roi, overlap)
     classes = _classes(pred)
     method = SmoothGrad(n_samples=2)
-    plain, _ = compute_maps(model, image, pred, classes, method, roi_size=roi, overlap=overlap, vjp="loop")
+    plain, _ = compute_maps(model, image, pred, classes, method, window=SlidingWindow(roi_size=roi, overlap=overlap,
+                                                                                      vjp="loop"))
     variants = [
-        dict(class_chunk=1),
-        dict(window_batch=3),
-        dict(vjp="batched"),
-        dict(window_batch=4, vjp="batched", class_chunk=2),
+        (dict(), 1),
+        (dict(window_batch=3), None),
+        (dict(vjp="batched"), None),
+        (dict(window_batch=4, vjp="batched"), 2),
     ]
-    for options in variants:
-        other, _ = compute_maps(model, image, pred, classes, method, roi_size=roi, overlap=overlap, **options)
+    for options, chunk in variants:
+        window = SlidingWindow(roi_size=roi, overlap=overlap, **options)
+        other, _ = compute_maps(model, image, pred, classes, method, window=window, class_chunk=chunk)
         assert_rel_close(other, plain)
 
 
 # (v) a fixed seed gives identical results --------------------------------------------------------
 def test_fixed_seed_is_deterministic(model, image):
-    a = explain_volume(model, image[0], method="smoothgrad", roi_size=(8, 6, 8), n_samples=3, seed=7, return_maps=True)
-    b = explain_volume(model, image[0], method="smoothgrad", roi_size=(8, 6, 8), n_samples=3, seed=7, return_maps=True)
-    c = explain_volume(model, image[0], method="smoothgrad", roi_size=(8, 6, 8), n_samples=3, seed=8, return_maps=True)
+    a = explain_volume(model, image[0], method="smoothgrad", window=(8, 6, 8), n_samples=3, seed=7, return_maps=True)
+    b = explain_volume(model, image[0], method="smoothgrad", window=(8, 6, 8), n_samples=3, seed=7, return_maps=True)
+    c = explain_volume(model, image[0], method="smoothgrad", window=(8, 6, 8), n_samples=3, seed=8, return_maps=True)
     assert a.importances.equals(b.importances)
     assert all(torch.equal(a.maps[k], b.maps[k]) for k in a.maps)
     assert not all(torch.equal(a.maps[k], c.maps[k]) for k in a.maps)

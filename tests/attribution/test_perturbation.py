@@ -8,12 +8,13 @@ import torch
 from captum.attr import KernelShap
 from monai.inferers import sliding_window_inference
 
-from engine.attribution import explain_volume
-from engine.attribution.perturbation import explain_volume_perturbation, feature_mask, spread
+from engine.attribution import SlidingWindow, explain_volume
+from engine.attribution.perturbation import feature_mask, spread
 from tests.attribution.conftest import SHAPE
 
 ROI = (8, 6, 8)
 OVERLAP = 0.25
+WINDOW = SlidingWindow(roi_size=ROI, overlap=OVERLAP)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def mass_of(e, sign: str = "abs") -> pl.DataFrame:
 
 
 def test_occlusion_over_segments_equals_hand_computation(model, image):
-    e = explain_volume(model, image, method="occlusion", roi_size=ROI, overlap=OVERLAP, return_maps=False)
+    e = explain_volume(model, image, method="occlusion", window=WINDOW, return_maps=False)
     x = image[None]
     pred = stitched(model, x).argmax(0)
     base = float(image.min())
@@ -71,7 +72,7 @@ def test_occlusion_over_segments_equals_hand_computation(model, image):
 
 def test_kernel_shap_equals_captum_called_directly(model, image):
     n_samples, seed = 40, 3
-    e = explain_volume(model, image, method="kernel_shap", roi_size=ROI, overlap=OVERLAP, n_samples=n_samples,
+    e = explain_volume(model, image, method="kernel_shap", window=WINDOW, n_samples=n_samples,
                        seed=seed, return_maps=False)
     x = image[None]
     pred = stitched(model, x).argmax(0)
@@ -98,7 +99,7 @@ def test_kernel_shap_equals_captum_called_directly(model, image):
     ("occlusion", {"features": "cubes", "cube_size": (6, 5, 4)}),
 ])
 def test_masses_sum_to_one_per_target(model, image, method, options):
-    e = explain_volume(model, image, method=method, roi_size=ROI, overlap=OVERLAP, **options)
+    e = explain_volume(model, image, method=method, window=WINDOW, **options)
     sums = mass_of(e).group_by("target").agg(pl.col("value").sum())
     assert sums.height == len(e.targets) >= 2
     for v in sums["value"]:
@@ -106,12 +107,12 @@ def test_masses_sum_to_one_per_target(model, image, method, options):
 
 
 def test_fixed_seed_is_deterministic(model, image):
-    a = explain_volume_perturbation(model, image, method="kernel_shap", roi_size=ROI, n_samples=25, seed=5,
-                                    features="cubes", cube_size=4, return_maps=True)
-    b = explain_volume_perturbation(model, image, method="kernel_shap", roi_size=ROI, n_samples=25, seed=5,
-                                    features="cubes", cube_size=4, return_maps=True)
-    c = explain_volume_perturbation(model, image, method="kernel_shap", roi_size=ROI, n_samples=25, seed=6,
-                                    features="cubes", cube_size=4, return_maps=True)
+    a = explain_volume(model, image, method="kernel_shap", window=ROI, n_samples=25, seed=5,
+                       features="cubes", cube_size=4, return_maps=True)
+    b = explain_volume(model, image, method="kernel_shap", window=ROI, n_samples=25, seed=5,
+                       features="cubes", cube_size=4, return_maps=True)
+    c = explain_volume(model, image, method="kernel_shap", window=ROI, n_samples=25, seed=6,
+                       features="cubes", cube_size=4, return_maps=True)
     assert a.importances.equals(b.importances)
     assert all(torch.equal(a.maps[k], b.maps[k]) for k in a.maps)
     assert not all(torch.equal(a.maps[k], c.maps[k]) for k in a.maps)
@@ -121,7 +122,7 @@ def test_global_rng_is_left_alone(model, image):
     torch.manual_seed(11)
     expected = torch.rand(3)
     torch.manual_seed(11)
-    explain_volume(model, image, method="kernel_shap", roi_size=ROI, n_samples=10)
+    explain_volume(model, image, method="kernel_shap", window=ROI, n_samples=10)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -139,8 +140,28 @@ def test_cubes_and_spread():
 
 def test_bad_options_are_refused(model, image):
     with pytest.raises(ValueError, match="features"):
-        explain_volume(model, image, method="occlusion", roi_size=ROI, features="voxels")
+        explain_volume(model, image, method="occlusion", window=ROI, features="voxels")
     with pytest.raises(ValueError, match="baseline"):
-        explain_volume(model, image, method="occlusion", roi_size=ROI, baseline="blur")
+        explain_volume(model, image, method="occlusion", window=ROI, baseline="blur")
     with pytest.raises(ValueError, match="legacy"):
-        explain_volume(model, image, method="occlusion", roi_size=ROI, target="legacy")
+        explain_volume(model, image, method="occlusion", window=ROI, objective="legacy")
+
+
+def test_a_given_partition_replaces_the_predicted_segments_as_features(model, image):
+    # the paper's average-sensitivity variant explains a perturbed input over the *clean* segments;
+    # here any label map can be the partition: two halves of the volume
+    partition = torch.zeros(SHAPE, dtype=torch.long)
+    partition[6:] = 1
+    e = explain_volume(model, image, method="occlusion", window=WINDOW, partition=partition, return_maps=True)
+    x = image[None]
+    pred = stitched(model, x).argmax(0)
+    base = float(image.min())
+    for c in torch.unique(pred).tolist():
+        s_clean = float((stitched(model, x)[c] * (pred == c)).sum())
+        for r in (0, 1):
+            xr = x.clone()
+            xr[0, :, partition == r] = base
+            phi = s_clean - float((stitched(model, xr)[c] * (pred == c)).sum())
+            # spread uniformly: every voxel of half r carries φ_r / |r|
+            got = e.maps[str(c)][partition == r]
+            assert torch.allclose(got, torch.full_like(got, phi / int((partition == r).sum())), rtol=1e-4, atol=1e-7)

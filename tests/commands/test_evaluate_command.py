@@ -85,4 +85,4 @@ def test_demo_job_parses():
     (job, untrained), spec = load_evaluation(job_file("evaluate_demo.toml"))
     assert job.cohort.phantoms == 8 and not untrained
     assert len(spec.methods) == 7 and spec.targets[0] == "background" and len(spec.targets) == 7
-    assert spec.with_paper_defaults().subset_size == 50_176
+    assert spec.with_paper_defaults().subset_of(48 * 40 * 40) == 230  # 0.3% of a demo volume

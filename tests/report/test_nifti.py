@@ -48,7 +48,7 @@ def ras_export(phantom: dict, model) -> tuple:
 def _export(model, record: dict, preprocess: io.PreprocessSpec, out: Path):
     case = io.load_case(record, preprocess=preprocess)
     ex = explain_volume(model.module, case.image, targets=["aorta"], class_names=model.class_names,
-                        roi_size=model.roi_size, return_maps=True, n_samples=1, seed=0)
+                        window=model.roi_size, return_maps=True, n_samples=1, seed=0)
     assert ex.maps and "aorta" in ex.maps
     return case, ex, export_explanation(case, ex, out)
 

@@ -1,0 +1,99 @@
+"""What a job needs before its first patient: the device, the validated model, the preprocessing and the explainer.
+
+Built once from a :class:`~engine.jobs.JobSpec` and shared by the three places that explain
+volumes: the per-patient pipeline (:mod:`engine.pipeline`), the report's map recomputation
+(:mod:`engine.report.maps`) and ``agg2exp evaluate``, so that all three run a job's attribution
+settings through the same :class:`~engine.attribution.Explainer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.attribution import Explainer
+from engine.errors import UserError
+
+AUTOCAST: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("[runtime] device = 'cuda' but no CUDA device is visible to this worker")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_model(spec: Any) -> Any:
+    """The job's model (``engine.models.LoadedModel``), validated before any patient is processed."""
+    from engine import models
+
+    model_cfg = dict(spec.model)
+    if model_cfg.get("kind", "demo") == "demo":
+        weights = model_cfg.get("weights")
+        loaded = models.demo_model(weights=spec.resolve_path(weights)) if weights else models.demo_model()
+    else:
+        loaded = models.load_model(models.ModelSpec.from_dict(model_cfg, base_dir=spec.base_dir))
+    models.validate_model(loaded)
+    return loaded
+
+
+def explainer_for(spec: Any, roi_size: Any, device: torch.device, preprocess: Any) -> Explainer:
+    """The job's explainer: its ``[attribution]`` settings on the model's window size.
+
+    SmoothGrad's σ is defined against the preprocessing's output range [b_min, b_max] (the same
+    for every scan); the HU window [a_min, a_max] is kept to record σ in HU.
+    """
+    autocast = AUTOCAST.get(spec.attribution.autocast or "") if device.type == "cuda" else None
+    return Explainer.from_spec(
+        spec.attribution, roi_size=roi_size, device=device, autocast=autocast,
+        input_range=(preprocess.b_min, preprocess.b_max), hu_range=(preprocess.a_min, preprocess.a_max),
+    )
+
+
+def explainer_record(spec: Any, roi_size: Any) -> dict[str, Any]:
+    """The resolved attribution settings of a job, for the run's configuration (σ in input units and HU)."""
+    from engine import io
+
+    preprocess = io.PreprocessSpec.from_dict(spec.preprocess)
+    return explainer_for(spec, roi_size, torch.device("cpu"), preprocess).describe()
+
+
+@dataclass
+class JobSetup:
+    """A job's device, loaded model (on that device, in eval mode), preprocessing, RoIs and explainer."""
+
+    spec: Any  # engine.jobs.JobSpec
+    device: torch.device
+    loaded: Any  # engine.models.LoadedModel
+    model: torch.nn.Module
+    preprocess: Any  # engine.io.PreprocessSpec
+    rois: Any  # engine.io.RoISpec
+    explainer: Explainer
+
+    @classmethod
+    def from_spec(cls, spec: Any, *, device: str | None = None) -> JobSetup:
+        from engine import io
+
+        dev = resolve_device(device or spec.runtime.device)
+        loaded = build_model(spec)
+        preprocess = io.PreprocessSpec.from_dict(spec.preprocess)
+        return cls(
+            spec=spec, device=dev, loaded=loaded, model=loaded.module.to(dev).eval(), preprocess=preprocess,
+            rois=io.RoISpec.from_dict(spec.rois, base_dir=spec.base_dir),
+            explainer=explainer_for(spec, loaded.roi_size, dev, preprocess),
+        )
+
+    def load(self, record: Any) -> Any:
+        """Read and preprocess one case (``engine.io.Case``)."""
+        from engine import io
+
+        return io.load_case(record, preprocess=self.preprocess)
+
+
+__all__ = ["AUTOCAST", "JobSetup", "build_model", "explainer_for", "explainer_record", "resolve_device"]
