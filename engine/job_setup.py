@@ -33,12 +33,7 @@ def build_model(spec: Any) -> Any:
     """The job's model (``engine.models.LoadedModel``), validated before any patient is processed."""
     from engine import models
 
-    model_cfg = dict(spec.model)
-    if model_cfg.get("kind", "demo") == "demo":
-        weights = model_cfg.get("weights")
-        loaded = models.demo_model(weights=spec.resolve_path(weights)) if weights else models.demo_model()
-    else:
-        loaded = models.load_model(models.ModelSpec.from_dict(model_cfg, base_dir=spec.base_dir))
+    loaded = models.load_model(models.ModelSpec.from_dict(spec.model, base_dir=spec.base_dir))
     models.validate_model(loaded)
     return loaded
 

@@ -64,7 +64,7 @@ def test_bad_model_stops_before_any_patient(tmp_path, capsys, model, expected):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[job]\nname = 'x'\n[cohort]\nphantoms = 2\n[model]\nkind = 'demo'\n[attribution]\nmethod = 'magic'\n", "unknown method"),
+        ("[job]\nname = 'x'\n[cohort]\nphantoms = 2\n[model]\nkind = 'demo'\n[attribution]\nmethod = 'magic'\n", "unknown attribution method 'magic'"),
         ("[job]\nname = 'x'\n[cohort]\nphantoms = 2\n[model]\nkind = 'demo'\n[runtime]\nworkerz = 2\n", "workerz"),
         ("[job]\nname = 'x'\n[model]\nkind = 'demo'\n", "[cohort]"),
         ("[job]\nname = 'x'\n[cohort]\nphantoms = 2\nmanifest = 'm.csv'\n[model]\nkind = 'demo'\n", "exactly one"),
