@@ -47,6 +47,15 @@ def test_query_results_are_right(analytics_store: Path) -> None:  # noqa: F811
             ["score", "patient_id"], descending=[True, False])
         assert top["patient_id"].to_list() == scores["patient_id"][:3].to_list()
         assert top["rank"].to_list() == [1, 2, 3] and '"sex"' in top["metadata"][0]
+        reasons = s.anomaly_reasons(RUN_ID)
+        for pid, text in zip(top["patient_id"], top["reasons"]):
+            mine = reasons.filter(pl.col("patient_id") == pid).sort("rank")
+            if mine.height == 0:
+                assert text is None
+            else:  # the stored reasons, in rank order, as "<target> in <roi> (z <signed z>)"
+                first = mine.row(0, named=True)
+                assert text.startswith(f"{first['target']} in {first['roi']} (z {first['z']:+.1f})")
+                assert text.count(" in ") == mine.height
 
         diff = queries.run_query(s, "subgroup_difference", PARAMS["subgroup_difference"])
         imp = s.importances(RUN_ID).filter((pl.col("sign") == "abs") & (pl.col("stat") == "mass"))

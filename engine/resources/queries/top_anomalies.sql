@@ -1,13 +1,20 @@
 -- name: top_anomalies
 -- answers: Which patients of a run have the most anomalous explanations? The k highest mean
 --   isolation-forest scores (latest anomaly model of the run), with the patient's mean
---   foreground Dice and manifest metadata.
+--   foreground Dice, manifest metadata and the top reasons (the (target, RoI) masses furthest
+--   from the fit cohort, as robust z-scores).
 -- params: run_id (string, default latest run), k (integer, default 10)
 WITH model AS (
     SELECT model_id FROM anomaly_models
     WHERE run_id = $run_id
     ORDER BY created_at DESC
     LIMIT 1
+),
+reasons AS (
+    SELECT r.patient_id,
+           string_agg(r.target || ' in ' || r.roi || ' (z ' || printf('%+.1f', r.z) || ')', ', ' ORDER BY r."rank") AS reasons
+    FROM anomaly_reasons AS r JOIN model USING (model_id)
+    GROUP BY r.patient_id
 ),
 dice AS (
     SELECT patient_id, mean_dice FROM patient_dice WHERE run_id = $run_id
@@ -20,10 +27,12 @@ SELECT
     s.decision < 0 AS outlier,
     d.mean_dice,
     CAST(p.metadata AS VARCHAR) AS metadata,
-    s.model_id
+    s.model_id,
+    re.reasons
 FROM anomaly_scores AS s
 JOIN model USING (model_id)
 LEFT JOIN dice AS d ON d.patient_id = s.patient_id
+LEFT JOIN reasons AS re ON re.patient_id = s.patient_id
 LEFT JOIN patients AS p ON p.run_id = $run_id AND p.patient_id = s.patient_id
 WHERE s.target = '__mean__'
 ORDER BY s.score DESC, s.patient_id
