@@ -370,7 +370,7 @@ class Scheduler:
                 return
             a.last_heard = time.monotonic()
             if a.state == "starting":  # placed: now load the model
-                a.state, a.placed_at = "loading", time.time()
+                a.state, a.placed_at, a.info = "loading", time.time(), info
                 a.ready_ref = a.handle.setup.remote()
                 self._ready_refs[a.ready_ref] = a
                 return

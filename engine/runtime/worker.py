@@ -4,8 +4,8 @@ The actor is threaded (two calls at a time): while one call computes on the devi
 lock, the next call reads and preprocesses its volume, so I/O overlaps compute. ``process`` is a
 streaming generator: it first reports the phase it enters (``loading``, ``loaded``,
 ``computing``), then the outcome, so the driver knows which patient an actor was *executing*
-when it died and charges an attempt to that patient only. ``info`` and ``ping`` run in their own
-concurrency group, so an actor busy with two patients still answers them. The constructor is
+when it died and charges an attempt to that patient only. ``ping`` runs in its own
+concurrency group, so an actor busy with two patients still answers it. The constructor is
 light (no engine import): an actor answers ``ping`` as soon as Ray has placed it, and loads the
 model in ``setup``, so the driver can tell "not placed" from "placed and loading". Only small
 records (phase markers, ``PatientResult`` rows or a ``Failure``) travel back to the driver.
@@ -52,25 +52,24 @@ class PatientWorker:
         return self.info()
 
     @ray.method(concurrency_group="health")
-    def ping(self) -> int:
-        return os.getpid()
-
-    @ray.method(concurrency_group="health")
-    def info(self) -> dict[str, Any]:
-        """Where the actor runs and what it holds: node, process, device, threads, Ray's assignment."""
-        import torch
-
+    def ping(self) -> dict[str, Any]:
+        """Where the actor runs and what Ray gave it (cheap: no torch, answers while computing)."""
         rc = ray.get_runtime_context()
-        dev = self.processor.device if self.processor is not None else None
-        out: dict[str, Any] = {
-            "worker": self.name, "index": self.index, "pid": os.getpid(), "device": str(dev) if dev else None,
+        return {
+            "worker": self.name, "index": self.index, "pid": os.getpid(),
             "node_id": rc.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
             "assigned_resources": rc.get_assigned_resources(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "torch_threads": torch.get_num_threads(),
         }
-        if dev is not None and dev.type == "cuda":
+
+    def info(self) -> dict[str, Any]:
+        """:meth:`ping` plus the device the model is on and the threads torch uses."""
+        import torch
+
+        dev = self.processor.device
+        out = self.ping() | {"device": str(dev), "torch_threads": torch.get_num_threads()}
+        if dev.type == "cuda":
             out["device_name"] = torch.cuda.get_device_name(dev)
         return out
 
