@@ -44,7 +44,7 @@ from engine.store import PatientResult, Store
 
 log = logging.getLogger("engine.runtime")
 
-#: How often the scheduler re-reads the cluster's nodes (joining and lost nodes), seconds.
+#: How often the cluster watcher re-reads the alive nodes (joining and lost nodes), seconds.
 CLUSTER_CHECK_S = 2.0
 #: Longest ``ray.wait`` when nothing happens; bounds how late timeouts and node changes are seen.
 TICK_S = 1.0
@@ -111,6 +111,8 @@ class ResultWriter:
 
     The store connection is used only by this thread while it runs; :meth:`close` drains what
     was submitted (nothing computed is dropped) before the caller touches the store again.
+    ``on_result(patient_id, status)`` runs on the caller's thread, from :meth:`run_callbacks`,
+    after the patient is committed (callbacks may need the main thread, e.g. to start Ray nodes).
     """
 
     def __init__(self, store: Store, run_id: str, bar: Progress,
@@ -121,6 +123,7 @@ class ResultWriter:
         self.stage_times: dict[str, list[float]] = collections.defaultdict(list)
         self.error: BaseException | None = None
         self._queue: queue.SimpleQueue[tuple[str, Outcome] | None] = queue.SimpleQueue()
+        self._committed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="agg2exp-writer", daemon=True)
         self._thread.start()
 
@@ -159,11 +162,38 @@ class ResultWriter:
         self.seconds += time.perf_counter() - t0
         self.bar.update(status, pid=pid, error=error)
         if self.on_result is not None:
-            self.on_result(pid, status)
+            self._committed.put((pid, status))
+
+    def run_callbacks(self) -> None:
+        while self.on_result is not None and not self._committed.empty():
+            self.on_result(*self._committed.get())
 
     def timings(self) -> dict[str, dict[str, float]]:
         return {k: {"total": round(sum(v), 3), "median": round(sorted(v)[len(v) // 2], 4)}
                 for k, v in self.stage_times.items()}
+
+
+class ClusterWatch:
+    """Reads the cluster's alive nodes every CLUSTER_CHECK_S on its own thread, so that the GCS
+    round trip never sits in the dispatch loop; ``nodes`` is the latest view."""
+
+    def __init__(self, reserve: dict[str, float]) -> None:
+        self.reserve = reserve
+        self.nodes: list[NodeView] = alive_nodes(reserve)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="agg2exp-cluster-watch", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(CLUSTER_CHECK_S):
+            try:
+                self.nodes = alive_nodes(self.reserve)
+            except Exception as exc:  # noqa: BLE001 - keep the last view; the GCS may be restarting
+                log.debug("could not read the cluster's nodes: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class Scheduler:
@@ -186,8 +216,7 @@ class Scheduler:
         self._ready_refs: dict[Any, _Actor] = {}
         self._pings: dict[Any, _Actor] = {}
         self._indices = itertools.count()
-        self.nodes: list[NodeView] = []
-        self._nodes_checked = -1e9
+        self.watch = ClusterWatch(reserve)
         self._seen_slots = False
         self._no_service_since = time.monotonic()
         self._start_failures = 0
@@ -196,7 +225,8 @@ class Scheduler:
         self.requeued = 0
         self.charged = 0
         self.requeue_latencies: list[dict[str, Any]] = []
-        self.max_gap_s = 0.0
+        self.max_gap_s = 0.0  # longest the loop was busy between two waits, once dispatch started
+        self._dispatched = False
         self.t_first_ready: float | None = None
         self._idle = threading.Event()
 
@@ -205,6 +235,7 @@ class Scheduler:
         import ray
 
         while self._work_left() and self.stopped is None:
+            self.writer.run_callbacks()  # tests' hooks; not part of the dispatch gap
             t_busy = time.perf_counter()
             self.writer.raise_error()
             now = time.monotonic()
@@ -216,7 +247,7 @@ class Scheduler:
             self._dispatch()
             self.bar.set_in_flight(sum(len(a.inflight) for a in self.actors))
             refs = [*self._gens, *self._ready_refs, *self._pings]
-            self.max_gap_s = max(self.max_gap_s, time.perf_counter() - t_busy)
+            self._gap(t_busy)
             if refs:
                 ready, _ = ray.wait(refs, num_returns=1, timeout=TICK_S)
                 if ready:
@@ -229,15 +260,26 @@ class Scheduler:
             t_busy = time.perf_counter()
             for ref in ready:
                 self._handle(ref)
+            self._gap(t_busy)
+
+    def _gap(self, t_busy: float) -> None:
+        # Start-up (exporting the actor class, first placements) is not dispatch; count from the
+        # first patient sent.
+        if self._dispatched:
             self.max_gap_s = max(self.max_gap_s, time.perf_counter() - t_busy)
 
     def _work_left(self) -> bool:
         return bool(self.queue or self.suspects or any(a.inflight for a in self.actors))
 
+    @property
+    def nodes(self) -> list[NodeView]:
+        return self.watch.nodes
+
     def shutdown(self) -> None:
         """Kill every actor of the run (also pending ones), recording when they stopped."""
         import ray
 
+        self.watch.close()
         for a in self.actors:
             if a.state != "gone":
                 self._retire(a, "run finished" if self.stopped is None else "run stopped")
@@ -249,11 +291,8 @@ class Scheduler:
 
     # -- the pool ---------------------------------------------------------------------------
     def _follow_cluster(self, now: float) -> None:
-        if now - self._nodes_checked >= CLUSTER_CHECK_S:
-            self._nodes_checked = now
-            self.nodes = alive_nodes(self.reserve)
-            if self._slots():
-                self._seen_slots = True
+        if self._slots():
+            self._seen_slots = True
         live = [a for a in self.actors if a.state != "gone"]
         work = len(self.queue) + len(self.suspects) + sum(len(a.inflight) for a in live)
         target = min(max(1, self._slots()), self.max_workers or 10**9, work) if work else 0
@@ -349,6 +388,7 @@ class Scheduler:
 
     def _send(self, a: _Actor, entry: _Entry) -> None:
         gen = a.handle.process.remote(entry.record)
+        self._dispatched = True
         entry.phase = "queued"
         a.inflight[gen] = entry
         self._gens[gen] = a

@@ -103,7 +103,8 @@ def run_job(
 
     ``resume`` (default) continues an existing run with the same id, computing only patients that
     are not ``done``; ``resume=False`` refuses to touch an existing run. ``on_result(patient_id,
-    status)`` is called after each patient is committed (tests use it to interrupt runs).
+    status)`` is called on this thread after each patient is committed (tests use it to interrupt
+    runs); it holds up dispatch while it runs, so keep it short.
     """
     t_start = time.perf_counter()
     run_id = run_id or spec.default_run_id()
@@ -209,6 +210,7 @@ def _dispatch(
             scheduler.shutdown()
             result_writer.close()  # commit everything that was computed, whatever happened
             bar.close()
+        result_writer.run_callbacks()
         result_writer.raise_error()
         t_first = scheduler.t_first_ready
         return {
