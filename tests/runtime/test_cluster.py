@@ -122,7 +122,7 @@ def test_a_lost_worker_node_costs_nothing_and_a_node_that_joins_gets_an_actor(
 
     def churn(pid: str, status: str) -> None:
         if not joined:
-            joined.append(cluster.add_node(num_cpus=1, **NODE).unique_id)
+            joined.append(cluster.add_node(num_cpus=1, **NODE).node_id)
         elif len(joined) == 1:
             cluster.remove_node(lost, allow_graceful=False)
             joined.append("removed")
@@ -131,7 +131,7 @@ def test_a_lost_worker_node_costs_nothing_and_a_node_that_joins_gets_an_actor(
     summary = run_job(_spec(manifest), db=db, run_id="churn", address=cluster.address, progress=False, on_result=churn)
     assert summary.exit_code == 0 and summary.counts["done"] == 12 and summary.counts["failed"] == 0
     actors = summary.report["actors"]
-    on_lost = [a for a in actors if a["node_id"] == lost.unique_id]
+    on_lost = [a for a in actors if a["node_id"] == lost.node_id]
     assert on_lost and all(a["stop_reason"].startswith("lost") for a in on_lost)
     assert any(a["node_id"] == joined[0] and a["patients_done"] >= 1 for a in actors), actors
     assert summary.report["attempts_charged"] == 0
