@@ -277,17 +277,10 @@ class Scheduler:
 
     def shutdown(self) -> None:
         """Kill every actor of the run (also pending ones), recording when they stopped."""
-        import ray
-
         self.watch.close()
         for a in self.actors:
             if a.state != "gone":
                 self._retire(a, "run finished" if self.stopped is None else "run stopped")
-        for a in self.actors:
-            try:
-                ray.kill(a.handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
 
     # -- the pool ---------------------------------------------------------------------------
     def _follow_cluster(self, now: float) -> None:
