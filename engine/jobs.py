@@ -136,15 +136,18 @@ class AttributionSpec:
 class RuntimeSpec:
     """How the cohort is spread: Ray actors, GPUs per actor, patients in flight."""
 
-    workers: int | None = None  # CPU actors when there is no GPU; default: one per core
+    workers: int | None = None  # at most this many actors; default: one per GPU, else per CPU slot
     gpus_per_worker: float = 1.0
     in_flight: int = 2  # patients queued per actor (backpressure)
     threads_per_worker: int = 1
     address: str | None = None  # Ray cluster address; None starts a local instance
     max_attempts: int = 3  # a patient whose worker dies this many times is marked failed
     device: str = "auto"  # auto, cpu, cuda
+    worker_timeout_s: float = 120.0  # no worker placed or answering this long: the run stops (exit 3)
 
     def __post_init__(self) -> None:
+        if not self.worker_timeout_s > 0:
+            raise JobSpecError(f"[runtime] worker_timeout_s must be positive, got {self.worker_timeout_s}")
         if self.workers is not None and self.workers < 1:
             raise JobSpecError(f"[runtime] workers must be at least 1, got {self.workers}")
         if not 0 < self.gpus_per_worker <= 8:

@@ -72,6 +72,8 @@ def handle(args: argparse.Namespace) -> int:
     summary = run_job(spec, db=args.db, run_id=run_id, resume=True, address=spec.runtime.address,
                       workers=args.workers, progress=show_progress(args))
     print_summary(summary)
+    if summary.stopped:
+        return summary.exit_code  # no analytics on a run that could not finish; rerunning resumes it
     print_top_anomalies(Path(args.db), summary.run_id)
     if summary.counts.get("done", 0) >= 4:
         print_audit(Path(args.db), summary.run_id)

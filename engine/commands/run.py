@@ -2,7 +2,9 @@
 
 Exit status: 0 when every patient is done, 1 when some patients failed (their reasons are in
 the ``patients`` table and were printed), 2 for a job that cannot run as written, 3 when the run
-stopped before finishing (rerun to resume), 4 for an internal error.
+stopped by itself before finishing (no worker could be placed or answered within
+``[runtime] worker_timeout_s``, or the cluster lost every node that could host one): what is
+done stays done, and rerunning the same command resumes; 4 for an internal error.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on loopback)")
     p.add_argument("--workers", type=int, default=None,
-                   help="actors to start (default: one per GPU, else one per CPU core)")
+                   help="at most this many actors (default: one per GPU, else one per CPU slot, "
+                        "including nodes that join the cluster during the run)")
+    p.add_argument("--worker-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the run (exit 3) when no worker can be placed or answers for this long "
+                        "(default: [runtime] worker_timeout_s, 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal)")
 
 
@@ -41,6 +47,8 @@ def with_runtime(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
     rt = spec.runtime
     if args.address:
         rt = replace(rt, address=args.address)
+    if getattr(args, "worker_timeout", None) is not None:
+        rt = replace(rt, worker_timeout_s=args.worker_timeout)
     return replace(spec, runtime=rt)
 
 
@@ -59,6 +67,10 @@ def print_summary(summary: RunSummary) -> None:
         for r in failed.iter_rows(named=True):
             print(f"  failed {r['patient_id']}: {r['error']}")
     print(f"database: {Path(summary.db).resolve()}")
+    if summary.stopped:
+        print(f"run {summary.run_id} stopped before finishing: {summary.stopped}. "
+              f"{c.get('done', 0)} patients done are kept, {c.get('pending', 0)} pending; "
+              "rerun the same command to resume", file=sys.stderr)
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -2,14 +2,13 @@
 
 Flow: resolve the cohort (manifest or phantoms) → register every patient as ``pending`` (a
 resumed run keeps what is ``done``) → validate the model once on the driver, before any patient
-→ start actors → keep at most ``in_flight`` patients per actor → write each result in its own
-transaction as it arrives → re-queue patients whose worker died (up to ``max_attempts``) →
-anomaly scoring → run report (JSON, stored with the run).
+→ start or join Ray → dispatch to a pool of actors that follows the cluster, with the results
+committed one transaction per patient by a writer thread (``engine.runtime.dispatch``) → anomaly
+scoring (skipped when the run stopped before finishing) → run report (JSON, stored with the run).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import platform
@@ -26,10 +25,11 @@ from engine.cohorts import resolve_cohort
 from engine.errors import UserError
 from engine.job_setup import explainer_record
 from engine.jobs import JobSpec
-from engine.pipeline import Failure, build_model
+from engine.pipeline import build_model
 from engine.runtime.cluster import RayContext, connect, disconnect
+from engine.runtime.dispatch import ResultWriter, Scheduler
 from engine.runtime.progress import Progress
-from engine.store import PatientResult, Store
+from engine.store import Store
 
 log = logging.getLogger("engine.runtime")
 
@@ -47,9 +47,13 @@ class RunSummary:
     seconds: float
     report: dict[str, Any] = field(default_factory=dict)
     anomaly_model: str | None = None
+    stopped: str | None = None  # why the run stopped before finishing (no worker, cluster lost)
 
     @property
     def exit_code(self) -> int:
+        """0: every patient done; 1: some failed; 3: the run stopped by itself (rerun resumes)."""
+        if self.stopped:
+            return 3
         return 1 if self.counts.get("failed", 0) else 0
 
 
@@ -65,19 +69,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _worker_plan(spec: JobSpec, ctx: RayContext, workers: int | None) -> tuple[int, dict[str, float]]:
-    """How many actors and what each reserves: one per GPU when there are GPUs, else CPU slots."""
-    rt = spec.runtime
-    use_gpu = rt.device != "cpu" and ctx.n_gpus > 0
-    if use_gpu:
-        n = max(1, int(ctx.n_gpus / rt.gpus_per_worker))
-        if workers is not None:
-            n = min(n, workers)
-        return n, {"num_gpus": rt.gpus_per_worker, "num_cpus": 1}
-    if rt.device == "cuda":
-        raise UserError("[runtime] device = 'cuda' but the Ray cluster has no GPUs")
-    n = workers or rt.workers or max(1, ctx.n_cpus // rt.threads_per_worker)
-    return n, {"num_cpus": rt.threads_per_worker}
 
 
 def run_job(
@@ -95,7 +86,8 @@ def run_job(
 
     ``resume`` (default) continues an existing run with the same id, computing only patients that
     are not ``done``; ``resume=False`` refuses to touch an existing run. ``on_result(patient_id,
-    status)`` is called after each patient is committed (tests use it to interrupt runs).
+    status)`` is called on this thread after each patient is committed (tests use it to interrupt
+    runs); it holds up dispatch while it runs, so keep it short.
     """
     t_start = time.perf_counter()
     run_id = run_id or spec.default_run_id()
@@ -119,12 +111,14 @@ def run_job(
         if existed:
             print(f"resuming run {run_id}: {len(already)} of {manifest.height} patients already done; "
                   f"computing {len(records)}", file=sys.stderr)
-        stats = _Dispatch(spec, writer, run_id, records, address=address, workers=workers, progress=progress,
-                          on_result=on_result).run() if records else {"devices": [], "writer_seconds": 0.0,
-                                                                        "timings": {}, "requeued": 0}
+        stats: dict[str, Any] = {"devices": [], "writer_seconds": 0.0, "timings": {}}
+        if records:
+            stats = _dispatch(spec, writer, run_id, records, address=address, workers=workers, progress=progress,
+                              on_result=on_result)
+        stopped = stats.get("stopped")
         counts = writer.status_counts(run_id)
         anomaly_model = None
-        if spec.anomaly.enabled and counts.get("done", 0) >= 2:
+        if spec.anomaly.enabled and counts.get("done", 0) >= 2 and not stopped:
             anomaly_model = _score_anomalies(writer, spec, run_id)
         report = {
             "run_id": run_id,
@@ -134,12 +128,9 @@ def run_job(
             "counts": counts,
             "computed": len(records),
             "skipped_done": len(already),
-            "requeued_after_worker_loss": stats["requeued"],
             "seconds": round(time.perf_counter() - t_start, 3),
-            "writer_seconds": round(stats["writer_seconds"], 3),
-            "dispatch_seconds": round(stats.get("dispatch_seconds", 0.0), 3),
-            "ray": stats.get("ray"),
-            "timings": stats["timings"],
+            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items() if k != "devices"},
+            "stopped": stopped,
             "anomaly_model": anomaly_model,
         }
         status = "done" if counts.get("failed", 0) == 0 and counts.get("pending", 0) == 0 else "partial"
@@ -149,7 +140,7 @@ def run_job(
         writer.close()
     return RunSummary(
         run_id=run_id, db=db_path, counts=counts, computed=len(records), skipped_done=len(already), rows=rows,
-        seconds=time.perf_counter() - t_start, report=report, anomaly_model=anomaly_model,
+        seconds=time.perf_counter() - t_start, report=report, anomaly_model=anomaly_model, stopped=stopped,
     )
 
 
@@ -166,125 +157,64 @@ def _score_anomalies(writer: Store, spec: JobSpec, run_id: str) -> str | None:
     return str(model["model_id"])
 
 
-class _Dispatch:
-    """Bounded, fault-tolerant dispatch of patients to actors, with the driver as the writer."""
+def _worker_plan(spec: JobSpec, ctx: RayContext, workers: int | None) -> tuple[int | None, dict[str, float]]:
+    """At most how many actors (None: as many as the cluster offers, nodes that join included)
+    and what each reserves: ``threads_per_worker`` CPUs, plus ``gpus_per_worker`` GPUs when
+    the cluster has GPUs (Ray then sets each actor's ``CUDA_VISIBLE_DEVICES`` to its own)."""
+    rt = spec.runtime
+    cap = workers or rt.workers
+    reserve: dict[str, float] = {"num_cpus": rt.threads_per_worker}
+    if rt.device != "cpu" and ctx.n_gpus > 0:
+        reserve["num_gpus"] = rt.gpus_per_worker
+    elif rt.device == "cuda":
+        raise UserError("[runtime] device = 'cuda' but the Ray cluster has no GPUs")
+    return cap, reserve
 
-    def __init__(
-        self, spec: JobSpec, writer: Store, run_id: str, records: list[Mapping[str, Any]], *,
-        address: str | None, workers: int | None, progress: bool,
-        on_result: Callable[[str, str], None] | None,
-    ) -> None:
-        self.spec, self.writer, self.run_id = spec, writer, run_id
-        self.records = records
-        self.address, self.workers, self.progress = address, workers, progress
-        self.on_result = on_result
 
-    def run(self) -> dict[str, Any]:
-        import ray
-        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
-
-        ctx = connect(self.address, num_cpus=None)
+def _dispatch(
+    spec: JobSpec, writer: Store, run_id: str, records: list[Mapping[str, Any]], *, address: str | None,
+    workers: int | None, progress: bool, on_result: Callable[[str, str], None] | None,
+) -> dict[str, Any]:
+    """Start or join Ray, run the scheduler and the writer over ``records``, and report."""
+    rt = spec.runtime
+    local_cpus = max(os.cpu_count() or 1, (workers or rt.workers or 0) * rt.threads_per_worker)
+    ctx = connect(address, num_cpus=local_cpus, timeout_s=rt.worker_timeout_s)
+    try:
+        cap, reserve = _worker_plan(spec, ctx, workers)
+        spec_dict = spec.to_sections()
+        bar = Progress(total=len(records), enabled=progress)
+        result_writer = ResultWriter(writer, run_id, bar, on_result)
+        scheduler = Scheduler(
+            ctx=ctx, actor_cls=remote_worker_class_for(spec),
+            actor_args=(spec_dict, spec.base_dir, rt.threads_per_worker), reserve=reserve, records=records,
+            writer=result_writer, bar=bar, in_flight=rt.in_flight, max_attempts=rt.max_attempts,
+            max_workers=cap, worker_timeout_s=rt.worker_timeout_s,
+        )
         try:
-            n_actors, resources = _worker_plan(self.spec, ctx, self.workers)
-            n_actors = min(n_actors, len(self.records))
-            actor_cls = remote_worker_class_for(self.spec)
-            spec_dict = self.spec.to_sections()
-            actors = [
-                actor_cls.options(**resources).remote(spec_dict, self.spec.base_dir, self.spec.runtime.threads_per_worker, i)
-                for i in range(n_actors)
-            ]
-            devices = ray.get([a.info.remote() for a in actors])
-            queue: collections.deque[tuple[dict[str, Any], int]] = collections.deque(
-                (dict(r), 0) for r in self.records
-            )
-            inflight: dict[Any, tuple[int, dict[str, Any], int]] = {}
-            pings: dict[Any, int] = {}  # health pings of actors that are restarting
-            unavailable: set[int] = set()
-            load = [0] * n_actors
-            bar = Progress(total=len(self.records), enabled=self.progress)
-            t_dispatch = time.perf_counter()  # actors are up and the model loaded: throughput starts here
-            writer_seconds = 0.0
-            requeued = 0
-            stage_totals: dict[str, list[float]] = collections.defaultdict(list)
-            limit = self.spec.runtime.in_flight
-
-            def start_actor(i: int) -> Any:
-                return actor_cls.options(**resources).remote(
-                    spec_dict, self.spec.base_dir, self.spec.runtime.threads_per_worker, i
-                )
-
-            def actor_lost(i: int) -> None:
-                if i not in unavailable:
-                    unavailable.add(i)
-                    pings[actors[i].pid.remote()] = i
-
-            while queue or inflight:
-                for i, actor in enumerate(actors):
-                    while queue and load[i] < limit and i not in unavailable:
-                        record, attempts = queue.popleft()
-                        inflight[actor.process.remote(record)] = (i, record, attempts)
-                        load[i] += 1
-                bar.set_in_flight(len(inflight))
-                ready, _ = ray.wait([*inflight, *pings], num_returns=1, timeout=1.0)
-                for ref in ready:
-                    if ref in pings:
-                        i = pings.pop(ref)
-                        try:
-                            ray.get(ref)
-                            unavailable.discard(i)  # restarted and serving again
-                        except ActorDiedError:
-                            log.warning("worker %d is gone for good; starting a replacement", i)
-                            actors[i] = start_actor(i)
-                            pings[actors[i].pid.remote()] = i
-                        except RayActorError:
-                            time.sleep(0.5)  # still restarting
-                            pings[actors[i].pid.remote()] = i
-                        continue
-                    i, record, attempts = inflight.pop(ref)
-                    load[i] -= 1
-                    pid = str(record["patient_id"])
-                    try:
-                        outcome = ray.get(ref)
-                    except (RayActorError, RayTaskError) as exc:
-                        actor_lost(i)
-                        if attempts + 1 < self.spec.runtime.max_attempts:
-                            queue.appendleft((record, attempts + 1))
-                            requeued += 1
-                            log.warning("worker lost while processing %s; re-queued (attempt %d)", pid, attempts + 2)
-                            continue
-                        outcome = Failure(pid, f"worker died {attempts + 1} times while processing this patient "
-                                               f"(last: {type(exc).__name__}); check memory and the volume",
-                                          str(exc)[-4000:], "driver")
-                    t0 = time.perf_counter()
-                    if isinstance(outcome, PatientResult):
-                        self.writer.write_patient(self.run_id, outcome)
-                        for k, v in (outcome.timings or {}).items():
-                            stage_totals[k].append(float(v))
-                        status = "done"
-                    else:
-                        self.writer.mark_failed(self.run_id, pid, error=outcome.error, traceback=outcome.traceback,
-                                                worker=outcome.worker)
-                        status = "failed"
-                    writer_seconds += time.perf_counter() - t0
-                    bar.update(status, pid=pid, error=None if status == "done" else outcome.error)  # type: ignore[union-attr]
-                    if self.on_result is not None:
-                        self.on_result(pid, status)
-            bar.close()
-            timings = {
-                k: {"total": round(sum(v), 3), "median": round(sorted(v)[len(v) // 2], 4)}
-                for k, v in stage_totals.items()
-            }
-            for a in actors:
-                ray.kill(a)
-            return {"devices": devices, "writer_seconds": writer_seconds, "timings": timings, "requeued": requeued,
-                    "dispatch_seconds": time.perf_counter() - t_dispatch,
-                    "ray": {"address": ctx.address, "started_locally": ctx.started, "resources": ctx.resources}}
+            scheduler.run()
         finally:
-            disconnect(ctx)
+            scheduler.shutdown()
+            result_writer.close()  # commit everything that was computed, whatever happened
+            bar.close()
+        result_writer.run_callbacks()
+        result_writer.raise_error()
+        t_first = scheduler.t_first_ready
+        return {
+            **scheduler.report(),
+            "devices": [a.info for a in scheduler.actors if a.info],
+            "writer_seconds": result_writer.seconds,
+            "writer_backlog_max": result_writer.max_backlog,
+            "timings": result_writer.timings(),
+            "dispatch_seconds": time.perf_counter() - t_first if t_first else 0.0,
+            "ray": {"address": ctx.address, "started_locally": ctx.started, "resources": ctx.resources,
+                    "reserve_per_worker": reserve, "max_workers": cap},
+        }
+    finally:
+        disconnect(ctx)
 
 
 def remote_worker_class_for(spec: JobSpec) -> Any:
     from engine.runtime.worker import remote_worker_class
 
-    return remote_worker_class(max_restarts=max(0, spec.runtime.max_attempts))
+    return remote_worker_class()
 

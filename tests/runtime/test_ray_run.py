@@ -134,8 +134,20 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, cohort, cohort_
     assert_same_importances(_stored(db, "k"), reference_rows)
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
 def _actor_processes(name: str) -> list[tuple[int, str]]:
-    """(pid, process title) of Ray actor processes of a class, read from /proc."""
+    """(pid, process title) of this test's Ray actor processes of a class (the local Ray this
+    process started is its descendant; other Ray instances on the machine are left alone)."""
     out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -144,7 +156,7 @@ def _actor_processes(name: str) -> list[tuple[int, str]]:
             title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if title.startswith(f"ray::{name}"):
+        if title.startswith(f"ray::{name}") and _descends_from(int(proc.name), os.getpid()):
             out.append((int(proc.name), title))
     return out
 
