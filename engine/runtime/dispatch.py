@@ -158,7 +158,6 @@ class ResultWriter:
             self.store.mark_failed(self.run_id, pid, error=outcome.error, traceback=outcome.traceback,
                                    worker=outcome.worker)
             status, error = "failed", outcome.error
-        self.store.publish_snapshot()
         self.seconds += time.perf_counter() - t0
         self.bar.update(status, pid=pid, error=error)
         if self.on_result is not None:

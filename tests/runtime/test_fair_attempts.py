@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import polars as pl
 import pytest
 
@@ -11,6 +14,8 @@ from engine.runtime import run_job
 from tests.runtime.conftest import assert_same_importances, job_dict
 
 pytestmark = pytest.mark.slow
+
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture
@@ -23,7 +28,10 @@ def ray_with_poison(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
              log_to_driver=False, runtime_env={"worker_process_setup_hook": "tests.runtime.poison.install",
-                                               "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+                                               "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                                            # the hook lives in this repository's tests package
+                                                            "PYTHONPATH": os.pathsep.join(
+                                                                filter(None, [REPO, os.environ.get("PYTHONPATH")]))}})
     try:
         yield
     finally:
