@@ -70,14 +70,15 @@ class PatientProcessor:
     """Holds one loaded model and processes patients one at a time."""
 
     def __init__(self, spec: JobSpec, *, worker_name: str | None = None) -> None:
-        from engine import io
+        from engine import io, models
 
         self.spec = spec
         self.worker = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         self.device = resolve_device(spec.runtime.device)
         self.loaded = build_model(spec)
         self.model = self.loaded.module.to(self.device).eval()
-        self.preprocess = io.PreprocessSpec.from_dict(spec.preprocess)
+        self.preprocess = models.effective_preprocess(self.loaded, spec.preprocess)
+        self.blend, self.overlap = models.effective_windows(self.loaded, spec.attribution)
         self.rois = io.RoISpec.from_dict(spec.rois, base_dir=spec.base_dir)
         self.autocast = _AUTOCAST.get(spec.attribution.autocast or "") if self.device.type == "cuda" else None
 
@@ -86,6 +87,8 @@ class PatientProcessor:
         """CPU stage: read and preprocess one case (``engine.io.Case``)."""
         from engine import io
 
+        if self.loaded.case_loader is not None:
+            return self.loaded.case_loader(record)
         return io.load_case(record, preprocess=self.preprocess)
 
     def compute(self, case: Any, *, timings: dict[str, float] | None = None) -> PatientResult:
@@ -102,7 +105,7 @@ class PatientProcessor:
             rois = RoISet(labels.to(self.device), tuple(roi_names), self.rois.joined_parts())
         explanation = explain_volume(
             self.model, case.image, method=a.method, targets=a.targets, class_names=names,
-            roi_size=self.loaded.roi_size, overlap=a.overlap, blend=a.blend, seed=a.seed,  # type: ignore[arg-type]
+            roi_size=self.loaded.roi_size, overlap=self.overlap, blend=self.blend, seed=a.seed,  # type: ignore[arg-type]
             return_maps=case.patient_id in a.save_maps, device=self.device, target=a.target, rois=rois,
             joined_rois=self.rois.joined_parts() if rois is None else None,
             window_batch=a.window_batch, class_chunk=a.class_chunk, vjp=a.vjp,  # type: ignore[arg-type]

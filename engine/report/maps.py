@@ -125,7 +125,7 @@ class MapRecomputer:
         p = self.processor
         explanation = explain_volume(
             p.model, case.image, method=a.method, targets=list(targets) if targets is not None else a.targets,
-            class_names=self.class_names, roi_size=p.loaded.roi_size, overlap=a.overlap, blend=a.blend,
+            class_names=self.class_names, roi_size=p.loaded.roi_size, overlap=p.overlap, blend=p.blend,
             seed=a.seed, return_maps=True, device=p.device, target=a.target,
             window_batch=a.window_batch, class_chunk=a.class_chunk, vjp=a.vjp, autocast_dtype=p.autocast,
             **a.method_options(),
