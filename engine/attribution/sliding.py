@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-BlendMode = Literal["constant", "gaussian"]
+BlendMode = Literal["constant", "gaussian", "nnunet"]
 VJPMode = Literal["auto", "loop", "batched"]
 
 #: Seed builder: (class index k, window slices, window output (B, C, *roi)) -> seed (B, C, *roi) or
@@ -91,6 +91,10 @@ def window_geometry(
     device: torch.device | str = "cpu",
 ) -> WindowGeometry:
     """The window layout MONAI's ``sliding_window_inference`` uses for this image and window size."""
+    if blend == "nnunet":  # nnU-Net's tiling and gaussian (engine.attribution.nnunet_windows)
+        from engine.attribution.nnunet_windows import nnunet_geometry, tile_step_of
+
+        return nnunet_geometry(image_size, roi_size, tile_step_size=tile_step_of(float(overlap)), device=device)  # type: ignore[arg-type]
     nd = len(image_size)
     roi = tuple(int(r) for r in roi_size)
     if len(roi) != nd:
@@ -131,6 +135,11 @@ def stitched_forward(
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MONAI's stitched sliding-window prediction Ẑ of ``x`` (1, C_in, *S) -> (1, C, *S), no grad."""
+    if blend == "nnunet":
+        from engine.attribution.nnunet_windows import geometry_forward
+
+        with _autocast(x.device, autocast_dtype):
+            return geometry_forward(model, x, geometry, window_batch=window_batch)
     with torch.no_grad(), _autocast(x.device, autocast_dtype):
         out = sliding_window_inference(
             x, geometry.roi_size, window_batch, model, overlap=overlap, mode=blend,
