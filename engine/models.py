@@ -57,6 +57,9 @@ class LoadedModel:
     case_loader: Any = None
     #: A blend that belongs to the model's inference (``"nnunet"``), replacing ``[attribution] blend``.
     blend: str | None = None
+    #: Classes to explain when the job names none, and RoIs joined from classes (a class preset).
+    targets: tuple[str, ...] | None = None
+    joined_rois: dict[str, tuple[str, ...]] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -98,6 +101,7 @@ class ModelSpec:
     mirroring: bool = False
     trust_checkpoint: bool = False
     task: str | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:

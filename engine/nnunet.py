@@ -64,8 +64,8 @@ def check_spec(spec: Any) -> None:
         raise JobSpecError(f"model: kind {spec.kind!r} needs path, {what}")
     if spec.kind == "totalsegmentator" and not spec.task:
         raise JobSpecError("model: kind 'totalsegmentator' needs task, e.g. 'total_fast' or 'total_organs'")
-    if spec.kind == "nnunet" and spec.task:
-        raise JobSpecError("model: task belongs to kind 'totalsegmentator'; an nnU-Net folder needs only path")
+    if spec.kind == "nnunet" and (spec.task or spec.preset):
+        raise JobSpecError("model: task and preset belong to kind 'totalsegmentator'; an nnU-Net folder needs only path")
     for key in ("name", "args", "weights", "roi_size", "class_names_file"):
         if getattr(spec, key):
             raise JobSpecError(f"model: kind {spec.kind!r} takes its {key} from the model folder; remove {key}")
@@ -291,11 +291,11 @@ class NnUNetCaseLoader:
     onto the resulting grid by nearest-neighbour resampling through its voxel -> world matrix.
     """
 
-    def __init__(self, folder: NnUNetFolder) -> None:
+    def __init__(self, folder: NnUNetFolder, *, reorient: bool = False) -> None:
         self.plans_manager = folder.plans_manager
         self.configuration_manager = folder.configuration_manager
         self.dataset_json = folder.dataset_json
-        self.reorient = str(folder.plans.get("image_reader_writer", "")) == "NibabelIOWithReorient"
+        self.reorient = reorient or str(folder.plans.get("image_reader_writer", "")) == "NibabelIOWithReorient"
         name = getattr(folder.configuration_manager, "preprocessor_class", None)
         self.preprocessor = name(verbose=False) if callable(name) else None
 

@@ -104,10 +104,10 @@ class PatientProcessor:
             labels, roi_names = base  # type: ignore[misc]
             rois = RoISet(labels.to(self.device), tuple(roi_names), self.rois.joined_parts())
         explanation = explain_volume(
-            self.model, case.image, method=a.method, targets=a.targets, class_names=names,
+            self.model, case.image, method=a.method, targets=a.targets or self.loaded.targets, class_names=names,
             roi_size=self.loaded.roi_size, overlap=self.overlap, blend=self.blend, seed=a.seed,  # type: ignore[arg-type]
             return_maps=case.patient_id in a.save_maps, device=self.device, target=a.target, rois=rois,
-            joined_rois=self.rois.joined_parts() if rois is None else None,
+            joined_rois={**(self.loaded.joined_rois or {}), **self.rois.joined_parts()} if rois is None else None,
             window_batch=a.window_batch, class_chunk=a.class_chunk, vjp=a.vjp,  # type: ignore[arg-type]
             autocast_dtype=self.autocast, **a.method_options(),
         )
