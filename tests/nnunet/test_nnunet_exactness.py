@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.attribution import Saliency, compute_maps
-from engine.attribution.nnunet_windows import nnunet_geometry
-from engine.attribution.sliding import stitched_forward, window_geometry
-from engine.models import ModelSpec, load_model
-from tests.nnunet._folders import write_folder
+pytest.importorskip("nnunetv2", reason="nnU-Net v2 is the optional extra nnunet: pip install -c constraints.txt -e '.[nnunet]'")
+
+from engine.attribution import Saliency, compute_maps  # noqa: E402
+from engine.attribution.nnunet_windows import nnunet_geometry  # noqa: E402
+from engine.attribution.sliding import stitched_forward, window_geometry  # noqa: E402
+from engine.models import ModelSpec, load_model  # noqa: E402
+from tests.nnunet._folders import write_folder  # noqa: E402
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 

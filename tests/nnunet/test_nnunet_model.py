@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine import io
-from engine.errors import JobSpecError, ModelError
-from engine.models import ModelSpec, effective_preprocess, effective_windows, load_model, validate_model
-from tests.nnunet._folders import INTENSITY, write_folder
+pytest.importorskip("nnunetv2", reason="nnU-Net v2 is the optional extra nnunet: pip install -c constraints.txt -e '.[nnunet]'")
+
+from engine import io  # noqa: E402
+from engine.errors import JobSpecError, ModelError  # noqa: E402
+from engine.models import ModelSpec, effective_preprocess, effective_windows, load_model, validate_model  # noqa: E402
+from tests.nnunet._folders import INTENSITY, write_folder  # noqa: E402
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2}
 

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine import phantoms
-from engine.cli import main as cli_main
-from engine.jobs import JobSpec
-from engine.store import Store
-from tests.nnunet._folders import write_folder
-from tests.nnunet.test_nnunet_exactness import _predictor, differentiable_nnunet_logits
+pytest.importorskip("nnunetv2", reason="nnU-Net v2 is the optional extra nnunet: pip install -c constraints.txt -e '.[nnunet]'")
+
+from engine import phantoms  # noqa: E402
+from engine.cli import main as cli_main  # noqa: E402
+from engine.jobs import JobSpec  # noqa: E402
+from engine.store import Store  # noqa: E402
+from tests.nnunet._folders import write_folder  # noqa: E402
+from tests.nnunet.test_nnunet_exactness import _predictor, differentiable_nnunet_logits  # noqa: E402
 
 LABELS = {"background": 0, "aorta": 1, "heart": 2, "trachea": 3}
 
