@@ -242,21 +242,34 @@ def explain_volume(
             model, image, roi_size=roi_size, overlap=overlap, blend=blend, window_batch=window_batch,
             autocast_dtype=autocast_dtype, class_names=class_names, targets=targets, device=dev,
         )
-        timings = {"predict": clean.seconds}
-        t0 = time.perf_counter()
-        maps, work = compute_maps(
-            model, clean.x, clean.prediction, clean.classes, grad_method, roi_size=roi_size, overlap=overlap,
-            blend=blend, target=target, seed=seed, window_batch=window_batch, class_chunk=class_chunk, vjp=vjp,
-            autocast_dtype=autocast_dtype,
-        )
-        # over input channels: (K, *S); a view for one channel, not a second K-map copy
-        maps = maps[:, 0] if maps.shape[1] == 1 else maps.sum(dim=1)
-        work["forwards"] += clean.geometry.n_windows
-        timings["attribute"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        timings = {"predict": clean.seconds, "attribute": 0.0, "aggregate": 0.0}
         target_names = [clean.names[c] for c in clean.classes]
-        importances = aggregate(maps, clean.rois(rois, joined_rois), target_names)
-        timings["aggregate"] = time.perf_counter() - t0
+        roi_set = clean.rois(rois, joined_rois)
+        # Chunks of classes are attributed and aggregated one after the other, so only one chunk's
+        # maps are ever alive (a class's RoI rows depend on its own map alone, so this is exact).
+        chunk = max(1, int(class_chunk)) if class_chunk else max(1, len(clean.classes))
+        work = {"forwards": clean.geometry.n_windows, "vjps": 0, "passes": 0}
+        frames, kept = [], {}
+        for lo in range(0, len(clean.classes), chunk):
+            t0 = time.perf_counter()
+            maps, w = compute_maps(
+                model, clean.x, clean.prediction, clean.classes[lo:lo + chunk], grad_method, roi_size=roi_size,
+                overlap=overlap, blend=blend, target=target, seed=seed, window_batch=window_batch, vjp=vjp,
+                autocast_dtype=autocast_dtype,
+            )
+            for k, v in w.items():
+                work[k] += v
+            # over input channels: (K, *S); a view for one channel, not a second K-map copy
+            maps = maps[:, 0] if maps.shape[1] == 1 else maps.sum(dim=1)
+            timings["attribute"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            frames.append(aggregate(maps, roi_set, target_names[lo:lo + chunk]))
+            if return_maps:
+                kept.update({n: maps[i].cpu() for i, n in enumerate(target_names[lo:lo + chunk])})
+            del maps
+            timings["aggregate"] += time.perf_counter() - t0
+        importances = pl.concat(frames) if frames else aggregate(
+            torch.zeros((0, *clean.prediction.shape), device=clean.x.device), roi_set, [])
         return Explanation(
             prediction=clean.prediction.cpu(),
             importances=importances,
@@ -265,7 +278,7 @@ def explain_volume(
             method=grad_method.name,
             options={**grad_method.options(), "target": target, "blend": blend, "overlap": overlap,
                      "roi_size": list(roi_size), "seed": seed},
-            maps={n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None,
+            maps=kept if return_maps else None,
             logits=clean.logits.cpu() if return_logits else None,
             timings=timings,
             work=work,
