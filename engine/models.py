@@ -38,6 +38,8 @@ DEMO_WEIGHTS = Path(__file__).parent / "assets" / "demo_unet.pt"
 DEMO_ROI_SIZE: tuple[int, int, int] = (48, 40, 40)
 
 MODEL_KINDS = ("network", "bundle", "torchscript", "nnunet", "totalsegmentator")
+_NNUNET_FIELDS = ("configuration", "folds", "checkpoint", "tile_step_size", "mirroring", "trust_checkpoint", "task",
+                  "preset")
 
 
 @dataclass
@@ -76,6 +78,12 @@ class ModelSpec:
       with ``network_def``, weights ``models/model.pt`` unless ``weights`` is given, class
       names from ``configs/metadata.json`` channel_def unless given here).
     * ``kind="torchscript"``: ``path`` of a TorchScript file.
+    * ``kind="nnunet"``: ``path`` of an nnU-Net v2 trained-model folder; ``configuration``,
+      ``folds``, ``checkpoint``, ``tile_step_size``, ``mirroring``, ``trust_checkpoint``
+      (``engine.nnunet``). A bundle's own preprocessing is used unless
+      ``ignore_bundle_preprocessing``.
+    * ``kind="totalsegmentator"``: ``path`` of TotalSegmentator's weights folder, ``task`` and
+      optional ``preset = "thorax"`` (``engine.totalseg``), plus the nnU-Net keys.
 
     Class names come from ``class_names`` (list) or ``class_names_file`` (JSON list or
     ``{index: name}``), else from the bundle.  ``roi_size`` is the sliding window,
@@ -114,6 +122,13 @@ class ModelSpec:
             from engine.nnunet import check_spec
 
             check_spec(self)
+        else:
+            nnunet_only = [f.name for f in fields(self) if f.name in _NNUNET_FIELDS and getattr(self, f.name) != f.default]
+            if nnunet_only:
+                raise JobSpecError(f"model: {', '.join(nnunet_only)} apply to kind 'nnunet' or 'totalsegmentator', "
+                                   f"not {self.kind!r}; remove them")
+        if self.ignore_bundle_preprocessing and self.kind != "bundle":
+            raise JobSpecError(f"model: ignore_bundle_preprocessing applies to kind 'bundle', not {self.kind!r}")
         if self.kind == "network" and self.path:
             raise JobSpecError("model: kind 'network' takes weights, not path")
         if self.kind == "torchscript" and self.weights:

@@ -18,3 +18,12 @@ def test_a_missing_nnunet_extra_is_one_line_that_says_how_to_install_it(tmp_path
     with pytest.raises(ModelError, match=r"not installed.*pip install -c constraints.txt '\.\[nnunet\]'") as err:
         load_model(spec)
     assert "\n" not in str(err.value)
+
+
+def test_nnunet_settings_on_another_kind_are_refused():
+    from engine.errors import JobSpecError
+
+    with pytest.raises(JobSpecError, match="mirroring, task apply to kind 'nnunet' or 'totalsegmentator'"):
+        ModelSpec(kind="network", name="UNet", mirroring=True, task="total_fast")
+    with pytest.raises(JobSpecError, match="ignore_bundle_preprocessing applies to kind 'bundle'"):
+        ModelSpec(kind="torchscript", path="m.ts", ignore_bundle_preprocessing=True)
