@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -60,9 +61,13 @@ def test_a_run_stores_the_rois_of_nnunets_exact_gradients(tmp_path, mirroring, m
     job = _job(tmp_path, model, tmp_path / "cohort" / "manifest.csv", mirroring=mirroring)
     db = tmp_path / "run.duckdb"
     # a Ray of our own, not another one running on this machine (Ray joins /tmp/ray's current cluster)
-    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_dir)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    code = cli_main(["run", str(job), "--db", str(db), "--run-id", "e2e", "--no-progress"])
+    try:
+        code = cli_main(["run", str(job), "--db", str(db), "--run-id", "e2e", "--no-progress"])
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
     assert code == 0, capsys.readouterr().err
     with Store(db) as store:
         rows = store.importances("e2e")
