@@ -8,6 +8,7 @@ settings through the same :class:`~engine.attribution.Explainer`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,25 +39,51 @@ def build_model(spec: Any) -> Any:
     return loaded
 
 
-def explainer_for(spec: Any, roi_size: Any, device: torch.device, preprocess: Any) -> Explainer:
-    """The job's explainer: its ``[attribution]`` settings on the model's window size.
+def given_fields(table: Any) -> dict[str, Any]:
+    """The fields of a job table that differ from their defaults (what a job file sets)."""
+    if table is None or isinstance(table, dict):
+        return dict(table or {})
+    out = {}
+    for f in dataclasses.fields(table):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        value = getattr(table, f.name)
+        if value != default:
+            out[f.name] = value
+    return out
+
+
+def preprocess_for(spec: Any, loaded: Any) -> Any:
+    """The preprocessing to run: the model's own where it has one (a bundle's transforms, nnU-Net's
+    plans), with the job's ``[preprocess]`` keys that agree with it or that it leaves open."""
+    from engine import models
+
+    return models.effective_preprocess(loaded, given_fields(spec.preprocess))
+
+
+def explainer_for(spec: Any, loaded: Any, device: torch.device, preprocess: Any) -> Explainer:
+    """The job's explainer: its ``[attribution]`` settings on the model's window size, with the
+    model's own sliding window where it has one (nnU-Net's tiling and gaussian).
 
     SmoothGrad's σ is defined against the preprocessing's output range [b_min, b_max] (the same
     for every scan); the HU window [a_min, a_max] is kept to record σ in HU.
     """
+    from engine import models
+
     autocast = AUTOCAST.get(spec.attribution.autocast or "") if device.type == "cuda" else None
-    return Explainer.from_spec(
-        spec.attribution, roi_size=roi_size, device=device, autocast=autocast,
+    explainer = Explainer.from_spec(
+        spec.attribution, roi_size=loaded.roi_size, device=device, autocast=autocast,
         input_range=(preprocess.b_min, preprocess.b_max), hu_range=(preprocess.a_min, preprocess.a_max),
     )
+    blend, overlap = models.effective_windows(loaded, spec.attribution)
+    if (blend, overlap) != (explainer.window.blend, explainer.window.overlap):
+        explainer = dataclasses.replace(explainer, window=dataclasses.replace(explainer.window, blend=blend,
+                                                                               overlap=overlap))
+    return explainer
 
 
-def explainer_record(spec: Any, roi_size: Any) -> dict[str, Any]:
+def explainer_record(spec: Any, loaded: Any) -> dict[str, Any]:
     """The resolved attribution settings of a job, for the run's configuration (σ in input units and HU)."""
-    from engine import io
-
-    preprocess = io.PreprocessSpec.from_dict(spec.preprocess)
-    return explainer_for(spec, roi_size, torch.device("cpu"), preprocess).describe()
+    return explainer_for(spec, loaded, torch.device("cpu"), preprocess_for(spec, loaded)).describe()
 
 
 @dataclass
@@ -77,18 +104,21 @@ class JobSetup:
 
         dev = resolve_device(device or spec.runtime.device)
         loaded = build_model(spec)
-        preprocess = io.PreprocessSpec.from_dict(spec.preprocess)
+        preprocess = preprocess_for(spec, loaded)
         return cls(
             spec=spec, device=dev, loaded=loaded, model=loaded.module.to(dev).eval(), preprocess=preprocess,
             rois=io.RoISpec.from_dict(spec.rois, base_dir=spec.base_dir),
-            explainer=explainer_for(spec, loaded.roi_size, dev, preprocess),
+            explainer=explainer_for(spec, loaded, dev, preprocess),
         )
 
     def load(self, record: Any) -> Any:
         """Read and preprocess one case (``engine.io.Case``)."""
         from engine import io
 
+        if self.loaded.case_loader is not None:  # nnU-Net: its own preprocessor, exactly as its plans say
+            return self.loaded.case_loader(record)
         return io.load_case(record, preprocess=self.preprocess)
 
 
-__all__ = ["AUTOCAST", "JobSetup", "build_model", "explainer_for", "explainer_record", "resolve_device"]
+__all__ = ["AUTOCAST", "JobSetup", "build_model", "explainer_for", "explainer_record", "given_fields", "preprocess_for",
+           "resolve_device"]

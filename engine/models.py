@@ -38,7 +38,9 @@ DEMO_WEIGHTS = Path(__file__).parent / "assets" / "demo_unet.pt"
 #: covers a default phantom (48 x 40 x 40 voxels at 7 mm); larger volumes are tiled.
 DEMO_ROI_SIZE: tuple[int, int, int] = (48, 40, 40)
 
-MODEL_KINDS = ("network", "bundle", "torchscript")
+MODEL_KINDS = ("network", "bundle", "torchscript", "nnunet", "totalsegmentator")
+_NNUNET_FIELDS = ("configuration", "folds", "checkpoint", "tile_step_size", "mirroring", "trust_checkpoint", "task",
+                  "preset")
 
 
 @dataclass
@@ -51,6 +53,16 @@ class LoadedModel:
     in_channels: int
     source: str
     overlap: float = 0.25
+    #: The model's own preprocessing (a bundle's transforms, an nnU-Net plan), used instead of
+    #: the job's ``[preprocess]`` where they would differ; see :func:`effective_preprocess`.
+    preprocess: Any = None
+    #: A model-specific reader (manifest record -> ``engine.io.Case``) replacing ``io.load_case``.
+    case_loader: Any = None
+    #: A blend that belongs to the model's inference (``"nnunet"``), replacing ``[attribution] blend``.
+    blend: str | None = None
+    #: Classes to explain when the job names none, and RoIs joined from classes (a class preset).
+    targets: tuple[str, ...] | None = None
+    joined_rois: dict[str, tuple[str, ...]] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -68,6 +80,12 @@ class ModelSpec:
       with ``network_def``, weights ``models/model.pt`` unless ``weights`` is given, class
       names from ``configs/metadata.json`` channel_def unless given here).
     * ``kind="torchscript"``: ``path`` of a TorchScript file.
+    * ``kind="nnunet"``: ``path`` of an nnU-Net v2 trained-model folder; ``configuration``,
+      ``folds``, ``checkpoint``, ``tile_step_size``, ``mirroring``, ``trust_checkpoint``
+      (``engine.nnunet``). A bundle's own preprocessing is used unless
+      ``ignore_bundle_preprocessing``.
+    * ``kind="totalsegmentator"``: ``path`` of TotalSegmentator's weights folder, ``task`` and
+      optional ``preset = "thorax"`` (``engine.totalseg``), plus the nnU-Net keys.
 
     Class names come from ``class_names`` (list) or ``class_names_file`` (JSON list or
     ``{index: name}``), else from the bundle.  ``roi_size`` is the sliding window (one integer
@@ -84,6 +102,16 @@ class ModelSpec:
     roi_size: tuple[int, int, int] | int | None = None
     in_channels: int | None = None
     overlap: float = 0.25
+    ignore_bundle_preprocessing: bool = False
+    # nnU-Net / TotalSegmentator model folders (engine.nnunet, engine.totalseg)
+    configuration: str | None = None
+    folds: tuple[int | str, ...] | None = None
+    checkpoint: str = "checkpoint_final.pth"
+    tile_step_size: float = 0.5
+    mirroring: bool = False
+    trust_checkpoint: bool = False
+    task: str | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("demo", *MODEL_KINDS):
@@ -97,6 +125,17 @@ class ModelSpec:
             raise JobSpecError("[model] kind 'network' needs name, a class of monai.networks.nets (e.g. 'UNet')")
         if self.kind in ("bundle", "torchscript") and not self.path:
             raise JobSpecError(f"[model] kind {self.kind!r} needs path (the bundle folder or the TorchScript file)")
+        if self.kind in ("nnunet", "totalsegmentator"):
+            from engine.nnunet import check_spec
+
+            check_spec(self)
+        else:
+            nnunet_only = [f.name for f in fields(self) if f.name in _NNUNET_FIELDS and getattr(self, f.name) != f.default]
+            if nnunet_only:
+                raise JobSpecError(f"[model] {', '.join(nnunet_only)} apply to kind 'nnunet' or 'totalsegmentator', "
+                                   f"not {self.kind!r}; remove them")
+        if self.ignore_bundle_preprocessing and self.kind != "bundle":
+            raise JobSpecError(f"[model] ignore_bundle_preprocessing applies to kind 'bundle', not {self.kind!r}")
         if self.kind == "network" and self.path:
             raise JobSpecError("[model] kind 'network' takes weights, not path")
         if self.kind == "torchscript" and self.weights:
@@ -342,8 +381,14 @@ def _load_bundle(spec: ModelSpec) -> LoadedModel:
             roi = tuple(parser.get_parsed_content("inferer#roi_size"))
         except Exception:
             roi = None
-    return _finish(module, names=names, roi_size=roi, in_channels=in_ch, source=f"bundle {root}",
-                   overlap=spec.overlap)
+    loaded = _finish(module, names=names, roi_size=roi, in_channels=in_ch, source=f"bundle {root}",
+                     overlap=spec.overlap)
+    if not spec.ignore_bundle_preprocessing:
+        from engine.bundle_preprocess import bundle_preprocess
+
+        image_key = next(iter((fmt.get("inputs") or {"image": None})), "image")
+        loaded.preprocess = bundle_preprocess(parser, config_name=str(config), image_key=str(image_key))
+    return loaded
 
 
 def _load_torchscript(spec: ModelSpec) -> LoadedModel:
@@ -380,7 +425,46 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         return _load_network(spec)
     if spec.kind == "bundle":
         return _load_bundle(spec)
+    if spec.kind == "nnunet":
+        from engine.nnunet import load_nnunet
+
+        return load_nnunet(spec)
+    if spec.kind == "totalsegmentator":
+        from engine.totalseg import load_totalsegmentator
+
+        return load_totalsegmentator(spec)
     return _load_torchscript(spec)
+
+
+def effective_windows(loaded: LoadedModel, attribution: Any) -> tuple[str, float]:
+    """``(blend, overlap)`` of the sliding window: the model's own inference where it has one.
+
+    An nnU-Net model is explained through nnU-Net's tiling and gaussian (``blend = "nnunet"``,
+    overlap = 1 - tile_step_size); an ``[attribution]`` blend or overlap other than the defaults
+    would be silently ignored, so it is refused.
+    """
+    if loaded.blend is None:
+        return attribution.blend, attribution.overlap
+    if attribution.blend != "constant" or attribution.overlap != 0.25:
+        raise JobSpecError(f"[attribution] blend/overlap do not apply to {loaded.source}: it is run with its own "
+                           "sliding window and gaussian; remove them and set [model] tile_step_size instead")
+    return loaded.blend, loaded.overlap
+
+
+def effective_preprocess(loaded: LoadedModel, job_preprocess: Mapping[str, Any] | None) -> Any:
+    """The ``engine.io.PreprocessSpec`` to run: the model's own preprocessing where it has one.
+
+    A bundle's transforms fill every ``[preprocess]`` field they fix; the job may repeat them
+    or set the others (``pad_to`` for instance), and a contradiction is a ``JobSpecError`` that
+    says where the model's value comes from.
+    """
+    from engine import io
+    from engine.bundle_preprocess import merge_preprocess
+
+    if loaded.case_loader is not None and job_preprocess:
+        raise JobSpecError(f"[preprocess] does not apply to {loaded.source}: it is preprocessed exactly as its own "
+                           "plans say; remove the [preprocess] table")
+    return io.PreprocessSpec.from_dict(merge_preprocess(loaded.preprocess, job_preprocess, source=loaded.source))
 
 
 def demo_model(*, weights: str | os.PathLike | None = DEMO_WEIGHTS) -> LoadedModel:
@@ -465,6 +549,8 @@ __all__ = [
     "apply_weights",
     "build_network",
     "demo_model",
+    "effective_preprocess",
+    "effective_windows",
     "load_model",
     "load_state_dict_file",
     "paper_swin_unetr_spec",

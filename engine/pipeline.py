@@ -65,8 +65,8 @@ class PatientProcessor:
             rois = io.build_rois(self.rois, case=case, class_names=names, device=self.device)
         a = self.spec.attribution
         explanation = self.explainer.explain(
-            self.model, case.image, targets=a.targets, class_names=names, rois=rois,
-            joined_rois=self.rois.joined_parts() if rois is None else None,
+            self.model, case.image, targets=a.targets or self.loaded.targets, class_names=names, rois=rois,
+            joined_rois={**(self.loaded.joined_rois or {}), **self.rois.joined_parts()} if rois is None else None,
             return_maps=case.patient_id in a.save_maps,
         )
         voxels = explanation.voxels()

@@ -258,25 +258,40 @@ class Explainer:
         with eval_mode(model):
             clean = predict_clean(model, image, self.window, class_names=class_names, targets=targets,
                                   device=self.device)
-            timings = {"predict": clean.seconds}
-            t0 = time.perf_counter()
-            problem = Problem(model=model, x=clean.x, geometry=clean.geometry, prediction=clean.prediction,
-                              classes=tuple(clean.classes), objective=self.objective, seed=self.seed,
-                              class_chunk=self.class_chunk, clean_logits=clean.logits,
-                              partition=None if partition is None else partition.to(clean.x.device))
-            self.method.check(problem)
-            result = self.method.attribute(problem)
-            # over input channels: (K, *S); a view for one channel, not a second K-map copy
-            maps = result.maps[:, 0] if result.maps.shape[1] == 1 else result.maps.sum(dim=1)
-            work = dict(result.work)
-            work["forwards"] = work.get("forwards", 0) + clean.geometry.n_windows
-            work["passes"] = work.get("passes", 0) + (0 if isinstance(self.method, GradientMethod) else 1)
-            timings["attribute"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            timings = {"predict": clean.seconds, "attribute": 0.0, "aggregate": 0.0}
             target_names = [clean.names[c] for c in clean.classes]
-            importances = aggregate(maps, clean.rois(rois, joined_rois), target_names)
-            timings["aggregate"] = time.perf_counter() - t0
-            details = dict(result.details)
+            roi_set = clean.rois(rois, joined_rois)
+            # Gradient methods attribute and aggregate one chunk of classes after the other, so only
+            # one chunk's maps are ever alive (a class's RoI rows depend on its own map alone, so this
+            # is exact). Perturbation methods share every forward across classes: one chunk.
+            chunked = isinstance(self.method, GradientMethod) and self.class_chunk
+            chunk = int(self.class_chunk) if chunked else max(1, len(clean.classes))  # type: ignore[arg-type]
+            work: dict[str, int] = {"forwards": clean.geometry.n_windows,
+                                    "passes": 0 if isinstance(self.method, GradientMethod) else 1}
+            frames, kept, details = [], {}, {}
+            for lo in range(0, len(clean.classes), chunk):
+                t0 = time.perf_counter()
+                problem = Problem(model=model, x=clean.x, geometry=clean.geometry, prediction=clean.prediction,
+                                  classes=tuple(clean.classes[lo:lo + chunk]), objective=self.objective,
+                                  seed=self.seed, class_chunk=self.class_chunk, clean_logits=clean.logits,
+                                  partition=None if partition is None else partition.to(clean.x.device))
+                self.method.check(problem)
+                result = self.method.attribute(problem)
+                # over input channels: (K, *S); a view for one channel, not a second K-map copy
+                maps = result.maps[:, 0] if result.maps.shape[1] == 1 else result.maps.sum(dim=1)
+                for k, v in result.work.items():
+                    work[k] = work.get(k, 0) + v
+                details.update(result.details)
+                timings["attribute"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                names = target_names[lo:lo + chunk]
+                frames.append(aggregate(maps, roi_set, names))
+                if return_maps:
+                    kept.update({n: maps[i].cpu() for i, n in enumerate(names)})
+                del maps, result
+                timings["aggregate"] += time.perf_counter() - t0
+            importances = pl.concat(frames) if frames else aggregate(
+                torch.zeros((0, *clean.prediction.shape), device=clean.x.device), roi_set, [])
             if "sigma_abs" in details:
                 details.update(self._sigma(details["sigma_abs"]))
             return Explanation(
@@ -286,7 +301,7 @@ class Explainer:
                 targets=tuple(target_names),
                 method=self.method.name,
                 options={**self.describe(), **details},
-                maps={n: maps[i].cpu() for i, n in enumerate(target_names)} if return_maps else None,
+                maps=kept if return_maps else None,
                 logits=clean.logits.cpu() if return_logits else None,
                 timings=timings,
                 work=work,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-BlendMode = Literal["constant", "gaussian"]
+BlendMode = Literal["constant", "gaussian", "nnunet"]
 VJPMode = Literal["auto", "loop", "batched"]
 
 #: Seed builder: (class index k, window slices, window output (B, C, *roi)) -> seed (B, C, *roi) or
@@ -66,8 +66,8 @@ class SlidingWindow:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if not isinstance(self.overlap, (int, float)):
             object.__setattr__(self, "overlap", tuple(float(o) for o in ov))
-        if self.blend not in ("constant", "gaussian"):
-            raise ValueError(f"blend must be 'constant' or 'gaussian', got {self.blend!r}")
+        if self.blend not in ("constant", "gaussian", "nnunet"):
+            raise ValueError(f"blend must be 'constant', 'gaussian' or 'nnunet', got {self.blend!r}")
         if int(self.window_batch) < 1:
             raise ValueError(f"window_batch must be at least 1, got {self.window_batch}")
         if self.vjp not in ("auto", "loop", "batched"):
@@ -145,10 +145,18 @@ def window_geometry(
     dtype: torch.dtype = torch.float32,
     window: SlidingWindow | None = None,
 ) -> WindowGeometry:
-    """The window layout MONAI's ``sliding_window_inference`` uses for this image and window size.
+    """The window layout MONAI's ``sliding_window_inference`` uses for this image and window size
+    (nnU-Net's tiling and gaussian for ``blend = "nnunet"``, see :mod:`engine.attribution.nnunet_windows`).
 
     ``window``: the full settings to keep with the layout (default: these with default batching).
     """
+    if window is None:
+        window = SlidingWindow(roi_size=tuple(int(r) for r in roi_size), overlap=overlap, blend=blend)
+    if blend == "nnunet":
+        from engine.attribution.nnunet_windows import nnunet_geometry, tile_step_of
+
+        return nnunet_geometry(image_size, roi_size, tile_step_size=tile_step_of(float(overlap)),  # type: ignore[arg-type]
+                               device=device, dtype=dtype, window=window)
     nd = len(image_size)
     roi = tuple(int(r) for r in roi_size)
     if len(roi) != nd:
@@ -175,15 +183,22 @@ def window_geometry(
     return WindowGeometry(
         image_size=tuple(int(i) for i in image_size), roi_size=roi, pad=tuple(pad), padded_size=padded,
         slices=slices, weight=weight, overlap_weight=omega,
-        window=window if window is not None else SlidingWindow(roi_size=roi, overlap=overlap, blend=blend),
+        window=window,
     )
 
 
 def stitched_forward(model: torch.nn.Module, x: torch.Tensor, window: SlidingWindow) -> torch.Tensor:
-    """MONAI's stitched sliding-window prediction Ẑ of ``x`` (1, C_in, *S) -> (1, C, *S), no grad.
+    """MONAI's stitched sliding-window prediction Ẑ of ``x`` (1, C_in, *S) -> (1, C, *S), no grad
+    (nnU-Net's for ``blend = "nnunet"``).
 
     The result has ``x``'s dtype (autocast only changes how the windows are computed).
     """
+    if window.blend == "nnunet":
+        from engine.attribution.nnunet_windows import geometry_forward
+
+        geometry = window.geometry(tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
+        with autocast(x.device, window.autocast):
+            return geometry_forward(model, x, geometry, window_batch=window.window_batch).to(x.dtype)
     with torch.no_grad(), autocast(x.device, window.autocast):
         out = sliding_window_inference(
             x, window.roi_size, window.window_batch, model, overlap=window.overlap, mode=window.blend,

@@ -39,7 +39,7 @@ def load_evaluation(path: str | Path) -> tuple[Any, Any]:
     return (job, untrained), spec
 
 
-def _patients(job: Any, limit: int | None) -> Iterator[tuple[str, Any]]:
+def _patients(job: Any, limit: int | None, loaded: Any, preprocess: Any) -> Iterator[tuple[str, Any]]:
     """(patient_id, preprocessed image (C, X, Y, Z)) of the job's cohort, read as ``agg2exp run`` reads it."""
     from engine import cohorts, volumes
 
@@ -47,16 +47,19 @@ def _patients(job: Any, limit: int | None) -> Iterator[tuple[str, Any]]:
     if limit is not None:
         manifest = manifest.head(limit)
     for record in manifest.iter_rows(named=True):
-        case = volumes.load_case(record, preprocess=job.preprocess)
+        if loaded.case_loader is not None:  # nnU-Net: its own preprocessor
+            case = loaded.case_loader(record)
+        else:
+            case = volumes.load_case(record, preprocess=preprocess)
         yield case.patient_id, case.image
 
 
 def handle(args: argparse.Namespace) -> int:
     import torch
 
-    from engine import models, store, volumes
+    from engine import models, store
     from engine.analytics.evaluate import ModelSetup, evaluate_cohort, format_report
-    from engine.job_setup import build_model, explainer_for, resolve_device
+    from engine.job_setup import build_model, explainer_for, preprocess_for, resolve_device
 
     (job, untrained), spec = load_evaluation(args.job)
     if args.paper_defaults:
@@ -77,9 +80,8 @@ def handle(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     model = loaded.module.to(device).eval()
     a = job.attribution
-    # phantoms are scaled with the default preprocessing window, which is also [preprocess]'s default
-    pre = volumes.PreprocessSpec.from_dict(job.preprocess)
-    explainer = explainer_for(job, loaded.roi_size, device, pre)
+    pre = preprocess_for(job, loaded)
+    explainer = explainer_for(job, loaded, device, pre)
     setup = ModelSetup(class_names=tuple(loaded.class_names), explainer=explainer, input_range=(pre.b_min, pre.b_max))
     unknown = [t for t in spec.targets if t not in setup.class_names]
     if unknown:
@@ -95,7 +97,7 @@ def handle(args: argparse.Namespace) -> int:
         json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else None
     t0 = time.perf_counter()
-    rows = evaluate_cohort(model, _patients(job, args.patients), setup=setup, spec=spec, log=log)
+    rows = evaluate_cohort(model, _patients(job, args.patients, loaded, pre), setup=setup, spec=spec, log=log)
     seconds = time.perf_counter() - t0
     if rows.height == 0:
         raise JobSpecError("no patient had any of the target classes in its prediction; nothing was evaluated")

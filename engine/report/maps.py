@@ -109,7 +109,7 @@ class MapRecomputer:
                 other = dataclasses.replace(self.spec, attribution=dataclasses.replace(a, method=method))
             except UserError as exc:
                 raise UserError(f"method {method!r}: {exc}") from None
-            explainer = explainer_for(other, self.setup.loaded.roi_size, self.setup.device, self.setup.preprocess)
+            explainer = explainer_for(other, self.setup.loaded, self.setup.device, self.setup.preprocess)
         if targets is not None:
             unknown = [t for t in targets if t not in self.class_names]
             if unknown:

@@ -95,7 +95,7 @@ def run_job(
     # Validate the model before any patient is processed (and before Ray starts).
     loaded = build_model(spec)
     class_names = list(loaded.class_names)
-    explainer = explainer_record(spec, loaded.roi_size)  # resolved settings, SmoothGrad's σ included
+    explainer = explainer_record(spec, loaded)  # resolved settings, SmoothGrad's σ included
     del loaded
     manifest = resolve_cohort(spec, progress=progress)
     writer = store_mod.open_writer(db_path)
