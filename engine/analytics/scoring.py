@@ -187,7 +187,7 @@ class _Scorer(OutlierMixin, BaseEstimator):
 class ForestScorer(_Scorer):
     """One ``IsolationForest`` on all features."""
 
-    def __init__(self, n_estimators: int = 200, seed: int = 0) -> None:
+    def __init__(self, n_estimators: int = 100, seed: int = 0) -> None:
         self.n_estimators = n_estimators
         self.seed = seed
 

@@ -134,3 +134,12 @@ def test_feature_frame_is_wide_by_kind_target_and_roi_and_leaves_out_joined_rois
         S.feature_matrix(wide, "signed_mass")
     with pytest.raises(S.ScoringError, match="unknown feature set"):
         S.feature_columns(wide.columns, "everything")
+
+
+def test_the_default_ensemble_on_its_fit_cohort_is_the_mean_of_its_members_mid_rank_percentiles(cohort):
+    from scipy.stats import percentileofscore
+
+    x = cohort.to_numpy()
+    members = [S.make_scorer(n, seed=3).fit(x).score_samples(x) for n in ("forest", "covariance", "neighbours")]
+    expect = np.mean([percentileofscore(m, m, kind="mean") for m in members], axis=0)
+    np.testing.assert_allclose(S.make_scorer("ensemble", seed=3).fit(x).score_samples(x), expect)
