@@ -16,7 +16,8 @@ measured on k. Reported per kind and overall, for every setting and for the held
 average precision, recall at the top 10% (``sklearn.metrics``) and each kind's median rank (1 = most
 anomalous) over its patients and seeds, with the cohort size.
 
-    python benchmarks/anomaly_detection.py --seeds 0 1 2 --normals 30 --per-kind 2 --json out.json
+    python benchmarks/anomaly_detection.py --seeds 0 --normals 21 --per-kind 2 --extract-only      # features, cached
+    python benchmarks/anomaly_detection.py --cached-only --seeds 0 --normals 21 --per-kind 2 --json out.json
     python benchmarks/anomaly_detection.py --quick --json quick.json        # seconds; used by the tests
 """
 
@@ -29,13 +30,13 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
-import warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -44,9 +45,6 @@ if str(ROOT) not in sys.path:
 from engine import corruptions, phantoms  # noqa: E402
 from engine.jobs import JobSpec, read_job_file  # noqa: E402
 from engine.labels import JOINED_ROIS  # noqa: E402
-
-META_COLUMNS = ("patient_id", "cohort_seed", "index", "kind", "family", "is_anomaly", "detail")
-
 
 # ----------------------------------------------------------------------------- features through the engine
 
