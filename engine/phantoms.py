@@ -32,7 +32,9 @@ replaced by 30 HU collapsed tissue, labelled background), ``mirrored`` (heart, a
 pulmonary veins mirrored left-right), ``pleural_effusion`` (15 HU fluid in the posterior
 lower part of one lung, labelled background), ``extreme_noise`` (noise x6). Which
 patients of a cohort are anomalous is :func:`anomaly_schedule`; the lobe/side chosen is in
-the extra metadata field ``anomaly_detail``. Note: with the default fraction 0.125, 32
+the extra metadata field ``anomaly_detail``. Beyond these five, ``corruption=`` applies any kind of
+the anomaly library :mod:`engine.corruptions` (acquisition faults, pathology, devices, anatomical
+variants, wrong inputs) to the finished phantom, drawing from its own random stream. Note: with the default fraction 0.125, 32
 patients hold 4 anomalies (4 of the 5 types); 40 patients hold all five.
 
 Everything is vectorised numpy on open (broadcast) coordinate grids, so any shape and
@@ -105,7 +107,7 @@ _LOBES = (
     "lung_lower_lobe_right",
 )
 # Stream ids of the per-patient random generators.
-_S_META, _S_ANATOMY, _S_TEXTURE, _S_NOISE, _S_ANOMALY, _S_GROUP = range(6)
+_S_META, _S_ANATOMY, _S_TEXTURE, _S_NOISE, _S_ANOMALY, _S_GROUP, _S_CORRUPTION = range(7)
 # Kernel filters: gaussian sigma in mm (soft/standard); unsharp-mask sigma and amount (sharp).
 _KERNEL_SIGMA_MM = {"soft": 4.5, "standard": 1.8}
 _SHARP_SIGMA_MM, _SHARP_AMOUNT = 4.5, 0.9
@@ -350,13 +352,32 @@ def make_phantom(
     spacing: Sequence[float] = DEFAULT_SPACING,
     anomaly_type: str | None = None,
     site: str | None = None,
+    corruption: str | None = None,
 ) -> Phantom:
     """Patient ``index`` of the phantom population for ``seed``.
 
     ``anomaly_type`` plants one anomaly (None/'none': a normal patient); ``site`` overrides
     the patient's drawn site, and with it the kernel and noise level, leaving anatomy,
-    contrast and noise texture unchanged.
+    contrast and noise texture unchanged. ``corruption`` names a kind of
+    :data:`engine.corruptions.KINDS`, applied to the finished image and labels (not together
+    with ``anomaly_type``); the metadata then records it as the anomaly (``anomaly_type`` = the
+    kind, ``anomaly_family``, ``anomaly_detail``).
     """
+    if corruption is not None:
+        from engine import corruptions
+
+        if _check_anomaly(anomaly_type) != "none":
+            raise ValueError("give either anomaly_type or corruption, not both")
+        base = make_phantom(index, seed=seed, shape=shape, spacing=spacing, site=site)
+        kind = corruptions.KINDS.get(corruption)
+        if kind is None:
+            raise ValueError(f"unknown corruption {corruption!r}; use one of {tuple(corruptions.KINDS)}")
+        out = corruptions.corrupt(corruption, base.image, base.labels, spacing=_check_spacing(spacing),
+                                  rng=_rng(seed, index, _S_CORRUPTION))
+        image = np.clip(np.rint(out.image), -1024.0, 4095.0).astype(np.float32)
+        meta = dict(base.metadata, anomaly=True, anomaly_type=corruption, anomaly_family=kind.family,
+                    anomaly_detail=out.detail)
+        return Phantom(image=image, labels=out.labels, affine=base.affine, metadata=meta)
     index = _check_nonneg_int(index, "index")
     seed = _check_nonneg_int(seed, "seed")
     shape = _check_shape(shape)
