@@ -649,6 +649,43 @@ def rescore(source: Any, model: Mapping[str, Any], *, run_id: str | None = None)
                                scorer_params=params.get("scorer_params"))
 
 
+_PRED_WORDS = {"pred_voxels": "predicted volume", "pred_confidence": "prediction confidence",
+               "pred_entropy": "prediction entropy"}
+
+
+def reason_text(reason: Mapping[str, Any]) -> str:
+    """One stored reason in words: ``heart in trachea (z +4.2)``, ``liver prediction entropy (z +3.0)``.
+
+    RoI importances other than ``mass_abs`` name their kind: ``heart in aorta [mass_pos] (z -2.5)``.
+    The same text as the ``top_anomalies`` query.
+    """
+    kind = reason.get("kind") or "mass_abs"
+    z = f"(z {reason['z']:+.1f})" if reason.get("z") is not None else ""
+    if kind in _PRED_WORDS:
+        return f"{reason['target']} {_PRED_WORDS[kind]} {z}".strip()
+    tag = "" if kind == "mass_abs" else f" [{kind}]"
+    return f"{reason['target']} in {reason['roi']}{tag} {z}".strip()
+
+
+def reasons_by_patient(reasons: pl.DataFrame | None) -> dict[str, str]:
+    """patient id -> its reasons in rank order, as :func:`reason_text` words joined by ``", "``."""
+    if reasons is None or reasons.height == 0:
+        return {}
+    out: dict[str, list[str]] = {}
+    for r in reasons.sort("patient_id", "rank").iter_rows(named=True):
+        out.setdefault(str(r["patient_id"]), []).append(reason_text(r))
+    return {k: ", ".join(v) for k, v in out.items()}
+
+
+def top_reason_target(reasons: pl.DataFrame, patient_id: str, *, classes: Sequence[str] | None = None) -> str | None:
+    """The class behind a patient's top-ranked reason that has a map (one of ``classes``, not background)."""
+    rows = reasons.filter(pl.col("patient_id") == patient_id).sort("rank")
+    for target in rows["target"].to_list():
+        if target != "background" and (classes is None or target in classes):
+            return str(target)
+    return None
+
+
 def spearman_with_dice(scores: pl.DataFrame, predictions: pl.DataFrame, *,
                        classes: str = "foreground") -> tuple[float | None, float | None, int]:
     """Spearman rho (and p) of the mean anomaly score against the mean Dice, and n used."""

@@ -41,10 +41,16 @@ def test_import_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_anomaly_audit_graph(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["anomaly", "--run", RUN_ID, "--seed", "3", "--n-estimators", "20", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "within-run" in out and "Spearman" in out
+    assert "within-run" in out and "Spearman" in out and "neighbours on mass+prediction" in out
     with store.open(db) as s:
         models = s.frame("SELECT * FROM anomaly_models WHERE seed = 3")
         assert models.height == 1 and models["spearman_dice"][0] is not None
+        top = s.top_anomalies(RUN_ID, k=1)
+        reasons = s.anomaly_reasons(RUN_ID).filter(pl.col("patient_id") == top["patient_id"][0]).sort("rank")
+    first = reasons.row(0, named=True)  # the printed line of the top patient holds its score and first reason
+    line = next(x for x in out.splitlines() if x.strip().startswith(f"{top['patient_id'][0]} "))
+    assert first["kind"] == "mass_abs" and f"{top['score'][0]:.3f}" in line
+    assert f"{top['score'][0]:.3f}  {first['target']} in {first['roi']} (z {first['z']:+.1f})" in line
 
     assert cli.main(["audit", "--run", RUN_ID, "--by", "sex,age", "--n-boot", "20", "--format", "csv", "--all",
                      "--out", str(tmp_path / "audit.csv"), "--db", str(db)]) == 0
@@ -71,7 +77,7 @@ def test_paper_settings_roi_sets_and_the_union_rule_from_the_command_line(
         db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["anomaly", "--run", RUN_ID, "--settings", "paper", "--n-estimators", "20", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert " z=" in out  # the top patients' reasons are printed
+    assert "(z " in out  # the top patients' reasons are printed
     with store.open(db) as s:
         model = s.frame("SELECT * FROM anomaly_models WHERE seed = 123")
         params = json.loads(model["params"][0])
@@ -140,3 +146,18 @@ def test_sql_command(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "one SQL statement" in _error(capsys)
     assert cli.main(["sql", "SELECT * FROM nowhere", "--db", str(db)]) == 2
     assert "the query failed" in _error(capsys)
+
+
+def test_the_demo_printout_shows_each_top_patients_reasons_under_its_score(
+        db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.commands.demo import print_top_anomalies
+
+    print_top_anomalies(db, RUN_ID, k=2)
+    lines = capsys.readouterr().out.splitlines()
+    with store.open(db) as s:
+        top = s.top_anomalies(RUN_ID, k=2)
+        reasons = s.anomaly_reasons(RUN_ID)
+    for pid in top["patient_id"]:
+        i = next(n for n, x in enumerate(lines) if x.strip().startswith(f"{pid}  score"))
+        first = reasons.filter(pl.col("patient_id") == pid).sort("rank").row(0, named=True)
+        assert lines[i + 1].strip().startswith(f"why: {first['target']} in {first['roi']} (z {first['z']:+.1f})")

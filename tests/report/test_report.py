@@ -75,6 +75,10 @@ def test_anomalies_without_maps_show_plain_slices(small_run) -> None:
         text = _anomalies(s, small_run.run_id, info["config"], patients, 1, saved, recompute=False, device="cpu")
     assert "No attribution overlays" in text
     assert set(saved) == {"anomaly_ranking.png", "anomalous_patients.png"}
+    with store.open(small_run.db) as s:  # the top patient's stored first reason is in the table's reasons column
+        top = s.top_anomalies(small_run.run_id, k=1)["patient_id"][0]
+        first = s.anomaly_reasons(small_run.run_id).filter(pl.col("patient_id") == top).sort("rank").row(0, named=True)
+    assert "top reasons (robust z)" in text and f"(z {first['z']:+.1f})" in text and first["target"] in text
     for data in [*embedded_pngs(text), *saved.values()]:
         assert_valid_png(data)
 
