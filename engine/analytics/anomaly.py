@@ -555,7 +555,8 @@ def _score_run_features(source: Any, *, run_id: str, reference_run_id: str | Non
         features = scoring.feature_columns(fit_frame.columns, feature_set)
     features = list(features)
     if not features or frame.height == 0:
-        raise AnomalyError(f"no features of the set {feature_set!r} for done patients of run {fit_run_id!r}")
+        raise AnomalyError(f"no features of the set {feature_set!r} for done patients of run {fit_run_id!r}; "
+                           "choose a feature set the run holds (an imported run has masses only: 'mass')")
     if scorer_params is None:
         scorer_params = {k: chosen[k] for k in ("n_estimators",) if k in chosen}
     est = build_scorer(scorer, seed=chosen["seed"], params=scorer_params)

@@ -161,3 +161,20 @@ def test_the_demo_printout_shows_each_top_patients_reasons_under_its_score(
         i = next(n for n, x in enumerate(lines) if x.strip().startswith(f"{pid}  score"))
         first = reasons.filter(pl.col("patient_id") == pid).sort("rank").row(0, named=True)
         assert lines[i + 1].strip().startswith(f"why: {first['target']} in {first['roi']} (z {first['z']:+.1f})")
+
+
+def test_a_runs_anomaly_table_chooses_the_scorer_feature_set_and_reasons(db: Path) -> None:
+    from engine.jobs import JobSpec
+    from engine.runtime.runner import _score_anomalies
+
+    spec = JobSpec.from_dict({"job": {"name": "j"}, "cohort": {"phantoms": 2}, "model": {"kind": "demo"},
+                              "attribution": {"method": "smoothgrad"},
+                              "anomaly": {"scorer": "forest", "feature_set": "mass", "top_k_reasons": 2,
+                                          "seed": 5, "n_estimators": 10}})
+    with store.open_writer(db, live=False) as s:
+        model_id = _score_anomalies(s, spec, RUN_ID)
+        model = s.anomaly_model(model_id)
+        reasons = s.anomaly_reasons(RUN_ID, model_id)
+    assert (model["scorer"], model["feature_set"], model["seed"]) == ("forest", "mass", 5)
+    assert model["params"]["scorer_params"] == {"n_estimators": 10, "seed": 5}
+    assert set(reasons["rank"]) == {1, 2} and set(reasons["kind"]) == {"mass_abs"}
