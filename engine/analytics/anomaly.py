@@ -1,4 +1,10 @@
-"""RoI-level anomaly detection on aggregated attributions (Agg2Exp, Sec. "outliers").
+"""Anomaly detection on aggregated attributions (Agg2Exp, Sec. "outliers") and what the model predicted.
+
+:func:`score_run` scores a stored run with any scorer and feature set of :mod:`engine.analytics.scoring`
+(default ``DEFAULT_SETTING``, chosen on held-out anomaly kinds) and stores reasons; the paper's mode,
+below, is ``scorer="paper"`` / ``settings="paper"``. :func:`rescore` repeats a stored model.
+
+The paper's mode:
 
 For every target class c, each patient is described by the vector of the mass of the
 explanation of c inside every RoI (the paper's phi = |.|: sign ``abs``, stat ``mass``). One
