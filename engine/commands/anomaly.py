@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from engine.commands.query import add_db_argument
-from engine.analytics.scoring import DEFAULT_SETTING, FEATURE_SETS, SCORERS
 from engine.vocabulary import MEAN_TARGET, SIGNS
 
 
@@ -58,12 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="'paper': the paper's mode, per-class isolation forests on masses with the reference "
                         "notebook's settings (seed 123, Dice over all classes, per-class Spearman); default engine "
                         "(seed 0, Dice over the foreground)")
-    p.add_argument("--scorer", choices=SCORERS, default=None,
-                   help=f"scorer (default {DEFAULT_SETTING[0]!r}; 'paper' under --settings paper): 'paper' = one "
-                        "isolation forest per class, 'forest' = one on all features, 'covariance', 'neighbours', "
-                        "'ensemble'")
-    p.add_argument("--feature-set", choices=tuple(FEATURE_SETS), default=None,
-                   help=f"features (default {DEFAULT_SETTING[1]!r}; 'mass' for the paper's scorer)")
+    # Names are checked by score_run (with a did-you-mean): importing scoring here would load scikit-learn.
+    p.add_argument("--scorer", default=None,
+                   help="scorer (default 'neighbours'; 'paper' under --settings paper): 'paper' = one isolation "
+                        "forest per class, 'forest' = one on all features, 'covariance', 'neighbours', 'ensemble'")
+    p.add_argument("--feature-set", default=None,
+                   help="features: mass, signed_mass, mean, prediction, mass+prediction (default 'mass+prediction'; "
+                        "'mass' for the paper's scorer)")
     p.add_argument("--top-k-reasons", type=int, default=3, help="reasons stored and shown per patient (default 3)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the forests (default: the settings')")
     p.add_argument("--n-estimators", type=int, default=None, help="trees per forest (default 100)")

@@ -178,3 +178,19 @@ def test_a_runs_anomaly_table_chooses_the_scorer_feature_set_and_reasons(db: Pat
     assert (model["scorer"], model["feature_set"], model["seed"]) == ("forest", "mass", 5)
     assert model["params"]["scorer_params"] == {"n_estimators": 10, "seed": 5}
     assert set(reasons["rank"]) == {1, 2} and set(reasons["kind"]) == {"mass_abs"}
+
+
+def test_the_anomaly_commands_help_names_the_scoring_modules_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.analytics.scoring import DEFAULT_SETTING, FEATURE_SETS, SCORERS
+
+    with pytest.raises(SystemExit):
+        cli.main(["anomaly", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default '{DEFAULT_SETTING[0]}'" in text and f"default '{DEFAULT_SETTING[1]}'" in text
+    assert all(name in text for name in (*SCORERS, *FEATURE_SETS))
+
+
+def test_a_misspelt_scorer_on_the_command_line_is_one_line_with_a_suggestion(
+        db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["anomaly", "--run", RUN_ID, "--scorer", "neighbors", "--db", str(db)]) == 2
+    assert "did you mean 'neighbours'" in _error(capsys)
