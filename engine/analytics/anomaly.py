@@ -544,7 +544,7 @@ def _score_run_features(source: Any, *, run_id: str, reference_run_id: str | Non
     """Any scorer of :mod:`engine.analytics.scoring` on one feature set; reasons from a :class:`RobustProfile`."""
     from engine.analytics import scoring
 
-    classes, joined = run_context(source, run_id)
+    _, joined = run_context(source, run_id)
     method = _resolve_method(source, run_id, method)
     if chosen["rois"] == "parts":  # a joined RoI would count its parts twice
         exclude = sorted(joined)
@@ -651,7 +651,8 @@ def rescore(source: Any, model: Mapping[str, Any], *, run_id: str | None = None)
                          contamination=params.get("contamination"), method=model.get("method"),
                          sign=model.get("sign") or "abs", stat=params.get("stat", "mass"), rois=rois)
     return _score_run_features(source, run_id=target_run, reference_run_id=reference, settings=settings,
-                               chosen=chosen, scorer=scorer, feature_set=model.get("feature_set") or params["feature_set"],
+                               chosen=chosen, scorer=scorer,
+                               feature_set=model.get("feature_set") or params["feature_set"],
                                method=model.get("method"), reasons=3, features=features,
                                scorer_params=params.get("scorer_params"))
 

@@ -1,4 +1,4 @@
-"""``agg2exp anomaly --run ID``: anomaly scores of a run's patients (default k-NN on masses + prediction), with reasons."""
+"""``agg2exp anomaly --run ID``: anomaly scores of a run's patients (default k-NN, masses + prediction), reasons."""
 
 from __future__ import annotations
 
