@@ -160,12 +160,35 @@ class RuntimeSpec:
 
 @section("anomaly")
 class AnomalySpec:
-    """Isolation-forest scoring after the run (per target class, on mass vectors)."""
+    """Anomaly scoring after the run: ``scorer`` on ``feature_set`` (``engine.analytics.scoring``), with reasons.
+
+    The default, k-NN on RoI masses + what the model predicted, was chosen on held-out anomaly kinds;
+    ``scorer = "paper"`` (feature set ``mass``) is the paper's per-class isolation forests.
+    ``feature_set`` absent: ``mass+prediction``, or ``mass`` for the paper's scorer.
+    """
 
     enabled: bool = True
     seed: int = 0
-    n_estimators: int = 100
+    n_estimators: int = 100  # trees per forest (forest scorers)
     reference_run: str | None = None
+    scorer: str = "neighbours"
+    feature_set: str | None = None
+    top_k_reasons: int = 3
+
+    def __post_init__(self) -> None:
+        import difflib
+
+        from engine.analytics.scoring import FEATURE_SETS, SCORERS
+
+        for key, value, allowed in (("scorer", self.scorer, SCORERS), ("feature_set", self.feature_set, FEATURE_SETS)):
+            if value is not None and value not in allowed:
+                close = difflib.get_close_matches(value, list(allowed), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise JobSpecError(f"[anomaly] {key}: unknown {value!r}{hint}; choose one of {', '.join(allowed)}")
+        if self.scorer == "paper" and self.feature_set not in (None, "mass"):
+            raise JobSpecError(f"[anomaly] the paper's scorer takes feature_set 'mass' only, got {self.feature_set!r}")
+        if self.top_k_reasons < 0 or self.n_estimators < 1:
+            raise JobSpecError("[anomaly] top_k_reasons must be at least 0 and n_estimators at least 1")
 
 
 @section("job")

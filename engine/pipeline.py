@@ -36,7 +36,8 @@ class Failure:
 
 Outcome = PatientResult | Failure
 
-__all__ = ["Failure", "Outcome", "PatientProcessor", "build_model", "failure_of", "resolve_device"]
+__all__ = ["Failure", "Outcome", "PatientProcessor", "build_model", "failure_of", "prediction_confidence",
+           "resolve_device"]
 
 
 class PatientProcessor:
@@ -67,8 +68,10 @@ class PatientProcessor:
         explanation = self.explainer.explain(
             self.model, case.image, targets=a.targets or self.loaded.targets, class_names=names, rois=rois,
             joined_rois={**(self.loaded.joined_rois or {}), **self.rois.joined_parts()} if rois is None else None,
-            return_maps=case.patient_id in a.save_maps,
+            return_maps=case.patient_id in a.save_maps, return_logits=True,
         )
+        confidence, entropy = prediction_confidence(explanation.logits, explanation.prediction)
+        explanation.logits = None  # the stitched logits are only needed for these two features
         voxels = explanation.voxels()
         dice = dice_iou(explanation.prediction, case.label, len(names)) if case.label is not None else None
         predictions = pl.DataFrame(
@@ -77,8 +80,11 @@ class PatientProcessor:
                 "voxels": [voxels[n] for n in names],
                 "dice": [None if dice is None else dice[0][i] for i in range(len(names))],
                 "iou": [None if dice is None else dice[1][i] for i in range(len(names))],
+                "confidence": confidence,
+                "entropy": entropy,
             },
-            schema={"class": pl.String, "voxels": pl.Int64, "dice": pl.Float64, "iou": pl.Float64},
+            schema={"class": pl.String, "voxels": pl.Int64, "dice": pl.Float64, "iou": pl.Float64,
+                    "confidence": pl.Float64, "entropy": pl.Float64},
         )
         importances = explanation.importances.with_columns(pl.lit(explanation.method).alias("method"))
         if explanation.maps is not None:
@@ -107,6 +113,33 @@ class PatientProcessor:
 
         out_dir = self.spec.resolve_path(self.spec.attribution.maps_dir) / case.patient_id
         export_explanation(case, explanation, out_dir)
+
+
+def prediction_confidence(logits: Any, prediction: Any) -> tuple[list[float | None], list[float | None]]:
+    """Per class: mean softmax maximum and mean softmax entropy (nats) over its predicted voxels.
+
+    ``logits`` (C, *S), ``prediction`` (*S) its argmax. None for a class with no predicted voxel.
+    Entropy is ``logsumexp(l) - sum_c p_c l_c``; the sum runs one class at a time so that no second
+    (C, *S) tensor is made.
+    """
+    import torch
+
+    with torch.no_grad():
+        lf = logits.float()
+        lse = torch.logsumexp(lf, dim=0)
+        conf = torch.exp(lf.max(dim=0).values - lse)
+        mean_logit = torch.zeros_like(lse)
+        for c in range(lf.shape[0]):
+            mean_logit += torch.exp(lf[c] - lse) * lf[c]
+        ent = lse - mean_logit
+        n = lf.shape[0]
+        labels = prediction.to(lf.device).flatten().long()
+        counts = torch.bincount(labels, minlength=n).double()
+        conf_sum = torch.bincount(labels, weights=conf.flatten().double(), minlength=n)
+        ent_sum = torch.bincount(labels, weights=ent.flatten().double(), minlength=n)
+    conf_mean = [None if k == 0 else float(v / k) for v, k in zip(conf_sum.tolist(), counts.tolist())]
+    ent_mean = [None if k == 0 else float(v / k) for v, k in zip(ent_sum.tolist(), counts.tolist())]
+    return conf_mean, ent_mean
 
 
 def failure_of(patient_id: str, exc: BaseException, worker: str) -> Failure:

@@ -36,7 +36,7 @@ from engine.store_live import DEFAULT_HOST, LiveClient, LiveError, LiveServer, c
 DEFAULT_DB = "agg2exp.duckdb"
 
 #: Version of the schema below; a store of another version is refused with a one-line reason.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PATIENT_STATUSES = ("pending", "running", "done", "failed")
 STATS = ("mass", "mean")
@@ -94,7 +94,9 @@ CREATE TABLE predictions (
     class VARCHAR NOT NULL,
     voxels BIGINT,
     dice DOUBLE,
-    iou DOUBLE
+    iou DOUBLE,
+    confidence DOUBLE,                  -- mean softmax maximum over the class's predicted voxels
+    entropy DOUBLE                      -- mean softmax entropy (nats) over them; NULL: class not predicted
 );
 CREATE TABLE importances (
     run_id VARCHAR NOT NULL,
@@ -116,6 +118,8 @@ CREATE TABLE anomaly_models (
     seed BIGINT,
     params JSON,
     features JSON,
+    scorer VARCHAR,                     -- 'paper' (per-class forests), 'forest', 'neighbours', ...
+    feature_set VARCHAR,                -- 'mass', 'mass+prediction', ... (engine.analytics.scoring)
     spearman_dice DOUBLE,
     spearman_p DOUBLE,
     created_at TIMESTAMPTZ
@@ -140,8 +144,10 @@ CREATE TABLE anomaly_reasons (
     value DOUBLE,
     median DOUBLE,                      -- the fit cohort's median of the feature
     z DOUBLE,                           -- robust z-score against the fit cohort
-    class_score DOUBLE,                 -- the class forest's anomaly score of the patient
-    class_decision DOUBLE               -- negative when the class forest flags the patient
+    class_score DOUBLE,                 -- the class's anomaly score (forest) or RMS robust z of its features
+    class_decision DOUBLE,              -- negative when the class forest flags the patient (forests only)
+    feature VARCHAR,                    -- the feature's name, e.g. 'mass_abs|heart|aorta', 'pred_entropy|liver'
+    kind VARCHAR                        -- 'mass_abs', 'pred_confidence', ... (the part before the first '|')
 );
 CREATE TABLE audits (
     audit_id VARCHAR NOT NULL,
@@ -216,6 +222,8 @@ PREDICTION_SCHEMA: dict[str, pl.DataType] = {
     "voxels": pl.Int64(),
     "dice": pl.Float64(),
     "iou": pl.Float64(),
+    "confidence": pl.Float64(),
+    "entropy": pl.Float64(),
 }
 
 _KEY = ("method", "target", "roi", "stat", "sign")
@@ -452,7 +460,8 @@ class Store:
         imp = importances.with_columns(keys).select(list(IMPORTANCE_SCHEMA)).cast(IMPORTANCE_SCHEMA)  # type: ignore[arg-type]
         imp = imp.sort("patient_id", "method", "stat", "sign", "target", "roi")
         pred = predictions.with_columns(keys)
-        for col, dtype in (("voxels", pl.Int64), ("dice", pl.Float64), ("iou", pl.Float64)):
+        for col, dtype in (("voxels", pl.Int64), ("dice", pl.Float64), ("iou", pl.Float64),
+                           ("confidence", pl.Float64), ("entropy", pl.Float64)):
             if col not in pred.columns:
                 pred = pred.with_columns(pl.lit(None, dtype=dtype).alias(col))
         pred = pred.select(list(PREDICTION_SCHEMA)).cast(PREDICTION_SCHEMA)  # type: ignore[arg-type]
@@ -917,7 +926,7 @@ class Store:
         self._require_writer()
         model_id = str(model["model_id"])
         cols = ["model_id", "run_id", "fit_run_id", "mode", "method", "sign", "seed", "params",
-                "features", "spearman_dice", "spearman_p"]
+                "features", "scorer", "feature_set", "spearman_dice", "spearman_p"]
         vals = [model.get(c) for c in cols]
         for i, c in enumerate(cols):
             if c in ("params", "features"):
@@ -1064,6 +1073,34 @@ class Store:
         names = {str(i): f"{t}{self.FEATURE_SEP}{r}" for i, (t, r) in enumerate(features)}
         return wide.rename({c: names[c] for c in wide.columns if c in names})
 
+    PREDICTION_FEATURES = (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"))
+
+    def prediction_wide(self, run_id: str) -> pl.DataFrame:
+        """Done patients x what the model predicted, pivoted by DuckDB.
+
+        Columns: ``patient_id`` then ``pred_voxels|<class>``, ``pred_confidence|<class>`` and
+        ``pred_entropy|<class>`` (the names :mod:`engine.analytics.scoring` uses); null where a patient
+        has no row or the value was not computed.
+        """
+        params = {"run": run_id}
+        classes = [r[0] for r in self.con.execute(
+            f"SELECT DISTINCT class FROM predictions WHERE run_id = $run AND {self._DONE} ORDER BY class",  # noqa: S608
+            params).fetchall()]
+        if not classes:
+            return pl.DataFrame(schema={"patient_id": pl.String})
+        # One aggregate per (what, class), the class bound as a parameter; the aliases are indices made here.
+        cols, names = [], {}
+        for what, kind in self.PREDICTION_FEATURES:
+            for c in classes:
+                i = len(cols)
+                params[f"c{i}"] = c
+                cols.append(f"first(CAST({what} AS DOUBLE)) FILTER (WHERE class = $c{i}) AS f{i}")
+                names[f"f{i}"] = f"{kind}|{c}"
+        wide = self.frame(
+            f"SELECT patient_id, {', '.join(cols)} FROM predictions "  # noqa: S608
+            f"WHERE run_id = $run AND {self._DONE} GROUP BY patient_id ORDER BY patient_id", params)
+        return wide.rename(names)
+
     def importance_sums(
         self, run_id: str, *, method: str, sign: str = "abs", stat: str = "mass",
         patient_ids: Sequence[str] | None = None,
@@ -1098,7 +1135,11 @@ class Store:
     def write_anomaly_reasons(self, *, model_id: str, run_id: str, reasons: pl.DataFrame) -> int:
         """Store why each patient of an anomaly model scores as it does, replacing that model's reasons."""
         self._require_writer()
-        cols = ["patient_id", "rank", "target", "roi", "value", "median", "z", "class_score", "class_decision"]
+        cols = ["patient_id", "rank", "target", "roi", "value", "median", "z", "class_score", "class_decision",
+                "feature", "kind"]
+        for col in ("feature", "kind"):
+            if col not in reasons.columns:
+                reasons = reasons.with_columns(pl.lit(None, dtype=pl.String).alias(col))
         out = reasons.select(cols).with_columns(pl.lit(model_id).alias("model_id"), pl.lit(run_id).alias("run_id"))
         out = out.select("model_id", "run_id", *cols)
         with self._transaction():

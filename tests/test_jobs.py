@@ -88,6 +88,10 @@ def test_every_section_keeps_its_defaults() -> None:
         ("evaluate", {"runs": 1}, "[evaluate] runs must be at least 2"),
         ("evaluate", {"method": ["saliency"]}, "did you mean 'methods'"),
         ("job", {"report": "yes"}, "[job] report: must be true or false, got 'yes'"),
+        ("anomaly", {"scorer": "neighbors"}, "[anomaly] scorer: unknown 'neighbors' (did you mean 'neighbours'?)"),
+        ("anomaly", {"feature_set": "mass+predictions"}, "(did you mean 'mass+prediction'?)"),
+        ("anomaly", {"scorer": "paper", "feature_set": "prediction"}, "feature_set 'mass' only"),
+        ("anomaly", {"top_k_reasons": "3"}, "[anomaly] top_k_reasons: must be an integer, got '3'"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_table_and_key(section, values, expected) -> None:
@@ -130,3 +134,12 @@ def test_the_fingerprint_ignores_runtime_placement_but_not_the_method() -> None:
     assert a.fingerprint() != JobSpec.from_dict(_with("attribution", method="saliency")).fingerprint()
     # writing a default out does not change it
     assert a.fingerprint() == JobSpec.from_dict(_with("attribution", sigma=0.1)).fingerprint()
+
+
+def test_the_anomaly_table_defaults_to_the_benchmarks_setting_and_takes_the_papers() -> None:
+    from engine.analytics.scoring import DEFAULT_SETTING
+
+    spec = JobSpec.from_dict(_with("anomaly", scorer="paper", top_k_reasons=5))
+    assert (spec.anomaly.scorer, spec.anomaly.feature_set, spec.anomaly.top_k_reasons) == ("paper", None, 5)
+    default = AnomalySpec()
+    assert default.scorer == DEFAULT_SETTING[0] and default.feature_set is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import polars as pl
+import pytest
 
 from engine import phantoms
 from engine.jobs import JobSpec
@@ -40,3 +42,38 @@ def test_processor_results_failures_and_saved_maps(tmp_path):
         np.testing.assert_allclose(img.affine, source.affine)
     failed = proc.process({"patient_id": "ghost", "image_path": str(tmp_path / "ghost.nii.gz")})
     assert isinstance(failed, Failure) and "ghost" in failed.error and failed.traceback
+
+
+def test_prediction_confidence_and_entropy_match_a_hand_computed_softmax() -> None:
+    import torch
+    from scipy.special import softmax
+    from scipy.stats import entropy
+
+    from engine.pipeline import prediction_confidence
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(4, 3, 5, 6)).astype(np.float32)
+    logits[3] -= 50.0  # class 3 is never predicted
+    pred = logits.argmax(0)
+    conf, ent = prediction_confidence(torch.from_numpy(logits), torch.from_numpy(pred))
+    p = softmax(logits.astype(np.float64), axis=0)
+    for c in range(3):
+        mask = pred == c
+        assert conf[c] == pytest.approx(p.max(0)[mask].mean(), rel=1e-5)
+        assert ent[c] == pytest.approx(entropy(p, axis=0)[mask].mean(), rel=1e-4)
+    assert conf[3] is None and ent[3] is None
+
+
+def test_processor_predictions_hold_confidence_and_entropy_of_predicted_classes(tmp_path) -> None:
+    manifest = phantoms.generate_cohort(tmp_path / "cohort", n_patients=1, seed=3, anomaly_fraction=0.0)
+    spec = JobSpec.from_dict({"job": {"name": "conf"}, "cohort": {"manifest": str(tmp_path / "cohort" / "manifest.csv")},
+                              "model": {"kind": "demo"}, "attribution": {"method": "saliency", "targets": ["heart"]}},
+                             base_dir=tmp_path)
+    out = PatientProcessor(spec).process(manifest.row(0, named=True))
+    pred = out.predictions
+    present = pred.filter(pl.col("voxels") > 0)
+    assert present.height > 0 and present["confidence"].null_count() == 0
+    assert ((present["confidence"] > 0) & (present["confidence"] <= 1)).all()
+    n = pred.height  # entropy of a softmax over n classes lies in [0, log n]
+    assert ((present["entropy"] >= 0) & (present["entropy"] <= np.log(n) + 1e-9)).all()
+    assert pred.filter(pl.col("voxels") == 0)["confidence"].null_count() == pred.filter(pl.col("voxels") == 0).height

@@ -1,4 +1,10 @@
-"""RoI-level anomaly detection on aggregated attributions (Agg2Exp, Sec. "outliers").
+"""Anomaly detection on aggregated attributions (Agg2Exp, Sec. "outliers") and what the model predicted.
+
+:func:`score_run` scores a stored run with any scorer and feature set of :mod:`engine.analytics.scoring`
+(default ``DEFAULT_SETTING``, chosen on held-out anomaly kinds) and stores reasons; the paper's mode,
+below, is ``scorer="paper"`` / ``settings="paper"``. :func:`rescore` repeats a stored model.
+
+The paper's mode:
 
 For every target class c, each patient is described by the vector of the mass of the
 explanation of c inside every RoI (the paper's phi = |.|: sign ``abs``, stat ``mass``). One
@@ -332,6 +338,8 @@ def score_run(
     run_id: str,
     reference_run_id: str | None = None,
     settings: str = "engine",
+    scorer: str | None = None,
+    feature_set: str | None = None,
     seed: int | None = None,
     n_estimators: int | None = None,
     contamination: float | Literal["auto"] | None = None,
@@ -341,26 +349,66 @@ def score_run(
     rois: RoIChoice | None = None,
     reasons: int = 3,
 ) -> tuple[dict[str, Any], pl.DataFrame]:
-    """Fit forests (on ``run_id`` itself, or on ``reference_run_id``) and score ``run_id``.
+    """Fit a scorer (on ``run_id`` itself, or on ``reference_run_id``) and score ``run_id``.
 
-    ``settings`` names a set of defaults: ``"engine"`` (seed 0, Dice over the foreground) or
-    ``"paper"`` (the reference notebook: seed 123, Dice over all classes, per-class Spearman);
-    ``seed``, ``n_estimators``, ``contamination`` and ``rois`` override single settings.
-    ``source`` is a Store (its done patients are read as one patients x features matrix) or a
-    mapping ``{"importances": frame, "predictions": frame}`` holding a ``run_id`` column.
-    Returns ``(model, scores)`` ready for ``Store.write_anomaly(model=model, scores=scores)``;
-    the model records the Spearman correlation between the mean score and the patient's mean
-    Dice (the paper checks that anomalous explanations go with worse segmentations), the
-    settings and the RoI set used, and ``model["reasons"]``: each patient's ``reasons`` top
-    features by robust z-score (:meth:`RoIAnomalyDetector.explain`; ``Store.write_anomaly_reasons``).
+    ``scorer`` and ``feature_set`` name a scorer and a feature set of :mod:`engine.analytics.scoring`
+    (default :data:`~engine.analytics.scoring.DEFAULT_SETTING`, k-NN on masses + what the model
+    predicted, chosen on held-out anomaly kinds). ``settings="paper"`` (or ``scorer="paper"``) is
+    the paper's mode: one isolation forest per class on RoI masses (:class:`RoIAnomalyDetector`);
+    with ``settings="paper"`` the reference notebook's seed 123, Dice over all classes and per-class
+    Spearman, with ``"engine"`` seed 0 and Dice over the foreground. ``seed``, ``n_estimators``,
+    ``contamination`` and ``rois`` override single settings (the last three for forests).
+    ``source`` is a Store (its done patients are read as one patients x features matrix pivoted by
+    DuckDB) or a mapping ``{"importances": frame, "predictions": frame}`` holding a ``run_id`` column.
+
+    Returns ``(model, scores)`` ready for ``Store.write_anomaly(model=model, scores=scores)``.
+    ``scores`` holds a ``__mean__`` row per patient (the scorer's anomaly score, higher = more
+    anomalous) and one row per class: the class forest's score in the paper's mode, else the
+    root-mean-square robust z of the class's features (:meth:`RobustProfile.class_scores`).
+    The model records everything :func:`rescore` needs (scorer, feature set, parameters, features,
+    excluded RoIs, seed, fit run), the Spearman correlation between the mean score and the patient's
+    mean Dice, and ``model["reasons"]``: each patient's ``reasons`` top features by robust z-score
+    (``Store.write_anomaly_reasons``).
     """
+    from engine.analytics import scoring
+
     if settings not in SETTINGS:
         raise AnomalyError(f"unknown anomaly settings {settings!r}; choose one of {', '.join(SETTINGS)}")
+    if scorer is None:
+        scorer = "paper" if settings == "paper" else scoring.DEFAULT_SETTING[0]
+    if feature_set is None:
+        feature_set = "mass" if scorer == "paper" else scoring.DEFAULT_SETTING[1]
+    if scorer not in scoring.SCORERS:
+        raise AnomalyError(f"unknown scorer {scorer!r}; {_did_you_mean(scorer, scoring.SCORERS)}")
+    if feature_set not in scoring.FEATURE_SETS:
+        raise AnomalyError(f"unknown feature set {feature_set!r}; {_did_you_mean(feature_set, scoring.FEATURE_SETS)}")
+    if scorer == "paper" and feature_set != "mass":
+        raise AnomalyError(f"the paper's per-class forests score RoI masses only; use feature_set 'mass' "
+                           f"(got {feature_set!r}) or another scorer")
     chosen = dict(SETTINGS[settings])
     for key, value in (("seed", seed), ("n_estimators", n_estimators), ("contamination", contamination),
                        ("rois", rois)):
         if value is not None:
             chosen[key] = value
+    if scorer == "paper":
+        return _score_run_forests(source, run_id=run_id, reference_run_id=reference_run_id, settings=settings,
+                                  chosen=chosen, method=method, sign=sign, stat=stat, reasons=reasons)
+    return _score_run_features(source, run_id=run_id, reference_run_id=reference_run_id, settings=settings,
+                               chosen=chosen, scorer=scorer, feature_set=feature_set, method=method,
+                               reasons=reasons)
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return (f"did you mean {close[0]!r}? " if close else "") + f"choose one of {', '.join(choices)}"
+
+
+def _score_run_forests(source: Any, *, run_id: str, reference_run_id: str | None, settings: str,
+                       chosen: dict[str, Any], method: str | None, sign: str, stat: str,
+                       reasons: int) -> tuple[dict[str, Any], pl.DataFrame]:
+    """The paper's mode: one isolation forest per class on the (target, RoI) values of ``stat``/``sign``."""
     classes, joined = run_context(source, run_id)
     imp, pred = _inputs_of(source, run_id, method=method, sign=sign, stat=stat)
     fit_run_id = reference_run_id or run_id
@@ -375,7 +423,8 @@ def score_run(
     )
     rho, p_value, n_dice = spearman_with_dice(scores, pred, classes=chosen["dice_classes"])
     params: dict[str, Any] = {
-        "settings": settings, "n_estimators": chosen["n_estimators"], "contamination": chosen["contamination"],
+        "settings": settings, "scorer": "paper", "feature_set": "mass",
+        "n_estimators": chosen["n_estimators"], "contamination": chosen["contamination"],
         "stat": stat, "rois": describe(chosen["rois"]), "dice_classes": chosen["dice_classes"],
         "n_patients_fit": detector.n_patients_, "n_dice": n_dice,
     }
@@ -392,14 +441,257 @@ def score_run(
         "method": detector.method_,
         "sign": sign,
         "seed": chosen["seed"],
+        "scorer": "paper",
+        "feature_set": "mass",
         "params": params,
         "features": detector.features_,
         "spearman_dice": rho,
         "spearman_p": p_value,
     }
     if reasons > 0:
-        model["reasons"] = detector.explain(imp, scores, top=reasons)
+        kind = f"{stat}_{sign}"
+        model["reasons"] = detector.explain(imp, scores, top=reasons).with_columns(
+            (pl.lit(kind + "|") + pl.col("target") + "|" + pl.col("roi")).alias("feature"),
+            pl.lit(kind).alias("kind"))
     return model, scores
+
+
+def _resolve_method(source: Any, run_id: str, method: str | None) -> str:
+    if _is_store(source):
+        methods = source.importance_methods(run_id)
+    else:
+        imp = source["importances"]
+        if "run_id" in imp.columns:
+            imp = imp.filter(pl.col("run_id") == run_id)
+        methods = sorted(imp["method"].unique().to_list()) if "method" in imp.columns else ["any"]
+    if not methods:
+        raise AnomalyError("no importances to score; the run holds no importance rows for done patients yet")
+    if method is None:
+        if len(methods) != 1:
+            raise AnomalyError(f"the importances hold several methods {methods}; choose one with method=/--method")
+        return str(methods[0])
+    if method not in methods:
+        raise AnomalyError(f"method {method!r} not in the importances; available: {methods}")
+    return method
+
+
+def feature_frame_of(source: Any, run_id: str, *, feature_set: str, method: str,
+                     exclude_rois: Sequence[str] = ()) -> pl.DataFrame:
+    """Done patients x the features of ``feature_set`` (names as :mod:`engine.analytics.scoring` spells them).
+
+    From a Store the frame is pivoted by DuckDB (``importance_wide`` per kind and ``prediction_wide``);
+    from a mapping of long frames by :func:`engine.analytics.scoring.feature_frame`.
+    """
+    from engine.analytics import scoring
+
+    kinds = scoring.FEATURE_SETS[feature_set]
+    excluded = set(exclude_rois)
+    if _is_store(source):
+        sep = source.FEATURE_SEP
+        frame: pl.DataFrame | None = None
+        for kind in kinds:
+            if kind.startswith("pred_"):
+                continue
+            stat, sign = kind.split("_", 1)
+            wide = source.importance_wide(run_id, method=method, sign=sign, stat=stat)
+            keep = [c for c in wide.columns if c != "patient_id" and c.split(sep, 1)[1] not in excluded]
+            wide = wide.select("patient_id", *[pl.col(c).alias(f"{kind}|{c.replace(sep, '|')}") for c in keep])
+            frame = wide if frame is None else frame.join(wide, on="patient_id", how="full", coalesce=True)
+        if any(k.startswith("pred_") for k in kinds):
+            pred = source.prediction_wide(run_id)
+            pred = pred.select("patient_id", *[c for c in pred.columns if c.split("|", 1)[0] in kinds])
+            frame = pred if frame is None else frame.join(pred, on="patient_id", how="full", coalesce=True)
+        assert frame is not None
+        return frame.sort("patient_id")
+    imp = source["importances"]
+    pred = source.get("predictions")
+    if "run_id" in imp.columns:
+        imp = imp.filter(pl.col("run_id") == run_id)
+    if "method" in imp.columns:
+        imp = imp.filter(pl.col("method") == method)
+    if pred is not None and "run_id" in pred.columns:
+        pred = pred.filter(pl.col("run_id") == run_id)
+    wide = scoring.feature_frame(imp, pred, exclude_rois=sorted(excluded))
+    return wide.select("patient_id", *scoring.feature_columns(wide.columns, feature_set))
+
+
+def _aligned(frame: pl.DataFrame, features: Sequence[str]) -> np.ndarray:
+    """The frame's values of ``features`` in that order; a feature the frame lacks, or a null, is 0."""
+    missing = [pl.lit(0.0).alias(f) for f in features if f not in frame.columns]
+    x = frame.with_columns(missing).select(list(features)).fill_null(0.0).to_numpy().astype(np.float64)
+    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _json_params(estimator: Any) -> dict[str, Any]:
+    """The scorer's own parameters (``get_params(deep=False)``) that JSON holds as they are."""
+    return {k: v for k, v in estimator.get_params(deep=False).items()
+            if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def build_scorer(name: str, *, seed: int, params: Mapping[str, Any] | None = None) -> Any:
+    """A scorer by name with ``seed`` and then ``params`` (as :func:`_json_params` recorded them) set."""
+    from engine.analytics import scoring
+
+    est = scoring.make_scorer(name, seed=seed)
+    own = est.get_params(deep=False)
+    return est.set_params(**{k: v for k, v in dict(params or {}).items() if k in own})
+
+
+def _score_run_features(source: Any, *, run_id: str, reference_run_id: str | None, settings: str,
+                        chosen: dict[str, Any], scorer: str, feature_set: str, method: str | None,
+                        reasons: int, features: Sequence[str] | None = None,
+                        scorer_params: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], pl.DataFrame]:
+    """Any scorer of :mod:`engine.analytics.scoring` on one feature set; reasons from a :class:`RobustProfile`."""
+    from engine.analytics import scoring
+
+    _, joined = run_context(source, run_id)
+    method = _resolve_method(source, run_id, method)
+    if chosen["rois"] == "parts":  # a joined RoI would count its parts twice
+        exclude = sorted(joined)
+    elif chosen["rois"] == "joined":
+        exclude = sorted({part for parts in joined.values() for part in parts})
+    else:
+        raise AnomalyError("an explicit RoI list is supported by the paper's per-class forests only; "
+                           "use scorer 'paper' or rois 'parts'/'joined'")
+    frame = feature_frame_of(source, run_id, feature_set=feature_set, method=method, exclude_rois=exclude)
+    fit_run_id = reference_run_id or run_id
+    fit_frame = frame if fit_run_id == run_id else feature_frame_of(
+        source, fit_run_id, feature_set=feature_set, method=method, exclude_rois=exclude)
+    if features is None:
+        features = scoring.feature_columns(fit_frame.columns, feature_set)
+    features = list(features)
+    if not features or frame.height == 0:
+        raise AnomalyError(f"no features of the set {feature_set!r} for done patients of run {fit_run_id!r}; "
+                           "choose a feature set the run holds (an imported run has masses only: 'mass')")
+    if scorer_params is None:
+        scorer_params = {k: chosen[k] for k in ("n_estimators",) if k in chosen}
+    est = build_scorer(scorer, seed=chosen["seed"], params=scorer_params)
+    x_fit, x = _aligned(fit_frame, features), _aligned(frame, features)
+    try:
+        est.fit(x_fit)
+        profile = scoring.RobustProfile(feature_names=features).fit(x_fit)
+    except scoring.ScoringError as exc:
+        raise AnomalyError(str(exc)) from None
+    raw = est.score_samples(x)
+    patients = frame["patient_id"].cast(pl.String).to_list()
+    per_class = profile.class_scores(x)
+    class_rows = [(pid, r.target, r.score) for pid, rs in zip(patients, per_class) for r in rs]
+    none = pl.lit(None, dtype=pl.Float64)
+    per = pl.DataFrame(class_rows, schema={"patient_id": pl.String, "target": pl.String, "score": pl.Float64},
+                       orient="row")
+    mean = pl.DataFrame({"patient_id": patients, "target": [MEAN_TARGET] * len(patients), "score": -raw,
+                         "raw_score": raw})
+    scores = pl.concat([
+        per.with_columns(none.alias("raw_score")),
+        mean,
+    ]).with_columns(none.alias("decision"), none.alias("offset"), pl.lit(run_id).alias("run_id")).select(
+        "run_id", "patient_id", "target", *SCORE_COLUMNS).sort("target", "patient_id")
+    pred = source.done_predictions(run_id) if _is_store(source) else _inputs_of(
+        source, run_id, method=method, sign="abs", stat="mass")[1]
+    rho, p_value, n_dice = spearman_with_dice(scores, pred, classes=chosen["dice_classes"])
+    own = _json_params(est)
+    params: dict[str, Any] = {
+        "settings": settings, "scorer": scorer, "feature_set": feature_set, "scorer_params": own,
+        "exclude_rois": exclude, "rois": describe(chosen["rois"]), "dice_classes": chosen["dice_classes"],
+        "n_patients_fit": int(x_fit.shape[0]), "n_dice": n_dice,
+    }
+    if chosen["per_class_spearman"]:
+        params["spearman_per_class"] = per_class_spearman(scores, pred)
+    key = json.dumps([run_id, fit_run_id, method, scorer, feature_set, chosen["seed"], own, exclude, features],
+                     default=str)
+    model: dict[str, Any] = {
+        "model_id": f"{scorer}-{feature_set}-{method}-s{chosen['seed']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}",
+        "run_id": run_id,
+        "fit_run_id": fit_run_id,
+        "mode": "within-run" if fit_run_id == run_id else "reference",
+        "method": method,
+        "sign": "abs",
+        "seed": chosen["seed"],
+        "scorer": scorer,
+        "feature_set": feature_set,
+        "params": params,
+        "features": features,
+        "spearman_dice": rho,
+        "spearman_p": p_value,
+    }
+    if reasons > 0:
+        class_score = {(pid, r.target): r.score for pid, rs in zip(patients, per_class) for r in rs}
+        rows = [
+            (pid, rank, r.target, r.roi, r.value, r.median, r.z, class_score.get((pid, r.target)), None, r.feature,
+             r.feature.split("|", 1)[0])
+            for pid, rs in zip(patients, profile.reasons(x, top_k=reasons)) for rank, r in enumerate(rs, start=1)
+        ]
+        model["reasons"] = pl.DataFrame(rows, schema={**REASON_SCHEMA, "feature": pl.String, "kind": pl.String},
+                                        orient="row")
+    return model, scores
+
+
+def rescore(source: Any, model: Mapping[str, Any], *, run_id: str | None = None) -> tuple[dict[str, Any], pl.DataFrame]:
+    """Score ``run_id`` (default the model's own run) again from a stored model row (``Store.anomaly_model``).
+
+    The scorer is rebuilt from the row's scorer, parameters and seed, refitted on the row's fit run
+    with the row's features and excluded RoIs: on unchanged runs the scores are the stored ones.
+    """
+    params = model.get("params") or {}
+    if isinstance(params, str):
+        params = json.loads(params)
+    features = model.get("features")
+    if isinstance(features, str):
+        features = json.loads(features)
+    settings = params.get("settings", "engine")
+    scorer = model.get("scorer") or params.get("scorer") or "paper"
+    target_run = run_id or str(model["run_id"])
+    reference = None if model["fit_run_id"] == target_run else str(model["fit_run_id"])
+    chosen = dict(SETTINGS[settings])
+    chosen["seed"] = model.get("seed", chosen["seed"])
+    if scorer == "paper":
+        rois = "joined" if params.get("rois") == "joined" else chosen["rois"]
+        return score_run(source, run_id=target_run, reference_run_id=reference, settings=settings, scorer="paper",
+                         seed=chosen["seed"], n_estimators=params.get("n_estimators"),
+                         contamination=params.get("contamination"), method=model.get("method"),
+                         sign=model.get("sign") or "abs", stat=params.get("stat", "mass"), rois=rois)
+    return _score_run_features(source, run_id=target_run, reference_run_id=reference, settings=settings,
+                               chosen=chosen, scorer=scorer,
+                               feature_set=model.get("feature_set") or params["feature_set"],
+                               method=model.get("method"), reasons=3, features=features,
+                               scorer_params=params.get("scorer_params"))
+
+
+_PRED_WORDS = {"pred_voxels": "predicted volume", "pred_confidence": "prediction confidence",
+               "pred_entropy": "prediction entropy"}
+
+
+def reason_text(reason: Mapping[str, Any]) -> str:
+    """One stored reason in words: ``heart in trachea (z +4.2)``, ``liver prediction entropy (z +3.0)``.
+
+    RoI importances other than ``mass_abs`` name their kind: ``heart in aorta [mass_pos] (z -2.5)``.
+    The same text as the ``top_anomalies`` query.
+    """
+    kind = reason.get("kind") or "mass_abs"
+    z = f"(z {reason['z']:+.1f})" if reason.get("z") is not None else ""
+    if kind in _PRED_WORDS:
+        return f"{reason['target']} {_PRED_WORDS[kind]} {z}".strip()
+    tag = "" if kind == "mass_abs" else f" [{kind}]"
+    return f"{reason['target']} in {reason['roi']}{tag} {z}".strip()
+
+
+def reasons_by_patient(reasons: pl.DataFrame | None) -> dict[str, str]:
+    """patient id -> its reasons in rank order, as :func:`reason_text` words joined by ``", "``."""
+    if reasons is None or reasons.height == 0:
+        return {}
+    out: dict[str, list[str]] = {}
+    for r in reasons.sort("patient_id", "rank").iter_rows(named=True):
+        out.setdefault(str(r["patient_id"]), []).append(reason_text(r))
+    return {k: ", ".join(v) for k, v in out.items()}
+
+
+def top_reason_target(reasons: pl.DataFrame, patient_id: str, *, classes: Sequence[str] | None = None) -> str | None:
+    """The class behind a patient's top-ranked reason that has a map (one of ``classes``, not background)."""
+    rows = reasons.filter(pl.col("patient_id") == patient_id).sort("rank")
+    for target in rows["target"].to_list():
+        if target != "background" and (classes is None or target in classes):
+            return str(target)
+    return None
 
 
 def spearman_with_dice(scores: pl.DataFrame, predictions: pl.DataFrame, *,

@@ -5,9 +5,9 @@ Features are named ``<kind>|<target>|<roi>`` for RoI importances (``kind`` = ``<
 ``pred_<what>|<class>`` for what the model predicted, which needs no ground truth: ``pred_voxels``
 (predicted volume), ``pred_confidence`` (mean softmax maximum over the class's predicted voxels) and
 ``pred_entropy`` (mean softmax entropy there). :func:`feature_frame` builds that wide frame from the
-engine's long ``importances`` and ``predictions`` frames; the store's ``predictions`` table holds
-``voxels`` (and Dice) but not confidence or entropy, so those two come only from callers that have the
-softmax (the anomaly benchmark computes them with one extra forward pass).
+engine's long ``importances`` and ``predictions`` frames; the store's ``predictions`` table holds all
+three (the pipeline computes confidence and entropy from the clean stitched logits), and
+``engine.analytics.anomaly.score_run`` reads them pivoted by DuckDB.
 
 Feature sets (:data:`FEATURE_SETS`): ``mass`` (the paper's |attribution| masses), ``signed_mass``
 (positive and negative masses), ``mean`` (mean |attribution| per RoI voxel), ``prediction`` (the three

@@ -1,4 +1,4 @@
-"""``agg2exp anomaly --run ID``: per-class isolation forests on RoI masses, scores stored."""
+"""``agg2exp anomaly --run ID``: anomaly scores of a run's patients (default k-NN, masses + prediction), reasons."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from engine.vocabulary import MEAN_TARGET, SIGNS
 def handle(args: argparse.Namespace) -> int:
     """Fit within the run (or on --reference-run), score the run, store model and scores."""
     from engine import store
-    from engine.analytics.anomaly import score_run
+    from engine.analytics.anomaly import reasons_by_patient, score_run
 
     with store.open_writer(args.db) as s:
         run_id = s.require_run(args.run)
@@ -21,39 +21,50 @@ def handle(args: argparse.Namespace) -> int:
         model, scores = score_run(
             s, run_id=run_id, reference_run_id=ref, settings=args.settings, seed=args.seed,
             n_estimators=args.n_estimators, contamination=contamination, method=args.method, sign=args.sign,
-            rois=args.rois,
+            rois=args.rois, scorer=args.scorer, feature_set=args.feature_set, reasons=args.top_k_reasons,
         )
         s.write_anomaly(model=model, scores=scores)
         reasons = model.get("reasons")
         if reasons is not None:
             s.write_anomaly_reasons(model_id=model["model_id"], run_id=run_id, reasons=reasons)
     mean = scores.filter(scores["target"] == MEAN_TARGET).sort("score", descending=True)
-    print(f"model {model['model_id']} ({model['mode']}, fitted on {model['fit_run_id']}): "
-          f"{mean.height} patients scored over {len(model['features'])} classes")
+    feats = model["features"]
+    n_features = sum(len(v) for v in feats.values()) if isinstance(feats, dict) else len(feats)
+    n_classes = scores.filter(scores["target"] != MEAN_TARGET)["target"].n_unique()
+    print(f"model {model['model_id']} ({model['scorer']} on {model['feature_set']}, {model['mode']}, fitted on "
+          f"{model['fit_run_id']}): {mean.height} patients scored on {n_features} features of {n_classes} classes")
     if model["spearman_dice"] is not None:
         print(f"Spearman(mean score, mean foreground Dice) = {model['spearman_dice']:.3f} "
               f"(p = {model['spearman_p']:.3g})")
-    print("most anomalous: " + ", ".join(f"{r['patient_id']} ({r['score']:.3f})"
-                                          for r in mean.head(args.show).iter_rows(named=True)))
-    reasons = model.get("reasons")
-    if reasons is not None and reasons.height:
-        for pid in mean.head(args.show)["patient_id"].to_list():
-            top = reasons.filter(reasons["patient_id"] == pid)
-            print(f"  {pid}: " + "; ".join(f"{r['target']} in {r['roi']} z={r['z']:+.1f}"
-                                           for r in top.iter_rows(named=True)))
+    why = reasons_by_patient(model.get("reasons"))
+    print("most anomalous (score, top reasons as robust z against the fit cohort):")
+    for r in mean.head(args.show).iter_rows(named=True):
+        print(f"  {r['patient_id']}  {r['score']:.3f}  {why.get(str(r['patient_id']), '')}".rstrip())
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
-        "anomaly", help="score patients with per-class isolation forests on RoI importances",
-        description="One isolation forest per class on the patients' RoI mass vectors; higher score = more anomalous.",
+        "anomaly", help="score patients' explanations and predictions for anomalies, with reasons",
+        description=("Score every done patient of a run (higher = more anomalous) and store the scores, the model "
+                     "(enough to rescore later) and each patient's top reasons. Default: k-nearest-neighbour "
+                     "distance on RoI masses + what the model predicted (chosen on held-out anomaly kinds, see "
+                     "BENCHMARKS.md); --settings paper: the paper's per-class isolation forests on masses."),
     )
     p.add_argument("--run", default=None, help="run to score (default the latest run)")
     p.add_argument("--reference-run", default=None, help="fit the forests on this run instead of the scored one")
     p.add_argument("--settings", choices=("engine", "paper"), default="engine",
-                   help="'paper': the reference notebook's settings (seed 123, Dice over all classes, per-class "
-                        "Spearman); default engine (seed 0, Dice over the foreground)")
+                   help="'paper': the paper's mode, per-class isolation forests on masses with the reference "
+                        "notebook's settings (seed 123, Dice over all classes, per-class Spearman); default engine "
+                        "(seed 0, Dice over the foreground)")
+    # Names are checked by score_run (with a did-you-mean): importing scoring here would load scikit-learn.
+    p.add_argument("--scorer", default=None,
+                   help="scorer (default 'neighbours'; 'paper' under --settings paper): 'paper' = one isolation "
+                        "forest per class, 'forest' = one on all features, 'covariance', 'neighbours', 'ensemble'")
+    p.add_argument("--feature-set", default=None,
+                   help="features: mass, signed_mass, mean, prediction, mass+prediction (default 'mass+prediction'; "
+                        "'mass' for the paper's scorer)")
+    p.add_argument("--top-k-reasons", type=int, default=3, help="reasons stored and shown per patient (default 3)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the forests (default: the settings')")
     p.add_argument("--n-estimators", type=int, default=None, help="trees per forest (default 100)")
     p.add_argument("--contamination", default=None, help="'auto' or a fraction (default auto)")

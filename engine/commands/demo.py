@@ -32,17 +32,24 @@ def load_demo_spec(*, out_dir: Path, patients: int | None = None) -> JobSpec:
 
 def print_top_anomalies(db: Path, run_id: str, k: int = 5) -> None:
     from engine import store
+    from engine.analytics.anomaly import reasons_by_patient
 
     with store.open(db) as s:
         scores = s.top_anomalies(run_id, k=k, target=MEAN_TARGET)
+        model_id = s.latest_anomaly_model(run_id)
+        model = s.anomaly_model(model_id) if model_id else {}
+        why = reasons_by_patient(s.anomaly_reasons(run_id, model_id)) if model_id else {}
     if scores.height == 0:
         print("no anomaly scores (fewer than two patients done)")
         return
-    print("most anomalous patients (mean isolation-forest score over classes, higher = more anomalous):")
+    print(f"most anomalous patients ({model.get('scorer')} on {model.get('feature_set')}, higher = more anomalous; "
+          "reasons: features furthest from the cohort, robust z):")
     for r in scores.iter_rows(named=True):
         keys = ("age", "sex", "site", "scanner_kernel", "contrast", "anomaly_type")
         shown = ", ".join(f"{key}={r[key]}" for key in keys if r.get(key) is not None)
         print(f"  {r['patient_id']}  score {r['score']:.3f}  {shown}")
+        if why.get(str(r["patient_id"])):
+            print(f"      why: {why[str(r['patient_id'])]}")
 
 
 #: Metadata the demo audits; random_group is assigned by coin flip, a negative control.

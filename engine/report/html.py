@@ -361,10 +361,16 @@ def _anomalies(
     if meta_cols:
         ranked = ranked.join(metadata,
                              on="patient_id", how="left")
+    from engine.analytics.anomaly import reasons_by_patient
+
+    why = reasons_by_patient(s.anomaly_reasons(run_id, model_id))
+    ranked = ranked.with_columns(pl.col("patient_id").replace_strict(why, default=None, return_dtype=pl.String)
+                                 .alias("top reasons (robust z)"))
     shown = ranked.filter(pl.col("patient_id").is_in(top + bottom))
 
     rho = model.get("spearman_dice")
-    info = {"model": model_id, "mode": model.get("mode"), "fitted on run": model.get("fit_run_id"),
+    info = {"model": model_id, "scorer": model.get("scorer"), "feature set": model.get("feature_set"),
+            "mode": model.get("mode"), "fitted on run": model.get("fit_run_id"),
             "method": model.get("method"), "sign": model.get("sign"),
             "Spearman(mean score, mean Dice)": rho, "p": model.get("spearman_p")}
     panels, reason = _panels_for(s, run_id, config, scores, patients, top + bottom, kinds,
@@ -377,8 +383,7 @@ def _anomalies(
     elif not any(p.attribution is not None for p in panels):
         overlay_note = '<p class="warn">No attribution overlays could be drawn for these patients (see each row).</p>'
     body = (
-        "<p>One isolation forest per class on the patients' RoI mass vectors; a patient's score is the mean "
-        "over classes (higher = more anomalous explanation).</p>"
+        _scorer_sentence(model)
         + kv_table({k: v for k, v in info.items() if v is not None})
         + img_tag(png, "anomaly ranking", caption=f"red: {len(top)} most anomalous, blue: {len(bottom)} least anomalous")
         + f"<h3>Top {len(top)} and bottom {len(bottom)} patients</h3>" + table(shown)
@@ -389,6 +394,17 @@ def _anomalies(
         + "<details><summary>all patients</summary>" + table(ranked, max_rows=1000) + "</details>"
     )
     return section("anomalies", title, body)
+
+
+def _scorer_sentence(model: Mapping[str, Any]) -> str:
+    if (model.get("scorer") or "paper") == "paper":
+        text = ("One isolation forest per class on the patients' RoI mass vectors (the paper's mode); a patient's "
+                "score is the mean over classes (higher = more anomalous explanation).")
+    else:
+        text = (f"Scorer <code>{_e(model.get('scorer'))}</code> on the feature set "
+                f"<code>{_e(model.get('feature_set'))}</code> (RoI importances and what the model predicted); "
+                "higher = more anomalous. Per-class scores are the root-mean-square robust z of the class's features.")
+    return f"<p>{text} The reasons are each patient's features furthest from the fit cohort (robust z-scores).</p>"
 
 
 def _audits(s: store_mod.Store, run_id: str) -> str:

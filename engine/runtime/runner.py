@@ -149,7 +149,8 @@ def _score_anomalies(writer: Store, spec: JobSpec, run_id: str) -> str | None:
 
     model, scores = anomaly.score_run(
         writer, run_id=run_id, reference_run_id=spec.anomaly.reference_run, seed=spec.anomaly.seed,
-        n_estimators=spec.anomaly.n_estimators, method=spec.attribution.method,
+        n_estimators=spec.anomaly.n_estimators, method=spec.attribution.method, scorer=spec.anomaly.scorer,
+        feature_set=spec.anomaly.feature_set, reasons=spec.anomaly.top_k_reasons,
     )
     writer.write_anomaly(model=model, scores=scores)
     if model.get("reasons") is not None:

@@ -96,7 +96,7 @@ def test_errors(hand_data) -> None:
         RoIAnomalyDetector().score(two)
 
 
-def test_score_run_within_and_reference(hand_data) -> None:
+def test_score_run_paper_mode_within_and_reference(hand_data) -> None:
     matrix, patients = hand_data
     imp = pl.concat([
         _long(matrix, patients).with_columns(pl.lit("r1").alias("run_id")),
@@ -110,7 +110,7 @@ def test_score_run_within_and_reference(hand_data) -> None:
         "dice": np.concatenate([dice, np.ones(len(patients))]),
     })
     source = {"importances": imp, "predictions": pred}
-    model, scores = score_run(source, run_id="r1", seed=2, n_estimators=30)
+    model, scores = score_run(source, scorer="paper", run_id="r1", seed=2, n_estimators=30)
     assert model["mode"] == "within-run" and model["fit_run_id"] == "r1" and model["method"] == "m"
     assert set(scores["run_id"]) == {"r1"}
     assert scores.columns == ["run_id", "patient_id", "target", "score", "raw_score", "decision", "offset"]
@@ -118,11 +118,11 @@ def test_score_run_within_and_reference(hand_data) -> None:
     expected = stats.spearmanr(mean["score"].to_numpy(), dice)
     assert model["spearman_dice"] == pytest.approx(expected.statistic)
     assert model["spearman_p"] == pytest.approx(expected.pvalue)
-    again, _ = score_run(source, run_id="r1", seed=2, n_estimators=30)
+    again, _ = score_run(source, scorer="paper", run_id="r1", seed=2, n_estimators=30)
     assert again["model_id"] == model["model_id"]
-    other, _ = score_run(source, run_id="r1", seed=3, n_estimators=30)
+    other, _ = score_run(source, scorer="paper", run_id="r1", seed=3, n_estimators=30)
     assert other["model_id"] != model["model_id"]
-    ref_model, ref_scores = score_run(source, run_id="r2", reference_run_id="r1", seed=2, n_estimators=30)
+    ref_model, ref_scores = score_run(source, scorer="paper", run_id="r2", reference_run_id="r1", seed=2, n_estimators=30)
     assert ref_model["mode"] == "reference" and ref_model["fit_run_id"] == "r1"
     assert ref_model["spearman_dice"] is None  # r2 has no Dice
     # scoring r2 with forests fitted on r1 equals sklearn fitted on r1's matrix

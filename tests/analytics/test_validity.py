@@ -190,7 +190,7 @@ def test_store_readers_pivot_and_aggregate_only_done_patients(lung_store: Path, 
 def test_stored_graph_anomaly_and_audit_use_parts_and_say_so(lung_store: Path, paper: pl.DataFrame) -> None:
     with store.open(lung_store) as s:
         edges, params = graph_run(s, run_id="lung", rule="cumulative", threshold=0.35)
-        model, scores = score_run(s, run_id="lung", seed=2, n_estimators=20)
+        model, scores = score_run(s, run_id="lung", scorer="paper", seed=2, n_estimators=20)
         by_sex, _ = graph_run(s, run_id="lung", by="sex", rule="topk", k=3)
     assert params["rois"] == "parts" and model["params"]["rois"] == "parts"
     plain = select_edges(global_matrix(paper), rule="cumulative", threshold=0.35)

@@ -41,10 +41,16 @@ def test_import_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_anomaly_audit_graph(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["anomaly", "--run", RUN_ID, "--seed", "3", "--n-estimators", "20", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "within-run" in out and "Spearman" in out
+    assert "within-run" in out and "Spearman" in out and "neighbours on mass+prediction" in out
     with store.open(db) as s:
         models = s.frame("SELECT * FROM anomaly_models WHERE seed = 3")
         assert models.height == 1 and models["spearman_dice"][0] is not None
+        top = s.top_anomalies(RUN_ID, k=1)
+        reasons = s.anomaly_reasons(RUN_ID).filter(pl.col("patient_id") == top["patient_id"][0]).sort("rank")
+    first = reasons.row(0, named=True)  # the printed line of the top patient holds its score and first reason
+    line = next(x for x in out.splitlines() if x.strip().startswith(f"{top['patient_id'][0]} "))
+    assert first["kind"] == "mass_abs" and f"{top['score'][0]:.3f}" in line
+    assert f"{top['score'][0]:.3f}  {first['target']} in {first['roi']} (z {first['z']:+.1f})" in line
 
     assert cli.main(["audit", "--run", RUN_ID, "--by", "sex,age", "--n-boot", "20", "--format", "csv", "--all",
                      "--out", str(tmp_path / "audit.csv"), "--db", str(db)]) == 0
@@ -71,7 +77,7 @@ def test_paper_settings_roi_sets_and_the_union_rule_from_the_command_line(
         db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["anomaly", "--run", RUN_ID, "--settings", "paper", "--n-estimators", "20", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert " z=" in out  # the top patients' reasons are printed
+    assert "(z " in out  # the top patients' reasons are printed
     with store.open(db) as s:
         model = s.frame("SELECT * FROM anomaly_models WHERE seed = 123")
         params = json.loads(model["params"][0])
@@ -140,3 +146,51 @@ def test_sql_command(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "one SQL statement" in _error(capsys)
     assert cli.main(["sql", "SELECT * FROM nowhere", "--db", str(db)]) == 2
     assert "the query failed" in _error(capsys)
+
+
+def test_the_demo_printout_shows_each_top_patients_reasons_under_its_score(
+        db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.commands.demo import print_top_anomalies
+
+    print_top_anomalies(db, RUN_ID, k=2)
+    lines = capsys.readouterr().out.splitlines()
+    with store.open(db) as s:
+        top = s.top_anomalies(RUN_ID, k=2)
+        reasons = s.anomaly_reasons(RUN_ID)
+    for pid in top["patient_id"]:
+        i = next(n for n, x in enumerate(lines) if x.strip().startswith(f"{pid}  score"))
+        first = reasons.filter(pl.col("patient_id") == pid).sort("rank").row(0, named=True)
+        assert lines[i + 1].strip().startswith(f"why: {first['target']} in {first['roi']} (z {first['z']:+.1f})")
+
+
+def test_a_runs_anomaly_table_chooses_the_scorer_feature_set_and_reasons(db: Path) -> None:
+    from engine.jobs import JobSpec
+    from engine.runtime.runner import _score_anomalies
+
+    spec = JobSpec.from_dict({"job": {"name": "j"}, "cohort": {"phantoms": 2}, "model": {"kind": "demo"},
+                              "attribution": {"method": "smoothgrad"},
+                              "anomaly": {"scorer": "forest", "feature_set": "mass", "top_k_reasons": 2,
+                                          "seed": 5, "n_estimators": 10}})
+    with store.open_writer(db, live=False) as s:
+        model_id = _score_anomalies(s, spec, RUN_ID)
+        model = s.anomaly_model(model_id)
+        reasons = s.anomaly_reasons(RUN_ID, model_id)
+    assert (model["scorer"], model["feature_set"], model["seed"]) == ("forest", "mass", 5)
+    assert model["params"]["scorer_params"] == {"n_estimators": 10, "seed": 5}
+    assert set(reasons["rank"]) == {1, 2} and set(reasons["kind"]) == {"mass_abs"}
+
+
+def test_the_anomaly_commands_help_names_the_scoring_modules_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.analytics.scoring import DEFAULT_SETTING, FEATURE_SETS, SCORERS
+
+    with pytest.raises(SystemExit):
+        cli.main(["anomaly", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default '{DEFAULT_SETTING[0]}'" in text and f"default '{DEFAULT_SETTING[1]}'" in text
+    assert all(name in text for name in (*SCORERS, *FEATURE_SETS))
+
+
+def test_a_misspelt_scorer_on_the_command_line_is_one_line_with_a_suggestion(
+        db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["anomaly", "--run", RUN_ID, "--scorer", "neighbors", "--db", str(db)]) == 2
+    assert "did you mean 'neighbours'" in _error(capsys)

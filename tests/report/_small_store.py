@@ -85,6 +85,7 @@ def build_small_store(root: Path, *, n_patients: int = N_PATIENTS, audit: bool =
                 w.write_patient(RUN_ID, outcome)
         model, scores = anomaly.score_run(w, run_id=RUN_ID, seed=0, n_estimators=50, method="smoothgrad")
         w.write_anomaly(model=model, scores=scores)
+        w.write_anomaly_reasons(model_id=model["model_id"], run_id=RUN_ID, reasons=model["reasons"])
         if audit:
             patients = w.patients(RUN_ID).filter(pl.col("status") == "done").select("patient_id", "sex", "age")
             result = run_audit(patients, w.importances(RUN_ID), columns=["sex"],

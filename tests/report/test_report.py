@@ -75,6 +75,10 @@ def test_anomalies_without_maps_show_plain_slices(small_run) -> None:
         text = _anomalies(s, small_run.run_id, info["config"], patients, 1, saved, recompute=False, device="cpu")
     assert "No attribution overlays" in text
     assert set(saved) == {"anomaly_ranking.png", "anomalous_patients.png"}
+    with store.open(small_run.db) as s:  # the top patient's stored first reason is in the table's reasons column
+        top = s.top_anomalies(small_run.run_id, k=1)["patient_id"][0]
+        first = s.anomaly_reasons(small_run.run_id).filter(pl.col("patient_id") == top).sort("rank").row(0, named=True)
+    assert "top reasons (robust z)" in text and f"(z {first['z']:+.1f})" in text and first["target"] in text
     for data in [*embedded_pngs(text), *saved.values()]:
         assert_valid_png(data)
 
@@ -93,6 +97,39 @@ def test_show_renders_and_exports(small_run, tmp_path: Path, capsys: pytest.Capt
     assert_valid_png(out.read_bytes())
     assert (tmp_path / "nii" / "smoothgrad_aorta.nii.gz").is_file()
     assert (tmp_path / "nii" / "classes.txt").is_file()
+
+
+def test_show_without_a_target_opens_the_class_behind_the_top_anomaly_reason(
+        small_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import polars as pl
+
+    from engine import store
+
+    pid = small_run.manifest["patient_id"][0]
+    with store.open(small_run.db) as s:
+        reasons = s.anomaly_reasons(small_run.run_id).filter(pl.col("patient_id") == pid).sort("rank")
+    explained = [t for t in reasons["target"] if t in ("aorta", "heart")]  # the run explains these two
+    assert explained, "the fixture's reasons should name an explained class"
+    out = tmp_path / "why.png"
+    assert main(["show", pid, "--db", str(small_run.db), "--out", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"target {explained[0]}: behind {pid}'s top anomaly reason")
+    assert_valid_png(out.read_bytes())
+
+
+def test_show_without_a_target_or_reasons_says_to_pass_one(small_run, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from engine import store
+
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(small_run.db, db)
+    with store.open_writer(db, live=False) as s:
+        s.con.execute("DELETE FROM anomaly_reasons")
+    pid = small_run.manifest["patient_id"][0]
+    assert main(["show", pid, "--db", str(db)]) == 2
+    assert "pass --target CLASS" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

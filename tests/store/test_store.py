@@ -93,8 +93,8 @@ def test_importances_table_has_no_key_index(writer: store.Store) -> None:
 
 
 @pytest.mark.parametrize(("version", "message"), [
-    ("1", "holds store schema 1, this engine reads schema 2: re-run the job"),
-    ("3", "holds store schema 3, this engine reads schema 2: upgrade the engine"),
+    ("2", "holds store schema 2, this engine reads schema 3: re-run the job"),
+    ("4", "holds store schema 4, this engine reads schema 3: upgrade the engine"),
 ])
 def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path: Path, version: str, message: str) -> None:
     db = tmp_path / "old.duckdb"
@@ -260,3 +260,20 @@ def test_store_imports_nothing_above_it() -> None:
             "and m not in ('engine.errors', 'engine.results', 'engine.store', 'engine.store_live')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_prediction_wide_pivots_voxels_confidence_and_entropy_of_done_patients(writer: store.Store) -> None:
+    import dataclasses
+
+    r1 = result("p1")
+    r1 = dataclasses.replace(r1, predictions=r1.predictions.with_columns(
+        pl.Series("confidence", [0.99, 0.5, None, 0.7]), pl.Series("entropy", [0.01, 0.6, None, 0.4])))
+    writer.write_patient(RUN, r1)
+    writer.write_patient(RUN, result("p2"))  # written before confidence existed: nulls
+    wide = writer.prediction_wide(RUN)
+    assert wide["patient_id"].to_list() == ["p1", "p2"]
+    row = wide.row(0, named=True)
+    assert row["pred_voxels|heart"] == 20.0 and row["pred_confidence|aorta"] == 0.5
+    assert row["pred_entropy|trachea"] == 0.4 and row["pred_confidence|heart"] is None
+    assert wide.row(1, named=True)["pred_entropy|background"] is None
+    assert wide.row(1, named=True)["pred_voxels|trachea"] == 30.0

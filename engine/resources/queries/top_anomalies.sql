@@ -1,8 +1,8 @@
 -- name: top_anomalies
--- answers: Which patients of a run have the most anomalous explanations? The k highest mean
---   isolation-forest scores (latest anomaly model of the run), with the patient's mean
---   foreground Dice, manifest metadata and the top reasons (the (target, RoI) masses furthest
---   from the fit cohort, as robust z-scores).
+-- answers: Which patients of a run have the most anomalous explanations? The k highest anomaly
+--   scores (latest anomaly model of the run), with the patient's mean foreground Dice, manifest
+--   metadata and the top reasons (the features furthest from the fit cohort - RoI masses or what
+--   the model predicted - as robust z-scores). outlier: the forest's decision < 0 (forest scorers only).
 -- params: run_id (string, default latest run), k (integer, default 10)
 WITH model AS (
     SELECT model_id FROM anomaly_models
@@ -12,7 +12,13 @@ WITH model AS (
 ),
 reasons AS (
     SELECT r.patient_id,
-           string_agg(r.target || ' in ' || r.roi || ' (z ' || printf('%+.1f', r.z) || ')', ', ' ORDER BY r."rank") AS reasons
+           string_agg(CASE coalesce(r.kind, 'mass_abs')
+                          WHEN 'pred_voxels' THEN r.target || ' predicted volume'
+                          WHEN 'pred_confidence' THEN r.target || ' prediction confidence'
+                          WHEN 'pred_entropy' THEN r.target || ' prediction entropy'
+                          WHEN 'mass_abs' THEN r.target || ' in ' || r.roi
+                          ELSE r.target || ' in ' || r.roi || ' [' || r.kind || ']' END
+                      || ' (z ' || printf('%+.1f', r.z) || ')', ', ' ORDER BY r."rank") AS reasons
     FROM anomaly_reasons AS r JOIN model USING (model_id)
     GROUP BY r.patient_id
 ),
