@@ -29,6 +29,19 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_autocast(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a job's ``[attribution] autocast`` on ``device`` (None: exact fp32).
+
+    ``bf16`` applies on CPUs as on GPUs (oneDNN runs bf16 convolutions natively on CPUs with
+    AVX-512 BF16 or AMX, and emulates them, slowly, elsewhere); ``fp16`` only on GPUs, since
+    CPU fp16 convolutions are emulated and slower than fp32.
+    """
+    dtype = AUTOCAST.get(name or "")
+    if dtype is None or (device.type != "cuda" and dtype != torch.bfloat16):
+        return None
+    return dtype
+
+
 def build_model(spec: Any) -> Any:
     """The job's model (``engine.models.LoadedModel``), validated before any patient is processed."""
     from engine import models
@@ -44,7 +57,7 @@ def explainer_for(spec: Any, roi_size: Any, device: torch.device, preprocess: An
     SmoothGrad's σ is defined against the preprocessing's output range [b_min, b_max] (the same
     for every scan); the HU window [a_min, a_max] is kept to record σ in HU.
     """
-    autocast = AUTOCAST.get(spec.attribution.autocast or "") if device.type == "cuda" else None
+    autocast = resolve_autocast(spec.attribution.autocast, device)
     return Explainer.from_spec(
         spec.attribution, roi_size=roi_size, device=device, autocast=autocast,
         input_range=(preprocess.b_min, preprocess.b_max), hu_range=(preprocess.a_min, preprocess.a_max),
@@ -91,4 +104,4 @@ class JobSetup:
         return io.load_case(record, preprocess=self.preprocess)
 
 
-__all__ = ["AUTOCAST", "JobSetup", "build_model", "explainer_for", "explainer_record", "resolve_device"]
+__all__ = ["AUTOCAST", "JobSetup", "resolve_autocast", "build_model", "explainer_for", "explainer_record", "resolve_device"]
