@@ -8,6 +8,7 @@ settings through the same :class:`~engine.attribution.Explainer`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ import torch
 
 from engine.attribution import Explainer
 from engine.errors import UserError
+
+log = logging.getLogger(__name__)
 
 AUTOCAST: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,14 +35,29 @@ def resolve_device(requested: str = "auto") -> torch.device:
 def resolve_autocast(name: str | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a job's ``[attribution] autocast`` on ``device`` (None: exact fp32).
 
-    ``bf16`` applies on CPUs as on GPUs (oneDNN runs bf16 convolutions natively on CPUs with
-    AVX-512 BF16 or AMX, and emulates them, slowly, elsewhere); ``fp16`` only on GPUs, since
-    CPU fp16 convolutions are emulated and slower than fp32.
+    ``bf16`` applies on CPUs as on GPUs when oneDNN runs bf16 natively (AVX-512 BF16 or AMX);
+    on other CPUs it would be emulated and slower than fp32, so the job runs exact fp32 and says
+    so in the log (the run record shows the autocast actually used). ``fp16`` only on GPUs, since
+    CPU fp16 convolutions are emulated.
     """
     dtype = AUTOCAST.get(name or "")
-    if dtype is None or (device.type != "cuda" and dtype != torch.bfloat16):
+    if dtype is None or device.type == "cuda":
+        return dtype
+    if dtype != torch.bfloat16:
+        return None
+    if not cpu_has_bf16():
+        log.warning("[attribution] autocast = 'bf16' ignored: this CPU has no native bf16 (AVX-512 BF16/AMX); "
+                    "running exact fp32")
         return None
     return dtype
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def build_model(spec: Any) -> Any:

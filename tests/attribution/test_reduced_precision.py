@@ -18,8 +18,15 @@ from tests.attribution.conftest import SHAPE, tiny_unet
     ("bf16", "cuda", torch.bfloat16),
     ("fp16", "cuda", torch.float16),
 ])
-def test_a_jobs_autocast_applies_bf16_on_cpus_and_both_dtypes_on_gpus(name, device, expected):
+def test_a_jobs_autocast_applies_bf16_on_cpus_and_both_dtypes_on_gpus(name, device, expected, monkeypatch):
+    monkeypatch.setattr("engine.job_setup.cpu_has_bf16", lambda: True)
     assert resolve_autocast(name, torch.device(device)) == expected
+
+
+def test_bf16_on_a_cpu_without_native_bf16_runs_exact_fp32(monkeypatch, caplog):
+    monkeypatch.setattr("engine.job_setup.cpu_has_bf16", lambda: False)
+    assert resolve_autocast("bf16", torch.device("cpu")) is None
+    assert "no native bf16" in caplog.text
 
 
 def test_bf16_maps_on_the_cpu_are_close_to_fp32_autograd_but_computed_in_bf16():
