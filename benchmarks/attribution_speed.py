@@ -94,7 +94,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of an n x n x n matrix multiply in ``dtype`` (median of ``reps``)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
