@@ -219,26 +219,27 @@ def resolve_vjp_mode(mode: VJPMode, device: torch.device) -> Literal["loop", "ba
     return mode
 
 
-def resolve_memory_format(fmt: MemoryFormat, device: torch.device, spatial_dims: int) -> torch.memory_format:
-    """``auto``: ``channels_last_3d`` for 3-D volumes on CPUs, the contiguous layout elsewhere.
+def resolve_memory_format(fmt: MemoryFormat, device: torch.device, spatial_dims: int) -> torch.memory_format | None:
+    """The layout to run the model and the window batches in, or None to leave them as they are.
 
-    On CPUs oneDNN's 3-D convolutions and their backward run about 1.4x faster on channels-last
-    tensors (measured on the demo UNet, BENCHMARKS.md); on GPUs the fp32 gain is not measured,
-    so the layout is left alone there. The values computed are the same either way (to float
-    rounding), only the order of the reductions inside the kernels differs.
+    ``auto``: ``channels_last_3d`` for 3-D volumes on CPUs, where oneDNN's 3-D convolutions and
+    their backward run about 1.2-1.4x faster in it (measured on the demo UNet, BENCHMARKS.md);
+    elsewhere (GPUs, where the fp32 gain is not measured) the model keeps the layout it has.
+    The values computed are the same either way up to float rounding (the order of the
+    reductions inside the kernels differs).
     """
-    if fmt == "contiguous" or spatial_dims != 3:
-        if fmt == "channels_last" and spatial_dims != 3:
-            raise ValueError(f"memory_format 'channels_last' needs 3-D volumes, got {spatial_dims} spatial dims")
+    if fmt == "channels_last" and spatial_dims != 3:
+        raise ValueError(f"memory_format 'channels_last' needs 3-D volumes, got {spatial_dims} spatial dims")
+    if fmt == "contiguous":
         return torch.contiguous_format
-    if fmt == "channels_last" or (fmt == "auto" and device.type == "cpu"):
+    if fmt == "channels_last" or (device.type == "cpu" and spatial_dims == 3):
         return torch.channels_last_3d
-    return torch.contiguous_format
+    return None
 
 
-def prepare_model(model: torch.nn.Module, memory_format: torch.memory_format) -> None:
+def prepare_model(model: torch.nn.Module, memory_format: torch.memory_format | None) -> None:
     """Put the model's 5-D weights in ``memory_format`` once (in place; the values are unchanged)."""
-    if any(p.dim() == 5 and not p.is_contiguous(memory_format=memory_format) for p in model.parameters()):
+    if memory_format is not None and any(p.dim() == 5 and not p.is_contiguous(memory_format=memory_format) for p in model.parameters()):
         model.to(memory_format=memory_format)
 
 
@@ -288,7 +289,7 @@ def window_gradients(
     for start in range(0, geometry.n_windows, window_batch):
         batch_slices = geometry.slices[start:start + window_batch]
         win = torch.cat([xp[(slice(None), slice(None), *s)] for s in batch_slices])
-        win = win.contiguous(memory_format=fmt).requires_grad_(True)
+        win = (win if fmt is None else win.contiguous(memory_format=fmt)).requires_grad_(True)
         with torch.enable_grad(), autocast(x.device, autocast_dtype):
             logits = model(win)
         if logits.shape[2:] != win.shape[2:]:

@@ -252,3 +252,16 @@ def test_channels_last_and_batched_windows_equal_autograd_on_a_contiguous_model(
 def test_unknown_memory_format_is_refused():
     with pytest.raises(ValueError, match="memory_format"):
         SlidingWindow(roi_size=(8, 8, 8), memory_format="nhwc")  # type: ignore[arg-type]
+
+
+def test_auto_layout_is_channels_last_on_cpus_and_left_alone_elsewhere():
+    from engine.attribution.sliding import resolve_memory_format
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_memory_format("auto", cpu, 3) == torch.channels_last_3d
+    assert resolve_memory_format("auto", cuda, 3) is None  # a GPU model keeps the layout it has
+    assert resolve_memory_format("auto", cpu, 2) is None
+    assert resolve_memory_format("contiguous", cuda, 3) == torch.contiguous_format
+    assert resolve_memory_format("channels_last", cuda, 3) == torch.channels_last_3d
+    with pytest.raises(ValueError, match="3-D"):
+        resolve_memory_format("channels_last", cpu, 2)
