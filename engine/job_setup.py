@@ -9,6 +9,7 @@ settings through the same :class:`~engine.attribution.Explainer`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 
 from engine.attribution import Explainer
 from engine.errors import UserError
+
+log = logging.getLogger(__name__)
 
 AUTOCAST: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,6 +31,34 @@ def resolve_device(requested: str = "auto") -> torch.device:
             raise UserError("[runtime] device = 'cuda' but no CUDA device is visible to this worker")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def resolve_autocast(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a job's ``[attribution] autocast`` on ``device`` (None: exact fp32).
+
+    ``bf16`` applies on CPUs as on GPUs when oneDNN runs bf16 natively (AVX-512 BF16 or AMX);
+    on other CPUs it would be emulated and slower than fp32, so the job runs exact fp32 and says
+    so in the log (the run record shows the autocast actually used). ``fp16`` only on GPUs, since
+    CPU fp16 convolutions are emulated.
+    """
+    dtype = AUTOCAST.get(name or "")
+    if dtype is None or device.type == "cuda":
+        return dtype
+    if dtype != torch.bfloat16:
+        return None
+    if not cpu_has_bf16():
+        log.warning("[attribution] autocast = 'bf16' ignored: this CPU has no native bf16 (AVX-512 BF16/AMX); "
+                    "running exact fp32")
+        return None
+    return dtype
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def build_model(spec: Any) -> Any:
@@ -69,7 +100,7 @@ def explainer_for(spec: Any, loaded: Any, device: torch.device, preprocess: Any)
     """
     from engine import models
 
-    autocast = AUTOCAST.get(spec.attribution.autocast or "") if device.type == "cuda" else None
+    autocast = resolve_autocast(spec.attribution.autocast, device)
     explainer = Explainer.from_spec(
         spec.attribution, roi_size=loaded.roi_size, device=device, autocast=autocast,
         input_range=(preprocess.b_min, preprocess.b_max), hu_range=(preprocess.a_min, preprocess.a_max),
@@ -121,4 +152,4 @@ class JobSetup:
 
 
 __all__ = ["AUTOCAST", "JobSetup", "build_model", "explainer_for", "explainer_record", "given_fields", "preprocess_for",
-           "resolve_device"]
+           "resolve_autocast", "resolve_device"]

@@ -20,6 +20,7 @@ from engine.attribution.methods import ALIASES, METHODS, canonical_name, make_me
 from engine.attribution.objectives import OBJECTIVES, resolve_objective
 from engine.attribution.perturbation import KernelShap, Occlusion
 from engine.attribution.sliding import SlidingWindow
+from engine.attribution import nnunet_windows  # noqa: F401, E402 - registers nnU-Net's window layout
 
 __all__ = [
     "ALIASES",

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.attribution.sliding import SlidingWindow, WindowGeometry
+from engine.attribution.sliding import GEOMETRIES, SlidingWindow, WindowGeometry, geometry_forward
 
 
 def tile_step_of(overlap: float) -> float:
@@ -69,25 +69,12 @@ def nnunet_geometry(
                               roi_size=patch, overlap=round(1.0 - float(tile_step_size), 10), blend="nnunet"))
 
 
-def geometry_forward(
-    model: torch.nn.Module, x: torch.Tensor, geometry: WindowGeometry, *, window_batch: int = 1,
-) -> torch.Tensor:
-    """The stitched prediction Σ_w w · Z_w / Ω of ``x`` (1, C_in, *S) over ``geometry``'s windows, no grad."""
-    xp = geometry.pad_input(x)
-    out: torch.Tensor | None = None
-    with torch.no_grad():
-        for start in range(0, geometry.n_windows, window_batch):
-            batch = geometry.slices[start:start + window_batch]
-            win = torch.cat([xp[(slice(None), slice(None), *s)] for s in batch])
-            z = model(win).float()
-            if out is None:
-                out = torch.zeros((1, z.shape[1], *geometry.padded_size), device=x.device,
-                                  dtype=geometry.weight.dtype)
-            for b, s in enumerate(batch):
-                out[(0, slice(None), *s)] += z[b] * geometry.weight
-        assert out is not None
-        out /= geometry.overlap_weight
-    return geometry.crop(out)
+def _from_overlap(image_size: Sequence[int], roi_size: Sequence[int], *, overlap: float | Sequence[float],
+                  device: torch.device | str, dtype: torch.dtype, window: SlidingWindow | None) -> WindowGeometry:
+    """The ``GEOMETRIES`` entry: the engine's overlap is 1 - nnU-Net's tile step."""
+    return nnunet_geometry(image_size, roi_size, tile_step_size=tile_step_of(float(overlap)),  # type: ignore[arg-type]
+                           device=device, dtype=dtype, window=window)
 
 
+GEOMETRIES["nnunet"] = _from_overlap
 __all__ = ["geometry_forward", "nnunet_geometry", "tile_step_of"]

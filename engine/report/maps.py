@@ -116,10 +116,19 @@ class MapRecomputer:
                 raise UserError(f"unknown target class(es) {unknown}; the run's model has classes "
                                 f"{list(self.class_names)}")
         case = case if case is not None else self.load_case(record)
-        explanation = explainer.explain(
-            self.setup.model, case.image, targets=list(targets) if targets is not None else a.targets,
-            class_names=self.class_names, return_maps=True,
-        )
+        # The run's threads per worker, as in its actors: on a busy 2-core machine, 2 torch threads
+        # made this 7-10x slower than 1 (oversubscribed oneDNN; BENCHMARKS.md).
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(self.spec.runtime.threads_per_worker)))
+        try:
+            explanation = explainer.explain(
+                self.setup.model, case.image, targets=list(targets) if targets is not None else a.targets,
+                class_names=self.class_names, return_maps=True,
+            )
+        finally:
+            torch.set_num_threads(threads)
         return PatientMaps(case=case, explanation=explanation, class_names=self.class_names,
                            method=explanation.method)
 

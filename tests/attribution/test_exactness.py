@@ -222,3 +222,46 @@ def test_fixed_seed_is_deterministic(model, image):
     assert a.importances.equals(b.importances)
     assert all(torch.equal(a.maps[k], b.maps[k]) for k in a.maps)
     assert not all(torch.equal(a.maps[k], c.maps[k]) for k in a.maps)
+
+
+# (vi) memory layout and window batching: equal to autograd on a plain contiguous copy -------------
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous", "auto"])
+@pytest.mark.parametrize("window_batch", [1, 3])
+def test_channels_last_and_batched_windows_equal_autograd_on_a_contiguous_model(image, memory_format, window_batch):
+    from tests.attribution.conftest import tiny_unet
+
+    roi, overlap = (8, 6, 8), 0.5
+    reference = tiny_unet()  # same seed, same weights, never converted: the independent computation
+    engine_model = tiny_unet()
+    pred = prediction_of(reference, image, roi, overlap)
+    classes = _classes(pred)
+    window = SlidingWindow(roi_size=roi, overlap=overlap, window_batch=window_batch, memory_format=memory_format)
+    maps, _ = compute_maps(engine_model, image, pred, classes, Saliency(), window=window)
+    conv = next(p for p in engine_model.parameters() if p.dim() == 5 and p.shape[1] > 1)
+    # on the CPU, "auto" means channels-last: the test must run the layout it names
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) == (memory_format != "contiguous")
+    assert not next(p for p in reference.parameters() if p.dim() == 5 and p.shape[1] > 1).is_contiguous(
+        memory_format=torch.channels_last_3d)
+    for i, c in enumerate(classes):
+        x = image.clone().requires_grad_(True)
+        z = sliding_window_inference(x, roi, 1, reference, overlap=overlap)
+        (g,) = torch.autograd.grad((z[0, c] * (pred == c)).sum(), x)
+        assert_rel_close(maps[i], g[0])
+
+
+def test_unknown_memory_format_is_refused():
+    with pytest.raises(ValueError, match="memory_format"):
+        SlidingWindow(roi_size=(8, 8, 8), memory_format="nhwc")  # type: ignore[arg-type]
+
+
+def test_auto_layout_is_channels_last_on_cpus_and_left_alone_elsewhere():
+    from engine.attribution.sliding import resolve_memory_format
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_memory_format("auto", cpu, 3) == torch.channels_last_3d
+    assert resolve_memory_format("auto", cuda, 3) is None  # a GPU model keeps the layout it has
+    assert resolve_memory_format("auto", cpu, 2) is None
+    assert resolve_memory_format("contiguous", cuda, 3) == torch.contiguous_format
+    assert resolve_memory_format("channels_last", cuda, 3) == torch.channels_last_3d
+    with pytest.raises(ValueError, match="3-D"):
+        resolve_memory_format("channels_last", cpu, 2)

@@ -77,7 +77,9 @@ def test_a_jobs_explainer_records_sigma_in_input_units_and_hu():
     spec = JobSpec.from_dict({"job": {"name": "s"}, "cohort": {"phantoms": 1}, "model": {"kind": "demo"},
                               "preprocess": {"a_min": -1000, "a_max": 1000, "b_min": 0.0, "b_max": 2.0},
                               "attribution": {"method": "smoothgrad", "sigma": 0.1}})
-    record = explainer_record(spec, (8, 6, 8))
+    from engine import models
+
+    record = explainer_record(spec, models.demo_model(weights=None))
     # σ = 0.1 × (2 − 0) = 0.2 input units; one input unit is 2000 HU / 2 = 1000 HU, so 200 HU
     assert record["sigma_abs"] == pytest.approx(0.2) and record["sigma_hu"] == pytest.approx(200.0)
     assert record["input_range"] == [0.0, 2.0]

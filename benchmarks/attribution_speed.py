@@ -1,0 +1,266 @@
+"""Speed toward the hardware on the CPU, side by side in one process (issue 16).
+
+For the demo UNet on a demo phantom (one 48x40x40 window by default; ``--shape`` for larger,
+tiled volumes), interleaved over ``--repeats``:
+
+* **Captum's segmentation recipe**: for each predicted class c, ``captum.attr.Saliency`` on
+  S_c(x) = sum over the predicted mask of c of MONAI's ``sliding_window_inference(x)``_c, on the
+  model as loaded (what a user writes instead of the engine);
+* **the engine, exact fp32**, in the contiguous layout (the previous default) and in the default
+  ``memory_format="auto"`` (channels_last_3d on CPUs), maps compared with Captum's (max-norm
+  relative error, goal <= 1e-5) and the ratio Captum / engine (goal >= 2.5);
+* **the engine with bf16 autocast** (opt-in), its ratio to the fp32 engine (goal >= 1.8) and its
+  maps' relative error;
+* **FLOP/s**: the FLOPs of one window forward and of one class VJP counted by
+  ``torch.utils.flop_counter.FlopCounterMode``, divided by their measured median times, against
+  this process's measured fp32 (and bf16) matrix-multiply rate (goal >= 30% in fp32);
+* optionally ``--compile``: ``torch.compile`` of the model, its compile time and its forward/VJP
+  speed-up, to tell whether it pays for a cohort.
+
+The load average (``os.getloadavg()``) is recorded before and after: on a shared machine only the
+ratios measured within one run mean anything.
+
+    python benchmarks/attribution_speed.py --repeats 3 --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from captum.attr import Saliency as CaptumSaliency  # noqa: E402
+from monai.inferers import sliding_window_inference  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from engine.attribution import SlidingWindow, explain_volume  # noqa: E402
+from engine.labels import THORAX_CLASSES  # noqa: E402
+from engine.models import DEMO_ROI_SIZE, demo_model  # noqa: E402
+from engine.phantoms import make_phantom  # noqa: E402
+from engine.training import scale_hu  # noqa: E402
+
+
+def make_image(shape: tuple[int, int, int] | None) -> torch.Tensor:
+    """Phantom 0 (the demo's size by default, else ``shape`` over the same field of view), scaled HU."""
+    if shape is None:
+        ph = make_phantom(0)
+    else:
+        ph = make_phantom(0, shape=shape, spacing=(336.0 / shape[0], 280.0 / shape[1], 280.0 / shape[2]))
+    return torch.from_numpy(np.ascontiguousarray(scale_hu(ph.image))).float()[None]
+
+
+def captum_recipe(model: torch.nn.Module, image: torch.Tensor, roi: tuple[int, ...], overlap: float,
+                  pred: torch.Tensor, classes: list[int]) -> tuple[float, torch.Tensor]:
+    """Saliency of the masked, summed stitched output, one class at a time, as Captum users write it."""
+    x = image[None]
+    t0 = time.perf_counter()
+    maps = []
+    for c in classes:
+        mask = pred == c
+
+        def forward(inp: torch.Tensor, c: int = c, mask: torch.Tensor = mask) -> torch.Tensor:
+            z = sliding_window_inference(inp, roi, 1, model, overlap=overlap)
+            return (torch.as_tensor(z)[:, c] * mask).flatten(1).sum(1)
+
+        maps.append(CaptumSaliency(forward).attribute(x, abs=False)[0])
+    return time.perf_counter() - t0, torch.stack(maps)
+
+
+def engine(model: torch.nn.Module, image: torch.Tensor, window: SlidingWindow,
+           classes: list[int]) -> tuple[float, torch.Tensor, dict[str, float]]:
+    t0 = time.perf_counter()
+    e = explain_volume(model, image, method="saliency", window=window, targets=classes,
+                       class_names=THORAX_CLASSES, return_maps=True)
+    dt = time.perf_counter() - t0
+    return dt, torch.stack([e.maps[THORAX_CLASSES[c]] for c in classes]), e.timings
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max-norm relative error per class, worst class."""
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n x n x n matrix multiply in ``dtype`` (median of ``reps``)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_format, autocast: torch.dtype | None,
+               reps: int) -> dict[str, float]:
+    """FLOPs (counted) and median seconds of one window forward and one class VJP."""
+    model.to(memory_format=fmt)
+    x = torch.rand((1, 1, *roi)).contiguous(memory_format=fmt).requires_grad_(True)
+    ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else (lambda: torch.enable_grad())
+    with FlopCounterMode(display=False) as fc:
+        with ctx():
+            out = model(x)
+    fwd_flops = fc.get_total_flops()
+    seed = torch.zeros_like(out)
+    seed[:, 1] = 1.0
+    with FlopCounterMode(display=False) as fc:
+        torch.autograd.grad(out, x, seed, retain_graph=True)
+    vjp_flops = fc.get_total_flops()
+    fwd_t, vjp_t = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with ctx():
+            out = model(x)
+        t1 = time.perf_counter()
+        torch.autograd.grad(out, x, seed.to(out.dtype))
+        t2 = time.perf_counter()
+        fwd_t.append(t1 - t0)
+        vjp_t.append(t2 - t1)
+    f, v = statistics.median(fwd_t), statistics.median(vjp_t)
+    return {"forward_flops": fwd_flops, "vjp_flops": vjp_flops, "forward_s": f, "vjp_s": v,
+            "forward_flop_s": fwd_flops / f, "vjp_flop_s": vjp_flops / v}
+
+
+def compile_trial(model: torch.nn.Module, roi: tuple[int, ...], reps: int) -> dict[str, float]:
+    """``torch.compile`` of the channels-last model: compile time and forward+VJP time against eager."""
+    fmt = torch.channels_last_3d
+    eager = model.to(memory_format=fmt)
+    compiled = torch.compile(copy.deepcopy(eager))
+    x = torch.rand((1, 1, *roi)).contiguous(memory_format=fmt).requires_grad_(True)
+
+    def step(m: torch.nn.Module) -> float:
+        t0 = time.perf_counter()
+        out = m(x)
+        seed = torch.zeros_like(out)
+        seed[:, 1] = 1.0
+        torch.autograd.grad(out, x, seed)
+        return time.perf_counter() - t0
+
+    first = step(compiled)  # includes compiling the forward and the backward graph
+    step(eager)
+    e_t, c_t = [], []
+    for _ in range(reps):
+        e_t.append(step(eager))
+        c_t.append(step(compiled))
+    e, c = statistics.median(e_t), statistics.median(c_t)
+    saved = e - c
+    return {"compile_s": first - c, "eager_step_s": e, "compiled_step_s": c, "speedup": e / c,
+            "steps_to_pay_off": (first - c) / saved if saved > 0 else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shape", type=int, nargs=3, default=None, help="volume size (default: the demo phantom's)")
+    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the demo's actors use 1)")
+    ap.add_argument("--prim-reps", type=int, default=7, help="timed forward/VJP pairs per layout")
+    ap.add_argument("--compile", action="store_true", help="also try torch.compile (slow to compile)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    image = make_image(tuple(args.shape) if args.shape else None)
+    roi = DEMO_ROI_SIZE
+    loaded = demo_model().module.eval()
+    ref_model = copy.deepcopy(loaded)  # stays in the layout it was loaded in, as a Captum user's model
+    eng_model = copy.deepcopy(loaded)
+    with torch.no_grad():
+        pred = sliding_window_inference(image[None], roi, 1, ref_model, overlap=args.overlap)[0].argmax(0)
+    classes = torch.unique(pred).tolist()
+    variants = {
+        "engine_fp32_contiguous": SlidingWindow(roi_size=roi, overlap=args.overlap, memory_format="contiguous"),
+        "engine_fp32": SlidingWindow(roi_size=roi, overlap=args.overlap),
+        "engine_bf16": SlidingWindow(roi_size=roi, overlap=args.overlap, autocast=torch.bfloat16),
+    }
+    print(f"volume {tuple(image.shape[1:])}, roi {roi}, {len(classes)} classes, {args.threads} thread(s); "
+          f"load average {load_before[0]:.1f}", flush=True)
+    # warm-up, untimed: oneDNN primitive caches of both layouts and bf16
+    for w in variants.values():
+        engine(eng_model, image, w, classes[:1])
+    captum_recipe(ref_model, image, roi, args.overlap, pred, classes[:1])
+    times: dict[str, list[float]] = {k: [] for k in ("captum", *variants)}
+    maps: dict[str, torch.Tensor] = {}
+    for r in range(args.repeats):
+        t, maps["captum"] = captum_recipe(ref_model, image, roi, args.overlap, pred, classes)
+        times["captum"].append(t)
+        for name, w in variants.items():
+            t, maps[name], _ = engine(eng_model, image, w, classes)
+            times[name].append(t)
+        print(f"repeat {r + 1}: " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    prim = {
+        "fp32_contiguous": primitives(eng_model, roi, torch.contiguous_format, None, args.prim_reps),
+        "fp32_channels_last": primitives(eng_model, roi, torch.channels_last_3d, None, args.prim_reps),
+        "bf16_channels_last": primitives(eng_model, roi, torch.channels_last_3d, torch.bfloat16, args.prim_reps),
+    }
+    mm32, mm16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    for name, p in prim.items():
+        peak = mm16 if name.startswith("bf16") else mm32
+        p["forward_of_matmul"] = p["forward_flop_s"] / peak
+        p["vjp_of_matmul"] = p["vjp_flop_s"] / peak
+    result: dict[str, Any] = {
+        "machine": {"nproc": os.cpu_count(), "cpu": platform.processor(), "torch": torch.__version__,
+                    "threads": args.threads},
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "volume": list(image.shape[1:]), "roi": list(roi), "classes": len(classes), "repeats": args.repeats,
+        "seconds": med, "seconds_all": times,
+        "captum_over_engine_fp32": ratio("captum", "engine_fp32"),
+        "captum_over_engine_fp32_contiguous": ratio("captum", "engine_fp32_contiguous"),
+        "contiguous_over_channels_last": ratio("engine_fp32_contiguous", "engine_fp32"),
+        "bf16_speedup_over_fp32": ratio("engine_fp32", "engine_bf16"),
+        "maps_rel_err_fp32_vs_captum": rel_err(maps["engine_fp32"], maps["captum"]),
+        "maps_rel_err_fp32_contiguous_vs_captum": rel_err(maps["engine_fp32_contiguous"], maps["captum"]),
+        "maps_rel_err_bf16_vs_captum": rel_err(maps["engine_bf16"], maps["captum"]),
+        "matmul_fp32_flop_s": mm32, "matmul_bf16_flop_s": mm16, "primitives": prim,
+        "goals": {"captum_over_engine_fp32": 2.5, "maps_rel_err": 1e-5, "bf16_speedup": 1.8, "of_matmul_fp32": 0.30},
+    }
+    if args.compile:
+        result["compile"] = compile_trial(eng_model, roi, args.prim_reps)
+    g = 1e9
+    print(f"\nmedian s/volume: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+    print(f"Captum recipe / engine fp32: {result['captum_over_engine_fp32']:.2f} (goal >= 2.5; contiguous layout "
+          f"{result['captum_over_engine_fp32_contiguous']:.2f}); channels-last speed-up "
+          f"{result['contiguous_over_channels_last']:.2f}")
+    print(f"maps vs Captum, max relative error: fp32 {result['maps_rel_err_fp32_vs_captum']:.1e} (goal <= 1e-5), "
+          f"bf16 {result['maps_rel_err_bf16_vs_captum']:.1e}; bf16 speed-up over fp32 "
+          f"{result['bf16_speedup_over_fp32']:.2f} (goal >= 1.8)")
+    print(f"matmul: fp32 {mm32 / g:.0f} GFLOP/s, bf16 {mm16 / g:.0f} GFLOP/s")
+    for name, p in prim.items():
+        print(f"{name}: forward {p['forward_flops'] / g:.2f} GFLOP in {p['forward_s'] * 1e3:.0f} ms = "
+              f"{p['forward_flop_s'] / g:.0f} GFLOP/s ({100 * p['forward_of_matmul']:.0f}% of matmul); VJP "
+              f"{p['vjp_flops'] / g:.2f} GFLOP in {p['vjp_s'] * 1e3:.0f} ms = {p['vjp_flop_s'] / g:.0f} GFLOP/s "
+              f"({100 * p['vjp_of_matmul']:.0f}%)")
+    if "compile" in result:
+        c = result["compile"]
+        print(f"torch.compile: {c['compile_s']:.1f} s to compile, forward+VJP {c['eager_step_s'] * 1e3:.0f} -> "
+              f"{c['compiled_step_s'] * 1e3:.0f} ms ({c['speedup']:.2f}x), pays off after {c['steps_to_pay_off']} steps")
+    print(f"load average before {load_before[0]:.1f}, after {result['load_average_after'][0]:.1f} (shared machine)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
