@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 from engine import corruptions, phantoms  # noqa: E402
 from engine.jobs import JobSpec, read_job_file  # noqa: E402
+from engine.resources import job_file  # noqa: E402
 from engine.labels import JOINED_ROIS  # noqa: E402
 
 # ----------------------------------------------------------------------------- features through the engine
@@ -51,12 +52,12 @@ from engine.labels import JOINED_ROIS  # noqa: E402
 
 def job_spec(n_samples: int | None = None) -> JobSpec:
     """The demo job's model, preprocessing, attribution and RoI settings (``n_samples`` overridable)."""
-    data = read_job_file(ROOT / "jobs" / "demo.toml")
+    data = read_job_file(job_file("demo.toml"))
     data.pop("anomaly", None)
     if n_samples is not None:
         data["attribution"]["n_samples"] = int(n_samples)
     data["cohort"] = {"manifest": "unused.csv"}
-    return JobSpec.from_dict(data, base_dir=ROOT / "jobs")
+    return JobSpec.from_dict(data, base_dir=job_file("demo.toml").parent)
 
 
 def settings_key(spec: JobSpec, shape: Sequence[int], spacing: Sequence[float]) -> tuple[str, dict[str, Any]]:
@@ -64,8 +65,9 @@ def settings_key(spec: JobSpec, shape: Sequence[int], spacing: Sequence[float]) 
     a = spec.attribution
     settings = {
         "shape": list(shape), "spacing": list(spacing), "method": a.method, "n_samples": a.n_samples,
-        "sigma": a.sigma, "target": a.target, "overlap": a.overlap, "blend": a.blend, "seed": a.seed,
-        "preprocess": dict(spec.preprocess), "model": dict(spec.model), "rois": dict(spec.rois),
+        "sigma": a.sigma, "objective": a.objective, "overlap": a.overlap, "blend": a.blend, "seed": a.seed,
+        "preprocess": spec.to_sections().get("preprocess", {}), "model": spec.to_sections()["model"],
+        "rois": spec.to_sections().get("rois", {}),
         "features": 1,
     }
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12], settings

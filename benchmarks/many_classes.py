@@ -87,7 +87,7 @@ def child(n: int, chunk: int | None, repeats: int, baseline: bool, arch: str) ->
     times, ex = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        ex = explain_volume(model, image, method="saliency", class_names=names, roi_size=SHAPE, class_chunk=chunk)
+        ex = explain_volume(model, image, method="saliency", class_names=names, window=SHAPE, class_chunk=chunk)
         times.append(time.perf_counter() - t0)
     assert ex is not None
     out = {"seconds": statistics.median(times), "targets": len(ex.targets), "rows": ex.importances.height,

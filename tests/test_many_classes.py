@@ -7,8 +7,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-import engine.attribution.explain as explain_module
-from engine.attribution import explain_volume
+from engine.attribution import GradientMethod, explain_volume
 from engine.store import PatientResult, Store
 
 SHAPE = (24, 20, 20)
@@ -39,7 +38,7 @@ def model() -> torch.nn.Module:
 
 def _explain(model, image, **kw):
     names = [f"class_{i:03d}" for i in range(N_CLASSES)]
-    return explain_volume(model, image, method="saliency", class_names=names, roi_size=SHAPE, **kw)
+    return explain_volume(model, image, method="saliency", class_names=names, window=SHAPE, **kw)
 
 
 def test_chunks_hold_only_their_maps_and_give_the_same_rows(model, monkeypatch):
@@ -47,14 +46,14 @@ def test_chunks_hold_only_their_maps_and_give_the_same_rows(model, monkeypatch):
     whole = _explain(model, image)
     assert len(whole.targets) == N_CLASSES
     seen: list[int] = []
-    original = explain_module.compute_maps
+    original = GradientMethod.attribute
 
-    def recording(*args, **kwargs):
-        maps, work = original(*args, **kwargs)
-        seen.append(int(maps.shape[0]))
-        return maps, work
+    def recording(self, problem):
+        result = original(self, problem)
+        seen.append(int(result.maps.shape[0]))  # the maps alive at once
+        return result
 
-    monkeypatch.setattr(explain_module, "compute_maps", recording)
+    monkeypatch.setattr(GradientMethod, "attribute", recording)
     chunked = _explain(model, image, class_chunk=16)
     assert max(seen) == 16 and sum(seen) == N_CLASSES
     key = ["target", "roi", "stat", "sign"]

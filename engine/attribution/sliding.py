@@ -275,9 +275,13 @@ def resolve_memory_format(fmt: MemoryFormat, device: torch.device, spatial_dims:
 
 
 def prepare_model(model: torch.nn.Module, memory_format: torch.memory_format | None) -> None:
-    """Put the model's 5-D weights in ``memory_format`` once (in place; the values are unchanged)."""
-    if memory_format is not None and any(p.dim() == 5 and not p.is_contiguous(memory_format=memory_format) for p in model.parameters()):
-        model.to(memory_format=memory_format)
+    """Put the model's 5-D weights and buffers in ``memory_format`` once (in place; the values are
+    unchanged). Tensors of other ranks are left alone (``Module.to(memory_format=...)`` would refuse them)."""
+    if memory_format is None:
+        return
+    for t in (*model.parameters(), *model.buffers()):
+        if t.dim() == 5 and not t.is_contiguous(memory_format=memory_format):
+            t.data = t.data.contiguous(memory_format=memory_format)
 
 
 def _vjp(logits: torch.Tensor, win: torch.Tensor, seed: torch.Tensor, *, retain: bool) -> torch.Tensor:

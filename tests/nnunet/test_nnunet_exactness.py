@@ -20,7 +20,7 @@ pytest.importorskip("nnunetv2", reason="nnU-Net v2 is the optional extra nnunet:
 
 from engine.attribution import Saliency, compute_maps  # noqa: E402
 from engine.attribution.nnunet_windows import nnunet_geometry  # noqa: E402
-from engine.attribution.sliding import stitched_forward, window_geometry  # noqa: E402
+from engine.attribution.sliding import SlidingWindow, stitched_forward  # noqa: E402
 from engine.models import ModelSpec, load_model  # noqa: E402
 from tests.nnunet._folders import write_folder  # noqa: E402
 
@@ -98,8 +98,9 @@ def test_windows_and_gaussian_are_nnunets(folder, size):
 def test_stitched_logits_match_nnunet_predictor_to_float16(folder, mirroring):
     loaded = load_model(ModelSpec(kind="nnunet", path=str(folder), mirroring=mirroring))
     x = torch.randn((1, 1, 30, 19, 13), generator=torch.Generator().manual_seed(3))
-    geometry = window_geometry(x.shape[2:], loaded.roi_size, overlap=loaded.overlap, blend="nnunet")
-    ours = stitched_forward(loaded.module, x, geometry, blend="nnunet", overlap=loaded.overlap)[0]
+    window = SlidingWindow(roi_size=loaded.roi_size, overlap=loaded.overlap, blend="nnunet")
+    geometry = window.geometry(x.shape[2:])
+    ours = stitched_forward(loaded.module, x, window)[0]
     with torch.no_grad():
         theirs = _predictor(folder, mirroring=mirroring).predict_logits_from_preprocessed_data(x[0]).float()
     assert ours.shape == theirs.shape
@@ -124,8 +125,8 @@ def test_saliency_equals_autograd_through_nnunets_predictor(folder, mirroring, m
     prediction = logits.detach().argmax(0)
     classes = torch.unique(prediction).tolist()
     assert len(classes) >= 2
-    maps, work = compute_maps(loaded.module, x, prediction, classes, Saliency(), roi_size=loaded.roi_size,
-                              overlap=loaded.overlap, blend="nnunet")
+    maps, work = compute_maps(loaded.module, x, prediction, classes, Saliency(),
+                              window=SlidingWindow(roi_size=loaded.roi_size, overlap=loaded.overlap, blend="nnunet"))
     assert work["forwards"] == len(nnunet_geometry(x.shape[2:], loaded.roi_size).slices)
     for i, c in enumerate(classes):
         (expected,) = torch.autograd.grad((logits[c] * (prediction == c)).sum(), xg, retain_graph=True)

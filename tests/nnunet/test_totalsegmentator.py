@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.resources import job_file
+
 pytest.importorskip("totalsegmentator", reason="TotalSegmentator is part of the optional nnunet extra")
 
 from totalsegmentator.map_to_binary import class_map, class_map_5_parts  # noqa: E402
@@ -109,6 +111,6 @@ def test_a_thorax_job_explains_the_preset_classes_with_ribs_and_vertebrae_rois(t
 
 
 def test_the_shipped_job_spec_parses(tmp_path: Path) -> None:
-    spec = JobSpec.load(Path(__file__).parents[2] / "jobs" / "totalsegmentator_thorax.toml")
+    spec = JobSpec.load(job_file("totalsegmentator_thorax.toml"))
     model = ModelSpec.from_dict(spec.model, base_dir=spec.base_dir)
     assert (model.kind, model.task, model.preset) == ("totalsegmentator", "total_fast", "thorax")
