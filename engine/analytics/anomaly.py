@@ -29,7 +29,7 @@ import polars as pl
 from scipy import stats
 from sklearn.ensemble import IsolationForest
 
-from engine.analytics.matrix import ImportanceMatrix, SelectionError, from_long, from_wide
+from engine.analytics.matrix import ImportanceMatrix, SelectionError, choose_method, from_long, from_wide
 from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, class_order, describe, joined_definitions
 from engine.errors import UserError
 from engine.vocabulary import MEAN_TARGET
@@ -287,15 +287,7 @@ def _is_store(source: Any) -> bool:
 
 def _store_matrix(source: Any, run_id: str, *, method: str | None, sign: str, stat: str) -> ImportanceMatrix:
     """The run's matrix of done patients, pivoted by the store (the long table never leaves DuckDB)."""
-    methods = source.importance_methods(run_id)
-    if not methods:
-        raise AnomalyError("no importances to score; the run holds no importance rows for done patients yet")
-    if method is None:
-        if len(methods) != 1:
-            raise AnomalyError(f"the importances hold several methods {methods}; choose one with method=/--method")
-        method = methods[0]
-    elif method not in methods:
-        raise AnomalyError(f"method {method!r} not in the importances; available: {methods}")
+    method = choose_method(source.importance_methods(run_id), method, error=AnomalyError, what="score")
     wide = source.importance_wide(run_id, method=method, sign=sign, stat=stat)
     if wide.height == 0:
         raise AnomalyError(f"no importances with method={method!r}, sign={sign!r}, stat={stat!r}")

@@ -33,7 +33,7 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
-from engine.analytics.matrix import SelectionError, select_importances
+from engine.analytics.matrix import SelectionError, choose_method, select_importances
 from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, describe
 from engine.errors import UserError
 from engine.labels import colour_of, group_of
@@ -206,15 +206,7 @@ def graph_run(
     """
     from engine.analytics.anomaly import run_context
 
-    methods = source.importance_methods(run_id)
-    if not methods:
-        raise GraphError("no importances of done patients to build a graph from")
-    if method is None:
-        if len(methods) != 1:
-            raise GraphError(f"the importances hold several methods {methods}; choose one with --method")
-        method = methods[0]
-    elif method not in methods:
-        raise GraphError(f"method {method!r} not in the importances; available: {methods}")
+    method = choose_method(source.importance_methods(run_id), method, error=GraphError, what="build a graph from")
     _, joined = run_context(source, run_id)
     groups: dict[str, list[str] | None] = {"all": None}
     if by is not None:

@@ -27,6 +27,21 @@ class SelectionError(UserError, ValueError):
     """Importances that cannot be selected as asked (no rows, several methods, unknown method)."""
 
 
+def choose_method(available: Sequence[str], method: str | None, *, error: type[Exception] = SelectionError,
+                  what: str = "use") -> str:
+    """The attribution method to read: ``method`` if the run holds it, else the run's only one."""
+    if not available:
+        raise error(f"no importances of done patients to {what}; the run holds no importance rows for done "
+                    "patients yet")
+    if method is None:
+        if len(available) != 1:
+            raise error(f"the importances hold several methods {list(available)}; choose one with method=/--method")
+        return available[0]
+    if method not in available:
+        raise error(f"method {method!r} not in the importances; available: {list(available)}")
+    return method
+
+
 def select_importances(
     importances: pl.DataFrame, *, method: str | None, sign: str = "abs", stat: str = "mass"
 ) -> tuple[pl.DataFrame, str]:
