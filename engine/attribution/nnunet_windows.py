@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.attribution.sliding import GEOMETRIES, SlidingWindow, WindowGeometry, geometry_forward
+from engine.attribution.sliding import GEOMETRIES, SlidingWindow, WindowGeometry, geometry_forward, pad_to_window
 
 
 def tile_step_of(overlap: float) -> float:
@@ -47,11 +47,7 @@ def nnunet_geometry(
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != nd:
         raise ValueError(f"patch size {patch} has {len(patch)} dims but the image has {nd}")
-    pad: list[int] = []
-    for d in reversed(range(nd)):
-        diff = max(patch[d] - int(image_size[d]), 0)
-        pad.extend([diff // 2, diff - diff // 2])
-    padded = tuple(max(int(image_size[d]), patch[d]) for d in range(nd))
+    pad, padded = pad_to_window(image_size, patch)
     steps = compute_steps_for_sliding_window(padded, patch, float(tile_step_size))
     starts = torch.cartesian_prod(*[torch.tensor(s) for s in steps]).reshape(-1, nd).tolist()
     slices = tuple(tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch)) for start in starts)
@@ -63,7 +59,7 @@ def nnunet_geometry(
     omega = torch.zeros(padded, dtype=dtype, device=device)
     for s in slices:
         omega[s] += weight
-    return WindowGeometry(image_size=tuple(int(i) for i in image_size), roi_size=patch, pad=tuple(pad),
+    return WindowGeometry(image_size=tuple(int(i) for i in image_size), roi_size=patch, pad=pad,
                           padded_size=padded, slices=slices, weight=weight, overlap_weight=omega,
                           window=window if window is not None else SlidingWindow(
                               roi_size=patch, overlap=round(1.0 - float(tile_step_size), 10), blend="nnunet"))

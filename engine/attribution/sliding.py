@@ -132,6 +132,17 @@ class WindowGeometry:
         return torch.stack([self.weight / self.overlap_weight[s] for s in slices])
 
 
+def pad_to_window(image_size: Sequence[int], roi_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """MONAI's (and nnU-Net's) padding of an image smaller than the window: ``(pad, padded_size)``,
+    ``pad`` in ``torch.nn.functional.pad`` order (last dim first), ``d // 2`` before and the rest after."""
+    nd = len(image_size)
+    pad: list[int] = []
+    for d in reversed(range(nd)):
+        diff = max(int(roi_size[d]) - int(image_size[d]), 0)
+        pad.extend([diff // 2, diff - diff // 2])
+    return tuple(pad), tuple(max(int(image_size[d]), int(roi_size[d])) for d in range(nd))
+
+
 def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float]) -> tuple[int, ...]:
     """MONAI's scan interval: ``int(roi * (1 - overlap))`` (at least 1), or the roi when it fits exactly."""
     out = []
@@ -171,11 +182,7 @@ def window_geometry(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if blend not in ("constant", "gaussian"):
         raise ValueError(f"blend must be 'constant' or 'gaussian', got {blend!r}")
-    pad: list[int] = []
-    for d in reversed(range(nd)):
-        diff = max(roi[d] - int(image_size[d]), 0)
-        pad.extend([diff // 2, diff - diff // 2])
-    padded = tuple(max(int(image_size[d]), roi[d]) for d in range(nd))
+    pad, padded = pad_to_window(image_size, roi)
     interval = scan_interval(padded, roi, ov)
     slices = tuple(tuple(s) for s in dense_patch_slices(padded, roi, interval, return_slice=True))
     weight = compute_importance_map(roi, mode=blend, sigma_scale=sigma_scale, device=device, dtype=dtype)
@@ -184,7 +191,7 @@ def window_geometry(
     for s in slices:
         omega[s] += weight
     return WindowGeometry(
-        image_size=tuple(int(i) for i in image_size), roi_size=roi, pad=tuple(pad), padded_size=padded,
+        image_size=tuple(int(i) for i in image_size), roi_size=roi, pad=pad, padded_size=padded,
         slices=slices, weight=weight, overlap_weight=omega,
         window=window,
     )
