@@ -9,17 +9,11 @@ the run built them (:class:`engine.job_setup.JobSetup`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import UserError
-
-#: Columns of the ``patients`` table that are not manifest metadata.
-_PATIENT_COLUMNS = ("run_id", "patient_id", "image_path", "label_path", "metadata", "status", "error",
-                    "traceback", "attempts", "worker", "seconds", "timings", "updated_at")
-
 
 class MapsUnavailable(UserError):
     """Maps cannot be recomputed for this run or patient (no model, no image, ...); the reason says why."""
@@ -45,26 +39,6 @@ def spec_from_config(config: Mapping[str, Any]) -> Any:
         return JobSpec.from_config(d)
     except UserError as exc:
         raise MapsUnavailable(f"the run's configuration cannot be read back: {exc}") from None
-
-
-def patient_record(patients_row: Mapping[str, Any]) -> dict[str, Any]:
-    """A manifest record (``patient_id``, ``image_path``, ``label_path`` + metadata) from a patients row."""
-    rec: dict[str, Any] = {}
-    meta = patients_row.get("metadata")
-    if isinstance(meta, str):
-        try:
-            rec.update(json.loads(meta or "{}"))
-        except json.JSONDecodeError:
-            pass
-    elif isinstance(meta, Mapping):
-        rec.update(meta)
-    for key, value in patients_row.items():
-        if key not in _PATIENT_COLUMNS and key not in rec:
-            rec[key] = value
-    rec["patient_id"] = str(patients_row["patient_id"])
-    rec["image_path"] = patients_row.get("image_path") or None
-    rec["label_path"] = patients_row.get("label_path") or None
-    return rec
 
 
 @dataclass
@@ -133,4 +107,4 @@ class MapRecomputer:
                            method=explanation.method)
 
 
-__all__ = ["MapsUnavailable", "MapRecomputer", "PatientMaps", "patient_record", "spec_from_config"]
+__all__ = ["MapsUnavailable", "MapRecomputer", "PatientMaps", "spec_from_config"]
