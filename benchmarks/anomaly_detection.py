@@ -4,10 +4,10 @@ Cohorts come from the phantom generator: per cohort seed, ``--normals`` normal p
 ``--per-kind`` patients of every kind of the anomaly library (:mod:`engine.corruptions`: acquisition
 faults, pathology, devices, anatomical variants, wrong inputs), each a fresh patient. Every patient
 goes through the real engine path (``PatientProcessor``: NIfTI read, MONAI preprocessing, the demo
-UNet, SmoothGrad with the demo job's settings, RoI aggregation), plus one extra sliding-window forward
-pass for the softmax confidence and entropy of each predicted class (the store's ``predictions`` table
-holds voxels and Dice only). Each patient's features are cached (Parquet, one folder per settings
-hash), so the scorers can be re-run in seconds.
+UNet, SmoothGrad with the demo job's settings, RoI aggregation); its features are what the store
+holds: RoI importances, and per predicted class the volume, softmax confidence and entropy and the
+mean and spread of the model's input. Each patient's features are cached (Parquet, one folder per
+settings hash), so the scorers can be re-run in seconds.
 
 Evaluation, per cohort seed and kind k: the cohort is the normals plus the anomalies of kind k; each
 (scorer, feature set) is fitted on that cohort and scores it (within-run, as ``agg2exp`` does). Held-out
@@ -68,7 +68,7 @@ def settings_key(spec: JobSpec, shape: Sequence[int], spacing: Sequence[float]) 
         "sigma": a.sigma, "objective": a.objective, "overlap": a.overlap, "blend": a.blend, "seed": a.seed,
         "preprocess": spec.to_sections().get("preprocess", {}), "model": spec.to_sections()["model"],
         "rois": spec.to_sections().get("rois", {}),
-        "features": 1,
+        "features": 2,  # 2: confidence and entropy as the engine stores them, plus input_mean/input_std
     }
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12], settings
 
@@ -82,28 +82,6 @@ def cohort_plan(seed: int, n_normals: int, per_kind: int, kinds: Sequence[str]) 
             fam = corruptions.KINDS[kind].family
             plan.append({"cohort_seed": seed, "index": n_normals + j * per_kind + r, "kind": kind, "family": fam})
     return plan
-
-
-def _prediction_features(proc: Any, case: Any) -> dict[str, float]:
-    """Per predicted class: mean softmax confidence and mean entropy (nats) over its predicted voxels."""
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    a = proc.spec.attribution
-    with torch.no_grad():
-        logits = sliding_window_inference(case.image[None].to(proc.device), proc.loaded.roi_size, 1, proc.model,
-                                          overlap=a.overlap, mode=a.blend)
-        p = torch.softmax(logits.float(), dim=1)[0]
-        pred = p.argmax(0)
-        conf = p.max(0).values
-        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0)
-    out: dict[str, float] = {}
-    for c, name in enumerate(proc.loaded.class_names):
-        m = pred == c
-        if bool(m.any()):
-            out[f"pred_confidence|{name}"] = float(conf[m].mean())
-            out[f"pred_entropy|{name}"] = float(ent[m].mean())
-    return out
 
 
 def patient_features(proc: Any, record: dict[str, Any]) -> dict[str, float]:
@@ -120,9 +98,13 @@ def patient_features(proc: Any, record: dict[str, Any]) -> dict[str, float]:
     for t, roi, stat, sign, v in imp.select("target", "roi", "stat", "sign", "value").iter_rows():
         if v is not None:
             row[f"{stat}_{sign}|{t}|{roi}"] = float(v)
-    for cls, vox in res.predictions.select("class", "voxels").iter_rows():
-        row[f"pred_voxels|{cls}"] = float(vox)
-    row.update(_prediction_features(proc, case))
+    # what the model predicted and the input over each predicted class, as the engine stores them
+    # (``predictions``: voxels, confidence, entropy, input_mean, input_std; null for a class not predicted)
+    for col, kind in (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
+                      ("input_mean", "input_mean"), ("input_std", "input_std")):
+        for cls, v in res.predictions.select("class", col).iter_rows():
+            if v is not None:
+                row[f"{kind}|{cls}"] = float(v)
     return row
 
 

@@ -185,7 +185,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--db", type=Path, default=None, help="store file (default: a new temporary one)")
     p.add_argument("--read-interval", type=float, default=1.0, help="seconds between the reader's queries")
-    p.add_argument("--analytics", choices=("all", "none"), default="all")
+    p.add_argument("--analytics", choices=("all", "none", "only"), default="all",
+                   help="'only': skip writing and time the analytics on the finished store given by --db "
+                        "(e.g. one an earlier run with --analytics none wrote)")
     p.add_argument("--n-boot", type=int, default=1000, help="audit bootstrap resamples (the command's default)")
     p.add_argument("--rss-limit-gb", type=float, default=6.0, help="stop an analytics command above this RSS")
     p.add_argument("--analytics-timeout", type=float, default=1800.0)
@@ -197,6 +199,11 @@ def main() -> None:
 
     from engine import store
 
+    if args.analytics == "only":
+        if args.db is None or not args.db.is_file():
+            p.error("--analytics only needs --db, the store of an earlier run of this benchmark")
+        analytics_only(args)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="store_scale_"))
     db = args.db or tmp / "scale.duckdb"
     for leftover in (db, db.with_name(db.name + ".wal")):
@@ -281,22 +288,50 @@ def main() -> None:
         "anomaly_s": None, "audit_s": None, "graph_s": None,
     }
     print(json.dumps(out, indent=1), flush=True)
-    analytics: dict[str, Any] = {}
-    if args.analytics == "all":
-        common = {"rss_limit_gb": args.rss_limit_gb, "timeout": args.analytics_timeout}
-        analytics["anomaly"] = timed_command(["anomaly", "--run", RUN, "--db", str(db)], **common)
-        analytics["audit"] = timed_command(["audit", "--run", RUN, "--by", "site,sex,age", "--n-boot",
-                                            str(args.n_boot), "--db", str(db)], **common)
-        analytics["graph"] = timed_command(["graph", "--run", RUN, "--out", str(tmp / "graph"), "--db", str(db)],
-                                           **common)
-        for name, res in analytics.items():
-            print(f"[{name}] {res['seconds']} s, exit {res['exit']}, peak RSS {res['peak_rss_gb']} GB"
-                  + (f", stopped ({res['stopped']})" if res["stopped"] else ""), flush=True)
-            out[f"{name}_s"] = res["seconds"] if res["exit"] == 0 else None
-        out["analytics"] = analytics
-        out["analytics_total_s"] = (round(sum(r["seconds"] for r in analytics.values()), 1)
-                                    if all(r["exit"] == 0 for r in analytics.values()) else None)
+    analytics = run_analytics(args, db, tmp, out) if args.analytics == "all" else {}
     out["peak_rss_gb"] = round(max([writer_rss_gb, *(r["peak_rss_gb"] for r in analytics.values())]), 3)
+    finish(args, db, out)
+
+
+def run_analytics(args: argparse.Namespace, db: Path, tmp: Path, out: dict[str, Any]) -> dict[str, Any]:
+    """Anomaly scoring, the audit over three metadata columns and the graph, each timed in a child process."""
+    analytics: dict[str, Any] = {}
+    common = {"rss_limit_gb": args.rss_limit_gb, "timeout": args.analytics_timeout}
+    analytics["anomaly"] = timed_command(["anomaly", "--run", RUN, "--db", str(db)], **common)
+    analytics["audit"] = timed_command(["audit", "--run", RUN, "--by", "site,sex,age", "--n-boot",
+                                        str(args.n_boot), "--db", str(db)], **common)
+    analytics["graph"] = timed_command(["graph", "--run", RUN, "--out", str(tmp / "graph"), "--db", str(db)],
+                                       **common)
+    for name, res in analytics.items():
+        print(f"[{name}] {res['seconds']} s, exit {res['exit']}, peak RSS {res['peak_rss_gb']} GB"
+              + (f", stopped ({res['stopped']})" if res["stopped"] else ""), flush=True)
+        out[f"{name}_s"] = res["seconds"] if res["exit"] == 0 else None
+    out["analytics"] = analytics
+    out["analytics_total_s"] = (round(sum(r["seconds"] for r in analytics.values()), 1)
+                                if all(r["exit"] == 0 for r in analytics.values()) else None)
+    out["analytics_peak_rss_gb"] = round(max(r["peak_rss_gb"] for r in analytics.values()), 3)
+    return analytics
+
+
+def analytics_only(args: argparse.Namespace) -> None:
+    """Time the analytics on a store this benchmark wrote before (no writing, no reader)."""
+    from engine import store
+
+    with store.open(args.db) as s:
+        n = int(s.sql("SELECT count(*) FROM patients WHERE run_id = ? AND status = 'done'", [RUN]).item())
+        rows = int(s.sql("SELECT count(*) FROM importances WHERE run_id = ?", [RUN]).item())
+    if not n:
+        raise SystemExit(f"{args.db} holds no finished patients of run {RUN!r}; write it first with --analytics none")
+    out: dict[str, Any] = {"patients": n, "importance_rows": rows, "analytics_only": True,
+                           "bytes_per_row": round(args.db.stat().st_size / rows, 2)}
+    tmp = Path(tempfile.mkdtemp(prefix="store_scale_"))
+    analytics = run_analytics(args, args.db, tmp, out)
+    out["peak_rss_gb"] = round(max(r["peak_rss_gb"] for r in analytics.values()), 3)
+    finish(args, args.db, out)
+
+
+def finish(args: argparse.Namespace, db: Path, out: dict[str, Any]) -> None:
+    out.setdefault("load_average_1min_at_end", os.getloadavg()[0])
     out["machine"] = f"{os.cpu_count()}-core shared dev machine"
     out["db"] = str(db)
     if args.json:

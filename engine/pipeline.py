@@ -36,7 +36,8 @@ class Failure:
 
 Outcome = PatientResult | Failure
 
-__all__ = ["Failure", "Outcome", "PatientProcessor", "build_model", "failure_of", "prediction_confidence",
+__all__ = ["Failure", "Outcome", "PatientProcessor", "build_model", "failure_of", "input_statistics",
+           "prediction_confidence",
            "resolve_device"]
 
 
@@ -72,6 +73,7 @@ class PatientProcessor:
         )
         confidence, entropy = prediction_confidence(explanation.logits, explanation.prediction)
         explanation.logits = None  # the stitched logits are only needed for these two features
+        input_mean, input_std = input_statistics(case.image, explanation.prediction, len(names))
         voxels = explanation.voxels()
         dice = dice_iou(explanation.prediction, case.label, len(names)) if case.label is not None else None
         predictions = pl.DataFrame(
@@ -82,9 +84,12 @@ class PatientProcessor:
                 "iou": [None if dice is None else dice[1][i] for i in range(len(names))],
                 "confidence": confidence,
                 "entropy": entropy,
+                "input_mean": input_mean,
+                "input_std": input_std,
             },
             schema={"class": pl.String, "voxels": pl.Int64, "dice": pl.Float64, "iou": pl.Float64,
-                    "confidence": pl.Float64, "entropy": pl.Float64},
+                    "confidence": pl.Float64, "entropy": pl.Float64, "input_mean": pl.Float64,
+                    "input_std": pl.Float64},
         )
         importances = explanation.importances.with_columns(pl.lit(explanation.method).alias("method"))
         if explanation.maps is not None:
@@ -140,6 +145,34 @@ def prediction_confidence(logits: Any, prediction: Any) -> tuple[list[float | No
     conf_mean = [None if k == 0 else float(v / k) for v, k in zip(conf_sum.tolist(), counts.tolist())]
     ent_mean = [None if k == 0 else float(v / k) for v, k in zip(ent_sum.tolist(), counts.tolist())]
     return conf_mean, ent_mean
+
+
+def input_statistics(image: Any, prediction: Any, n_classes: int) -> tuple[list[float | None], list[float | None]]:
+    """Per class: mean and standard deviation of the model's input over the class's predicted voxels.
+
+    ``image`` (C, *S) is the preprocessed volume the model saw (for several channels, the voxel's
+    mean over channels), ``prediction`` (*S) the argmax on the same grid, with labels below
+    ``n_classes``. These see what an
+    acquisition fault does to a structure (a calibration offset, noise, mistimed contrast, metal)
+    whether or not it moves the explanation. None for a class with no predicted voxel; the standard
+    deviation is the population one (ddof 0), from float64 sums.
+    """
+    import torch
+
+    with torch.no_grad():
+        values = image.detach().double().mean(dim=0).flatten()  # on the image's device, where it already is
+        labels = prediction.to(values.device).flatten().long()
+        if values.numel() != labels.numel():
+            raise ValueError(f"input of {values.numel()} voxels per channel and prediction of {labels.numel()} "
+                             "voxels are not on the same grid")
+        n = n_classes
+        counts = torch.bincount(labels, minlength=n).double()
+        mean = torch.bincount(labels, weights=values, minlength=n) / counts.clamp_min(1)
+        centred = values - mean[labels]  # two passes: no cancellation for large offsets
+        var = torch.bincount(labels, weights=centred * centred, minlength=n) / counts.clamp_min(1)
+    means = [None if k == 0 else float(m) for m, k in zip(mean.tolist(), counts.tolist())]
+    stds = [None if k == 0 else float(v) ** 0.5 for v, k in zip(var.tolist(), counts.tolist())]
+    return means, stds
 
 
 def failure_of(patient_id: str, exc: BaseException, worker: str) -> Failure:

@@ -36,7 +36,7 @@ from engine.store_live import DEFAULT_HOST, LiveClient, LiveError, LiveServer, c
 DEFAULT_DB = "agg2exp.duckdb"
 
 #: Version of the schema below; a store of another version is refused with a one-line reason.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 PATIENT_STATUSES = ("pending", "running", "done", "failed")
 STATS = ("mass", "mean")
@@ -99,7 +99,9 @@ CREATE TABLE predictions (
     dice DOUBLE,
     iou DOUBLE,
     confidence DOUBLE,                  -- mean softmax maximum over the class's predicted voxels
-    entropy DOUBLE                      -- mean softmax entropy (nats) over them; NULL: class not predicted
+    entropy DOUBLE,                     -- mean softmax entropy (nats) over them; NULL: class not predicted
+    input_mean DOUBLE,                  -- mean of the model's (preprocessed) input over them
+    input_std DOUBLE                    -- its standard deviation over them
 );
 CREATE TABLE importances (
     run_id VARCHAR NOT NULL,
@@ -206,6 +208,14 @@ GROUP BY run_id, patient_id;
 INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
 
+#: In-place upgrades: version -> the statements that take a store of that version to the next.
+#: Each only adds (columns, indexes), so every row already stored keeps its meaning.
+_UPGRADES: dict[int, tuple[str, ...]] = {
+    3: ("ALTER TABLE predictions ADD COLUMN input_mean DOUBLE",
+        "ALTER TABLE predictions ADD COLUMN input_std DOUBLE",
+        "CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id)"),
+}
+
 #: Column order and Polars dtypes of the importances table (the long format), as readers return it.
 IMPORTANCE_SCHEMA: dict[str, pl.DataType] = {
     "run_id": pl.String(),
@@ -227,6 +237,8 @@ PREDICTION_SCHEMA: dict[str, pl.DataType] = {
     "iou": pl.Float64(),
     "confidence": pl.Float64(),
     "entropy": pl.Float64(),
+    "input_mean": pl.Float64(),
+    "input_std": pl.Float64(),
 }
 
 _KEY = ("method", "target", "roi", "stat", "sign")
@@ -353,9 +365,21 @@ class Store:
                              "or a new file name to create one")
         rows = self._rows("SELECT value FROM meta WHERE key = 'schema_version'")
         found = int(rows[0][0]) if rows and str(rows[0][0]).isdigit() else 0
+        if found in _UPGRADES and not self.read_only:
+            with self._transaction():
+                for version in range(found, SCHEMA_VERSION):
+                    for statement in _UPGRADES[version]:
+                        self._exec(statement)
+                self._exec("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+            found = SCHEMA_VERSION
         if found != SCHEMA_VERSION:
-            what = ("re-run the job (or `agg2exp import-csv`) into a new --db; this engine does not migrate old stores"
-                    if found < SCHEMA_VERSION else "upgrade the engine to read it")
+            if found in _UPGRADES:
+                what = ("open it once for writing to upgrade it in place (any command that writes, e.g. "
+                        f"`agg2exp anomaly --db {self.path}`); the upgrade only adds what is new")
+            elif found < SCHEMA_VERSION:
+                what = "re-run the job (or `agg2exp import-csv`) into a new --db; this engine does not migrate stores this old"
+            else:
+                what = "upgrade the engine to read it"
             raise StoreError(f"{self.path} holds store schema {found or 'unknown'}, this engine reads schema "
                              f"{SCHEMA_VERSION}: {what}")
         if not self.read_only:  # stores made before the index existed get it (an index changes no result)
@@ -1095,7 +1119,8 @@ class Store:
         names = {str(i): f"{t}{self.FEATURE_SEP}{r}" for i, (t, r) in enumerate(features)}
         return wide.rename({c: names[c] for c in wide.columns if c in names})
 
-    PREDICTION_FEATURES = (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"))
+    PREDICTION_FEATURES = (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
+                           ("input_mean", "input_mean"), ("input_std", "input_std"))
 
     def prediction_wide(self, run_id: str) -> pl.DataFrame:
         """Done patients x what the model predicted, pivoted by DuckDB.

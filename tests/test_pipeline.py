@@ -64,6 +64,24 @@ def test_prediction_confidence_and_entropy_match_a_hand_computed_softmax() -> No
     assert conf[3] is None and ent[3] is None
 
 
+def test_input_statistics_match_numpy_over_each_predicted_class() -> None:
+    import torch
+
+    from engine.pipeline import input_statistics
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(1000.0, 3.0, size=(2, 4, 5, 6))  # a large offset: a one-pass variance would cancel
+    pred = rng.integers(0, 3, size=(4, 5, 6))  # class 3 never predicted
+    mean, std = input_statistics(torch.from_numpy(image).float(), torch.from_numpy(pred), 4)
+    voxel = image.astype(np.float32).astype(np.float64).mean(0)
+    for c in range(3):
+        assert mean[c] == pytest.approx(voxel[pred == c].mean(), rel=1e-9)
+        assert std[c] == pytest.approx(voxel[pred == c].std(), rel=1e-6)
+    assert mean[3] is None and std[3] is None
+    with pytest.raises(ValueError, match="same grid"):
+        input_statistics(torch.zeros(1, 3, 3, 3), torch.zeros(2, 2, 2, dtype=torch.long), 2)
+
+
 def test_processor_predictions_hold_confidence_and_entropy_of_predicted_classes(tmp_path) -> None:
     manifest = phantoms.generate_cohort(tmp_path / "cohort", n_patients=1, seed=3, anomaly_fraction=0.0)
     spec = JobSpec.from_dict({"job": {"name": "conf"}, "cohort": {"manifest": str(tmp_path / "cohort" / "manifest.csv")},
@@ -77,3 +95,5 @@ def test_processor_predictions_hold_confidence_and_entropy_of_predicted_classes(
     n = pred.height  # entropy of a softmax over n classes lies in [0, log n]
     assert ((present["entropy"] >= 0) & (present["entropy"] <= np.log(n) + 1e-9)).all()
     assert pred.filter(pl.col("voxels") == 0)["confidence"].null_count() == pred.filter(pl.col("voxels") == 0).height
+    assert present["input_mean"].null_count() == 0 and (present["input_std"] >= 0).all()
+    assert pred.filter(pl.col("voxels") == 0)["input_mean"].null_count() == pred.filter(pl.col("voxels") == 0).height

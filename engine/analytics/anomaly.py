@@ -477,19 +477,20 @@ def feature_frame_of(source: Any, run_id: str, *, feature_set: str, method: str,
     from engine.analytics import scoring
 
     kinds = scoring.FEATURE_SETS[feature_set]
+    from_predictions = set(scoring.PRED_KINDS) | set(scoring.INPUT_KINDS)  # kinds of the predictions table
     excluded = set(exclude_rois)
     if _is_store(source):
         sep = source.FEATURE_SEP
         frame: pl.DataFrame | None = None
         for kind in kinds:
-            if kind.startswith("pred_"):
+            if kind in from_predictions:
                 continue
             stat, sign = kind.split("_", 1)
             wide = source.importance_wide(run_id, method=method, sign=sign, stat=stat)
             keep = [c for c in wide.columns if c != "patient_id" and c.split(sep, 1)[1] not in excluded]
             wide = wide.select("patient_id", *[pl.col(c).alias(f"{kind}|{c.replace(sep, '|')}") for c in keep])
             frame = wide if frame is None else frame.join(wide, on="patient_id", how="full", coalesce=True)
-        if any(k.startswith("pred_") for k in kinds):
+        if from_predictions & set(kinds):
             pred = source.prediction_wide(run_id)
             pred = pred.select("patient_id", *[c for c in pred.columns if c.split("|", 1)[0] in kinds])
             frame = pred if frame is None else frame.join(pred, on="patient_id", how="full", coalesce=True)
@@ -650,7 +651,8 @@ def rescore(source: Any, model: Mapping[str, Any], *, run_id: str | None = None)
 
 
 _PRED_WORDS = {"pred_voxels": "predicted volume", "pred_confidence": "prediction confidence",
-               "pred_entropy": "prediction entropy"}
+               "pred_entropy": "prediction entropy", "input_mean": "input intensity",
+               "input_std": "input intensity spread"}
 
 
 def reason_text(reason: Mapping[str, Any]) -> str:

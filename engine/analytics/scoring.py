@@ -11,7 +11,9 @@ three (the pipeline computes confidence and entropy from the clean stitched logi
 
 Feature sets (:data:`FEATURE_SETS`): ``mass`` (the paper's |attribution| masses), ``signed_mass``
 (positive and negative masses), ``mean`` (mean |attribution| per RoI voxel), ``prediction`` (the three
-model-prediction features) and ``mass+prediction``. Missing values are 0: an RoI with no voxels has
+model-prediction features), ``input`` (mean and standard deviation of the model's input over each
+predicted class: what an acquisition fault does to a structure) and their unions ``mass+prediction``,
+``prediction+input`` and ``mass+prediction+input``. Missing values are 0: an RoI with no voxels has
 mass 0, and a class the model did not predict has volume, confidence and entropy 0.
 
 Scorers follow scikit-learn's outlier estimators: parameters in ``__init__``, ``fit(X)`` returns
@@ -75,6 +77,8 @@ __all__ = [
 ]
 
 PRED_KINDS = ("pred_voxels", "pred_confidence", "pred_entropy")
+#: Per predicted class: mean and standard deviation of the model's input over its voxels.
+INPUT_KINDS = ("input_mean", "input_std")
 #: Feature set name -> feature kinds (the part of a feature name before the first ``|``).
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "mass": ("mass_abs",),
@@ -82,6 +86,9 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "mean": ("mean_abs",),
     "prediction": PRED_KINDS,
     "mass+prediction": ("mass_abs", *PRED_KINDS),
+    "input": INPUT_KINDS,
+    "prediction+input": (*PRED_KINDS, *INPUT_KINDS),
+    "mass+prediction+input": ("mass_abs", *PRED_KINDS, *INPUT_KINDS),
 }
 CLIP = 10.0
 
@@ -98,7 +105,7 @@ def feature_frame(importances: pl.DataFrame, predictions: pl.DataFrame | None = 
     """Wide patients x features frame (``patient_id`` + feature columns) from long engine frames.
 
     ``importances``: ``patient_id, target, roi, stat, sign, value`` (one method); ``predictions``:
-    ``patient_id, class, voxels`` and optionally ``confidence``, ``entropy``. RoIs in
+    ``patient_id, class, voxels`` and optionally ``confidence``, ``entropy``, ``input_mean``, ``input_std``. RoIs in
     ``exclude_rois`` (e.g. joined RoIs, which would count their parts twice) are left out.
     """
     imp = importances.filter(~pl.col("roi").is_in(list(exclude_rois))).with_columns(
@@ -106,7 +113,8 @@ def feature_frame(importances: pl.DataFrame, predictions: pl.DataFrame | None = 
     )
     wide = imp.pivot(on="feature", index="patient_id", values="value", aggregate_function="first")
     if predictions is not None and predictions.height:
-        for col, kind in (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy")):
+        for col, kind in (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
+                          ("input_mean", "input_mean"), ("input_std", "input_std")):
             if col not in predictions.columns:
                 continue
             p = predictions.select("patient_id", (pl.lit(kind + "|") + pl.col("class")).alias("feature"),

@@ -62,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="scorer (default 'neighbours'; 'paper' under --settings paper): 'paper' = one isolation "
                         "forest per class, 'forest' = one on all features, 'covariance', 'neighbours', 'ensemble'")
     p.add_argument("--feature-set", default=None,
-                   help="features: mass, signed_mass, mean, prediction, mass+prediction (default 'mass+prediction'; "
-                        "'mass' for the paper's scorer)")
+                   help="features: mass, signed_mass, mean, prediction, input, mass+prediction, prediction+input, "
+                        "mass+prediction+input (default 'mass+prediction'; 'mass' for the paper's scorer)")
     p.add_argument("--top-k-reasons", type=int, default=3, help="reasons stored and shown per patient (default 3)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the forests (default: the settings')")
     p.add_argument("--n-estimators", type=int, default=None, help="trees per forest (default 100)")

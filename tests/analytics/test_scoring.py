@@ -136,6 +136,21 @@ def test_feature_frame_is_wide_by_kind_target_and_roi_and_leaves_out_joined_rois
         S.feature_columns(wide.columns, "everything")
 
 
+def test_input_features_are_their_own_kinds_and_join_the_prediction_sets():
+    imp = pl.DataFrame({"patient_id": ["a", "b"], "target": ["heart"] * 2, "roi": ["aorta"] * 2,
+                        "stat": ["mass"] * 2, "sign": ["abs"] * 2, "value": [0.1, 0.2]})
+    pred = pl.DataFrame({"patient_id": ["a", "b"], "class": ["heart", "heart"], "voxels": [100, 120],
+                         "input_mean": [0.4, None], "input_std": [0.05, None]})
+    wide = S.feature_frame(imp, pred)
+    assert S.feature_columns(wide.columns, "input") == ["input_mean|heart", "input_std|heart"]
+    assert S.feature_columns(wide.columns, "mass+prediction") == ["mass_abs|heart|aorta", "pred_voxels|heart"]
+    assert S.feature_columns(wide.columns, "mass+prediction+input") == [
+        "mass_abs|heart|aorta", "pred_voxels|heart", "input_mean|heart", "input_std|heart"]
+    names, m = S.feature_matrix(wide, "input")
+    assert m.tolist() == [[0.4, 0.05], [0.0, 0.0]]  # b's heart was not predicted: 0, like its volume
+    assert S.feature_target("input_std|heart") == "heart"
+
+
 def test_the_default_ensemble_on_its_fit_cohort_is_the_mean_of_its_members_mid_rank_percentiles(cohort):
     from scipy.stats import percentileofscore
 

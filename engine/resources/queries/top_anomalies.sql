@@ -16,6 +16,8 @@ reasons AS (
                           WHEN 'pred_voxels' THEN r.target || ' predicted volume'
                           WHEN 'pred_confidence' THEN r.target || ' prediction confidence'
                           WHEN 'pred_entropy' THEN r.target || ' prediction entropy'
+                          WHEN 'input_mean' THEN r.target || ' input intensity'
+                          WHEN 'input_std' THEN r.target || ' input intensity spread'
                           WHEN 'mass_abs' THEN r.target || ' in ' || r.roi
                           ELSE r.target || ' in ' || r.roi || ' [' || r.kind || ']' END
                       || ' (z ' || printf('%+.1f', r.z) || ')', ', ' ORDER BY r."rank") AS reasons
