@@ -31,16 +31,12 @@ import pyarrow as pa
 from engine.errors import QueryError, UserError
 from engine.results import PatientResult
 from engine.store_live import DEFAULT_HOST, LiveClient, LiveError, LiveServer, check_read_only
-
-#: Default database file, relative to the working directory.
-DEFAULT_DB = "agg2exp.duckdb"
+from engine.vocabulary import DEFAULT_DB, SIGNS, STATS  # one owner for the names (re-exported here)
 
 #: Version of the schema below; a store of another version is refused with a one-line reason.
 SCHEMA_VERSION = 4
 
 PATIENT_STATUSES = ("pending", "running", "done", "failed")
-STATS = ("mass", "mean")
-SIGNS = ("abs", "pos", "neg")
 
 #: Columns of ``patients`` that the store keeps for itself; everything else a manifest gives
 #: lives in ``metadata`` (JSON) and is read back by :meth:`Store.patient_metadata`.
