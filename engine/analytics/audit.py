@@ -154,7 +154,9 @@ def _boot_rank_sums(groups: Sequence[np.ndarray], n_boot: int,
 
     The values are sorted once (O(n log n)); a resample is then only its counts of each distinct
     value, so its mid-ranks, rank sums and tie counts cost O(n) time and memory - no sort, no
-    pairs. Yields ``(rank sums (b, G), counts of each distinct value (b, V))`` per batch.
+    pairs. All of it is integer arithmetic (twice a mid-rank is an integer), which NumPy does
+    several times faster than the same work in floating point. Yields ``(rank sums (b, G), counts
+    of each distinct value (b, V))`` per batch.
     """
     uniq, inverse = np.unique(np.concatenate(groups), return_inverse=True)
     starts = np.cumsum([0] + [g.size for g in groups])
@@ -162,19 +164,16 @@ def _boot_rank_sums(groups: Sequence[np.ndarray], n_boot: int,
     v = uniq.size
     for b in _batches(n_boot):
         offsets = (np.arange(b) * v)[:, None]
-        counts = []
-        for g, code in zip(groups, codes):
-            idx = rng.integers(0, g.size, size=(b, g.size))
-            counts.append(np.bincount((code[idx] + offsets).ravel(), minlength=b * v).reshape(b, v))
-        total = counts[0].copy()
-        for c in counts[1:]:
-            total += c
-        # mid-rank of each value: values below it, plus the mean of its own ranks (in place: these
-        # arrays are BOOT_BATCH x n)
-        midrank = np.cumsum(total, axis=1, dtype=np.float64)
-        midrank -= 0.5 * total
-        midrank += 0.5
-        yield np.stack([np.einsum("bv,bv->b", c, midrank) for c in counts], axis=1), total
+        drawn = [code[rng.integers(0, code.size, size=(b, code.size))] for code in codes]  # (b, n_g) value codes
+        total = np.bincount(np.concatenate([d + offsets for d in drawn], axis=1).ravel(),
+                            minlength=b * v).reshape(b, v)
+        # twice the mid-rank of each value: 2 x (values below it) + (its count + 1), in place
+        twice_mid = np.cumsum(total, axis=1)
+        twice_mid *= 2
+        twice_mid -= total
+        twice_mid += 1
+        sums = np.stack([np.take_along_axis(twice_mid, d, axis=1).sum(axis=1) for d in drawn], axis=1)
+        yield sums / 2.0, total
 
 
 def _boot_rank_biserial(x: np.ndarray, y: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -211,7 +210,7 @@ def _boot_kruskal_h(groups: Sequence[np.ndarray], n_boot: int, rng: np.random.Ge
     out = []
     for r, total in _boot_rank_sums(groups, n_boot, rng):
         h = 12.0 / (n * (n + 1)) * (r**2 / sizes).sum(axis=1) - 3 * (n + 1)
-        ties = 1.0 - (total.astype(float) ** 3 - total).sum(axis=1) / (n**3 - n)
+        ties = 1.0 - (total * total * total - total).sum(axis=1) / (n**3 - n)  # integers: counts <= n
         with np.errstate(divide="ignore", invalid="ignore"):
             out.append(np.where(ties > 0, h / ties, np.nan))
     return np.concatenate(out) if out else np.empty(0)
