@@ -1,7 +1,8 @@
 """The results layer at cohort scale: store size, write rate, live reads, and analytics.
 
 Synthetic per-patient results of the real shape (17 targets x 19 RoIs x 2 stats x 3 signs =
-1,938 importance rows and 17 prediction rows per patient; masses drawn as Dirichlet shares that
+1,938 importance rows and 17 prediction rows per patient, with confidence, entropy and input statistics;
+masses drawn as Dirichlet shares that
 put most weight on the background and the class itself, like a demo run's; 0.5% of patients
 planted as outliers with their mass moved to another RoI; metadata site/sex/age) go through the
 real writer (``Store.write_patient``, one transaction per patient, as the runtime commits them)
@@ -87,8 +88,11 @@ class Synth:
         values = np.concatenate([shares.ravel(), means.ravel()])
         imp = self.keys.with_columns(pl.Series("value", values))
         dice = np.clip(rng.normal(0.92, 0.04, len(self.classes)), 0, 1)
-        pred = pl.DataFrame({"class": self.classes, "voxels": rng.integers(1_000, 500_000, len(self.classes)),
-                             "dice": dice, "iou": dice / (2 - dice)})
+        k = len(self.classes)
+        pred = pl.DataFrame({"class": self.classes, "voxels": rng.integers(1_000, 500_000, k),
+                             "dice": dice, "iou": dice / (2 - dice), "confidence": rng.uniform(0.8, 1.0, k),
+                             "entropy": rng.uniform(0.0, 0.5, k), "input_mean": rng.normal(0.5, 0.1, k),
+                             "input_std": rng.uniform(0.01, 0.1, k)})
         return PatientResult(patient_id=pid, importances=imp, predictions=pred, worker="bench", seconds=1.0)
 
 

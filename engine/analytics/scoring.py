@@ -235,17 +235,40 @@ class CovarianceScorer(_Scorer):
 
 class NeighbourScorer(_Scorer):
     """Minus the mean distance to the ``n_neighbors`` nearest fit patients (robustly standardised
-    features). A scored row identical to a fit row is that patient: its zero self-distance is skipped."""
+    features). A scored row identical to a fit row is that patient: its zero self-distance is skipped.
 
-    def __init__(self, n_neighbors: int = 5, clip: float = CLIP) -> None:
+    Above ``max_samples`` fit patients the neighbours are looked up among a seeded random subset of
+    that many (the standardisation still uses every patient), as ``IsolationForest`` subsamples:
+    in a cohort of 100,000 a few hundred patients that share one fault form tight groups, and the
+    distance to the 5 nearest *of all* is then small for each of them (measured: 500 planted
+    outliers in 18 groups ranked below the normal patients, ROC AUC 0.09); among 2,048 drawn
+    patients a group of fewer than ~250 has almost no member, so its patients stay far from their
+    neighbours. It also makes scoring O(n x max_samples) instead of O(n^2). ``None`` uses every
+    patient. Cohorts up to ``max_samples`` are scored exactly as without it.
+    """
+
+    def __init__(self, n_neighbors: int = 5, clip: float = CLIP, max_samples: int | None = 2048,
+                 seed: int = 0) -> None:
         self.n_neighbors = n_neighbors
         self.clip = clip
+        self.max_samples = max_samples
+        self.seed = seed
 
     def fit(self, x: Any, y: Any = None) -> NeighbourScorer:
         a = self._check_fit(x, 2)
-        self.k_ = int(min(self.n_neighbors, a.shape[0] - 1))
+        if self.max_samples is not None and self.max_samples < self.n_neighbors + 1:
+            raise ScoringError(f"max_samples={self.max_samples} leaves fewer than n_neighbors + 1 = "
+                               f"{self.n_neighbors + 1} patients to look up; raise it or pass None")
         self.scaler_ = _standardiser(self.clip).fit(a)
-        self.neighbours_ = NearestNeighbors(n_neighbors=self.k_ + 1).fit(self.scaler_.transform(a))
+        z = self.scaler_.transform(a)
+        if self.max_samples is not None and a.shape[0] > self.max_samples:
+            rows = np.random.default_rng(self.seed).choice(a.shape[0], size=self.max_samples, replace=False)
+            self.sample_ = np.sort(rows)
+            z = z[self.sample_]
+        else:
+            self.sample_ = np.arange(a.shape[0])
+        self.k_ = int(min(self.n_neighbors, z.shape[0] - 1))
+        self.neighbours_ = NearestNeighbors(n_neighbors=self.k_ + 1).fit(z)
         return self
 
     def score_samples(self, x: Any) -> np.ndarray:
@@ -337,9 +360,9 @@ def make_scorer(name: str, *, seed: int = 0) -> _Scorer:
     if name == "covariance":
         return CovarianceScorer(seed=seed)
     if name == "neighbours":
-        return NeighbourScorer()
+        return NeighbourScorer(seed=seed)
     if name == "ensemble":
-        return RankEnsemble(members=(ForestScorer(seed=seed), CovarianceScorer(seed=seed), NeighbourScorer()))
+        return RankEnsemble(members=(ForestScorer(seed=seed), CovarianceScorer(seed=seed), NeighbourScorer(seed=seed)))
     raise ScoringError(f"unknown scorer {name!r}; use one of {SCORERS}")
 
 

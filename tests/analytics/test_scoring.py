@@ -78,6 +78,35 @@ def test_neighbour_score_is_the_mean_distance_to_the_k_nearest_other_patients(co
     np.testing.assert_allclose(sc.anomaly_score(new), np.sort(dn, axis=1)[:, :4].mean(axis=1), rtol=1e-10)
 
 
+def test_neighbour_lookup_among_a_seeded_subset_matches_a_hand_computation(cohort):
+    x = cohort.to_numpy()
+    sc = S.NeighbourScorer(n_neighbors=3, clip=1e9, max_samples=15, seed=7).fit(x)
+    sample = np.sort(np.random.default_rng(7).choice(x.shape[0], size=15, replace=False))
+    np.testing.assert_array_equal(sc.sample_, sample)
+    z = RobustScaler().fit(x).transform(x)  # the standardisation still uses every patient
+    d = cdist(z, z[sample])
+    d[sample, np.arange(15)] = np.inf  # a drawn patient is not its own neighbour
+    np.testing.assert_allclose(sc.anomaly_score(x), np.sort(d, axis=1)[:, :3].mean(axis=1), rtol=1e-10)
+    # a cohort no larger than max_samples is scored exactly as with every patient
+    full = S.NeighbourScorer(max_samples=None).fit(x).anomaly_score(x)
+    np.testing.assert_array_equal(S.NeighbourScorer(max_samples=40).fit(x).anomaly_score(x), full)
+    with pytest.raises(S.ScoringError, match="max_samples=3 leaves fewer than n_neighbors"):
+        S.NeighbourScorer(max_samples=3).fit(x)
+
+
+def test_neighbours_among_a_subset_find_groups_of_alike_outliers_that_all_patients_mask():
+    # 3,000 normal patients and 60 outliers in three tight groups of 20 (one fault each): among all
+    # patients each outlier's 5 nearest are its own group, so it looks normal; among 256 drawn, not.
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.0, 1.0, (3060, 8))
+    for g in range(3):
+        x[3000 + 20 * g: 3020 + 20 * g] = rng.normal(0.0, 0.05, (20, 8)) + np.eye(8)[g] * 6.0
+    y = np.arange(3060) >= 3000
+    masked = roc_auc_score(y, S.NeighbourScorer(max_samples=None).fit(x).anomaly_score(x))
+    found = roc_auc_score(y, S.NeighbourScorer(max_samples=256, seed=0).fit(x).anomaly_score(x))
+    assert masked < 0.6 and found > 0.95, (masked, found)
+
+
 @pytest.mark.parametrize("name", ["covariance", "neighbours"])
 def test_standardised_scorers_do_not_depend_on_the_units_of_a_feature(name, cohort):
     x = cohort.to_numpy()
