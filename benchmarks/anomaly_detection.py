@@ -196,16 +196,15 @@ def _name(setting: tuple[str, str]) -> str:
 
 
 def score_cohorts(df: pl.DataFrame, *, settings: Sequence[tuple[str, str]], scorer_seeds: Sequence[int],
-                  top_fraction: float = 0.1, min_normals: int = 6) -> pl.DataFrame:
+                  top_fraction: float = 0.1, min_normals: int = 6, jobs: int = 1) -> pl.DataFrame:
     """One row per (setting, cohort seed, scorer seed, kind): each kind's cohort is the seed's normals plus
-    that kind's patients, fitted and scored within itself."""
-    from scipy.stats import percentileofscore
-
-    from engine.analytics.scoring import SCORERS, feature_columns, feature_matrix, make_scorer
+    that kind's patients, fitted and scored within itself. ``jobs`` > 1 scores cohorts in that many
+    processes (the rows are the same, in the same order)."""
+    from engine.analytics.scoring import SCORERS
 
     order = {name: i for i, name in enumerate(SCORERS)}  # members before the ensemble
     settings = sorted(settings, key=lambda st: order.get(st[0], 0))
-    rows = []
+    tasks = []
     for seed in sorted(df["cohort_seed"].unique().to_list()):
         part = df.filter(pl.col("cohort_seed") == seed)
         normals = part.filter(~pl.col("is_anomaly"))
@@ -213,31 +212,51 @@ def score_cohorts(df: pl.DataFrame, *, settings: Sequence[tuple[str, str]], scor
             continue
         for kind in sorted(part.filter(pl.col("is_anomaly"))["kind"].unique().to_list()):
             cohort = pl.concat([normals, part.filter(pl.col("kind") == kind)], how="diagonal_relaxed")
-            y = cohort["is_anomaly"].to_numpy()
-            family = cohort.filter(pl.col("is_anomaly"))["family"][0]
-            member_scores: dict[tuple[str, str, int], np.ndarray] = {}
-            for sc_name, fs in settings:
-                if sc_name == "paper":
-                    data: Any = cohort.select(feature_columns(cohort.columns, "mass")).fill_null(0.0)
+            tasks.append((cohort, seed, kind, settings, list(scorer_seeds), top_fraction))
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            parts = list(pool.map(_score_cohort, *zip(*tasks)))
+    else:
+        parts = [_score_cohort(*t) for t in tasks]
+    return pl.DataFrame([row for rows in parts for row in rows])
+
+
+def _score_cohort(cohort: pl.DataFrame, seed: int, kind: str, settings: Sequence[tuple[str, str]],
+                  scorer_seeds: Sequence[int], top_fraction: float) -> list[dict[str, Any]]:
+    """Every setting fitted on one kind's cohort and scored within it."""
+    from scipy.stats import percentileofscore
+
+    from engine.analytics.scoring import feature_columns, feature_matrix, make_scorer
+
+    warnings.filterwarnings("ignore", module="sklearn.covariance")  # in a worker process too
+    y = cohort["is_anomaly"].to_numpy()
+    family = cohort.filter(pl.col("is_anomaly"))["family"][0]
+    member_scores: dict[tuple[str, str, int], np.ndarray] = {}
+    rows = []
+    for sc_name, fs in settings:
+        if sc_name == "paper":
+            data: Any = cohort.select(feature_columns(cohort.columns, "mass")).fill_null(0.0)
+        else:
+            data = feature_matrix(cohort, fs)[1]
+        for s in (scorer_seeds if sc_name != "neighbours" else scorer_seeds[:1]):
+            if sc_name == "ensemble":
+                # RankEnsemble(forest, covariance, neighbours) on the fit cohort itself is the mean of
+                # the members' mid-rank percentiles (tests/analytics/test_scoring.py): reuse their scores
+                parts = [member_scores.get((m, fs, s if m != "neighbours" else scorer_seeds[0]))
+                         for m in ("forest", "covariance", "neighbours")]
+                if any(p is None for p in parts):
+                    a = make_scorer("ensemble", seed=s).fit(data).anomaly_score(data)
                 else:
-                    data = feature_matrix(cohort, fs)[1]
-                for s in (scorer_seeds if sc_name != "neighbours" else scorer_seeds[:1]):
-                    if sc_name == "ensemble":
-                        # RankEnsemble(forest, covariance, neighbours) on the fit cohort itself is the mean of
-                        # the members' mid-rank percentiles (tests/analytics/test_scoring.py): reuse their scores
-                        parts = [member_scores.get((m, fs, s if m != "neighbours" else scorer_seeds[0]))
-                                 for m in ("forest", "covariance", "neighbours")]
-                        if any(p is None for p in parts):
-                            a = make_scorer("ensemble", seed=s).fit(data).anomaly_score(data)
-                        else:
-                            a = -np.mean([percentileofscore(-p, -p, kind="mean") for p in parts], axis=0)
-                    else:
-                        a = make_scorer(sc_name, seed=s).fit(data).anomaly_score(data)
-                        member_scores[(sc_name, fs, s)] = a
-                    m = detection_metrics(y, a, top_fraction=top_fraction)
-                    rows.append({"setting": _name((sc_name, fs)), "scorer": sc_name, "feature_set": fs,
-                                 "cohort_seed": seed, "scorer_seed": s, "kind": kind, "family": family, **m})
-    return pl.DataFrame(rows)
+                    a = -np.mean([percentileofscore(-p, -p, kind="mean") for p in parts], axis=0)
+            else:
+                a = make_scorer(sc_name, seed=s).fit(data).anomaly_score(data)
+                member_scores[(sc_name, fs, s)] = a
+            m = detection_metrics(y, a, top_fraction=top_fraction)
+            rows.append({"setting": _name((sc_name, fs)), "scorer": sc_name, "feature_set": fs,
+                         "cohort_seed": seed, "scorer_seed": s, "kind": kind, "family": family, **m})
+    return rows
 
 
 def _summary(rows: pl.DataFrame) -> dict[str, Any]:
@@ -354,6 +373,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scorers", nargs="+", default=list(SCORERS))
     ap.add_argument("--feature-sets", nargs="+", default=list(FEATURE_SETS))
     ap.add_argument("--scorer-seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--jobs", type=int, default=1, help="processes for the scoring (default 1)")
     ap.add_argument("--extract-only", action="store_true", help="compute and cache features, no evaluation")
     ap.add_argument("--cached-only", action="store_true",
                     help="evaluate the patients already in the cache for these settings, computing none")
@@ -402,7 +422,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
     if not args.extract_only:
         t1 = time.perf_counter()
         records = score_cohorts(df, settings=settings_grid(args.feature_sets, args.scorers),
-                                scorer_seeds=args.scorer_seeds, min_normals=min(6, args.normals))
+                                scorer_seeds=args.scorer_seeds, min_normals=min(6, args.normals), jobs=args.jobs)
         summary = summarise(records)
         result.update(summary)
         result["reasons"] = reason_examples(df, summary["default"].split("/", 1)[1])

@@ -96,6 +96,27 @@ class Synth:
         return PatientResult(patient_id=pid, importances=imp, predictions=pred, worker="bench", seconds=1.0)
 
 
+def planted(n: int) -> set[int]:
+    """Indices of the planted outliers (0.5% of the patients, at least one)."""
+    return set(np.random.default_rng(2).choice(n, size=max(1, n // 200), replace=False).tolist())
+
+
+def detection(db: Path, n: int) -> dict[str, Any]:
+    """How the stored anomaly scores rank the planted outliers: ROC AUC, and how many are in the top 0.5%."""
+    from sklearn.metrics import roc_auc_score
+
+    from engine import store
+
+    with store.open(db) as s:
+        scores = s.sql("SELECT s.patient_id, s.score FROM anomaly_scores AS s JOIN (SELECT model_id FROM "
+                       "anomaly_models WHERE run_id = ? ORDER BY created_at DESC LIMIT 1) USING (model_id) "
+                       "WHERE s.target = '__mean__' ORDER BY s.score DESC", [RUN])
+    out = {f"p{i:06d}" for i in planted(n)}
+    y = np.array([p in out for p in scores["patient_id"].to_list()])
+    return {"planted_outliers": len(out), "planted_roc_auc": round(float(roc_auc_score(y, scores["score"])), 4),
+            "planted_in_top": int(y[:len(out)].sum())}
+
+
 def manifest(n: int, seed: int = 1) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
     return pl.DataFrame({
@@ -214,8 +235,7 @@ def main() -> None:
         leftover.unlink(missing_ok=True)
     n = args.patients
     synth = Synth(seed=0)
-    rng = np.random.default_rng(2)
-    outliers = set(rng.choice(n, size=max(1, n // 200), replace=False).tolist())
+    outliers = planted(n)
     man = manifest(n)
     reads, stop = tmp / "reads.jsonl", tmp / "stop"
     times: list[float] = []
@@ -306,6 +326,10 @@ def run_analytics(args: argparse.Namespace, db: Path, tmp: Path, out: dict[str, 
                                         str(args.n_boot), "--db", str(db)], **common)
     analytics["graph"] = timed_command(["graph", "--run", RUN, "--out", str(tmp / "graph"), "--db", str(db)],
                                        **common)
+    if analytics["anomaly"]["exit"] == 0:
+        out.update(detection(db, out["patients"]))
+        print(f"[anomaly] planted outliers: ROC AUC {out['planted_roc_auc']}, {out['planted_in_top']} of "
+              f"{out['planted_outliers']} in the top {out['planted_outliers']}", flush=True)
     for name, res in analytics.items():
         print(f"[{name}] {res['seconds']} s, exit {res['exit']}, peak RSS {res['peak_rss_gb']} GB"
               + (f", stopped ({res['stopped']})" if res["stopped"] else ""), flush=True)

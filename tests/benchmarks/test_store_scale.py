@@ -28,6 +28,7 @@ def test_store_scale_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert fig["reads"] > 0 and fig["read_errors"] == 0 and fig["reads_live"] == fig["reads"]
     assert fig["reads_incomplete_patient"] == 0
     assert {r["exit"] for r in fig["analytics"].values()} == {0}
+    assert fig["planted_outliers"] == 1 and 0.0 <= fig["planted_roc_auc"] <= 1.0
     # the analytics alone, again, on the store just written (how a 100,000-patient store is re-timed)
     again = tmp_path / "again.json"
     proc = subprocess.run(
