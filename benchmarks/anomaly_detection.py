@@ -214,9 +214,11 @@ def score_cohorts(df: pl.DataFrame, *, settings: Sequence[tuple[str, str]], scor
             cohort = pl.concat([normals, part.filter(pl.col("kind") == kind)], how="diagonal_relaxed")
             tasks.append((cohort, seed, kind, settings, list(scorer_seeds), top_fraction))
     if jobs > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # spawn, not fork: a forked child of a process whose Polars/OpenMP thread pools already ran deadlocks
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(_score_cohort, *zip(*tasks)))
     else:
         parts = [_score_cohort(*t) for t in tasks]
@@ -239,7 +241,7 @@ def _score_cohort(cohort: pl.DataFrame, seed: int, kind: str, settings: Sequence
         if sc_name == "paper":
             data: Any = cohort.select(feature_columns(cohort.columns, "mass")).fill_null(0.0)
         else:
-            data = feature_matrix(cohort, fs)[1]
+            names, data = feature_matrix(cohort, fs)
         for s in (scorer_seeds if sc_name != "neighbours" else scorer_seeds[:1]):
             if sc_name == "ensemble":
                 # RankEnsemble(forest, covariance, neighbours) on the fit cohort itself is the mean of
@@ -251,7 +253,10 @@ def _score_cohort(cohort: pl.DataFrame, seed: int, kind: str, settings: Sequence
                 else:
                     a = -np.mean([percentileofscore(-p, -p, kind="mean") for p in parts], axis=0)
             else:
-                a = make_scorer(sc_name, seed=s).fit(data).anomaly_score(data)
+                est = make_scorer(sc_name, seed=s)
+                if "feature_names" in est.get_params(deep=False) and sc_name != "paper":
+                    est.set_params(feature_names=names)
+                a = est.fit(data).anomaly_score(data)
                 member_scores[(sc_name, fs, s)] = a
             m = detection_metrics(y, a, top_fraction=top_fraction)
             rows.append({"setting": _name((sc_name, fs)), "scorer": sc_name, "feature_set": fs,

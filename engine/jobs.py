@@ -162,16 +162,17 @@ class RuntimeSpec:
 class AnomalySpec:
     """Anomaly scoring after the run: ``scorer`` on ``feature_set`` (``engine.analytics.scoring``), with reasons.
 
-    The default, k-NN on RoI masses + what the model predicted, was chosen on held-out anomaly kinds;
+    The default, one k-NN per block of features (RoI masses, what the model predicted, the input over
+    each predicted class) combined as robust z-scores, was chosen on held-out anomaly kinds;
     ``scorer = "paper"`` (feature set ``mass``) is the paper's per-class isolation forests.
-    ``feature_set`` absent: ``mass+prediction``, or ``mass`` for the paper's scorer.
+    ``feature_set`` absent: ``mass+prediction+input``, or ``mass`` for the paper's scorer.
     """
 
     enabled: bool = True
     seed: int = 0
     n_estimators: int = 100  # trees per forest (forest scorers)
     reference_run: str | None = None
-    scorer: str = "neighbours"
+    scorer: str = "blocks"
     feature_set: str | None = None
     top_k_reasons: int = 3
 

@@ -344,8 +344,9 @@ def score_run(
     """Fit a scorer (on ``run_id`` itself, or on ``reference_run_id``) and score ``run_id``.
 
     ``scorer`` and ``feature_set`` name a scorer and a feature set of :mod:`engine.analytics.scoring`
-    (default :data:`~engine.analytics.scoring.DEFAULT_SETTING`, k-NN on masses + what the model
-    predicted, chosen on held-out anomaly kinds). ``settings="paper"`` (or ``scorer="paper"``) is
+    (default :data:`~engine.analytics.scoring.DEFAULT_SETTING`: one k-NN per block of features - RoI
+    masses, what the model predicted, the input over each predicted class - chosen on held-out
+    anomaly kinds). ``settings="paper"`` (or ``scorer="paper"``) is
     the paper's mode: one isolation forest per class on RoI masses (:class:`RoIAnomalyDetector`);
     with ``settings="paper"`` the reference notebook's seed 123, Dice over all classes and per-class
     Spearman, with ``"engine"`` seed 0 and Dice over the foreground. ``seed``, ``n_estimators``,
@@ -559,6 +560,8 @@ def _score_run_features(source: Any, *, run_id: str, reference_run_id: str | Non
     if scorer_params is None:
         scorer_params = {k: chosen[k] for k in ("n_estimators",) if k in chosen}
     est = build_scorer(scorer, seed=chosen["seed"], params=scorer_params)
+    if "feature_names" in est.get_params(deep=False):  # scorers that group features by name
+        est.set_params(feature_names=list(features))
     x_fit, x = _aligned(fit_frame, features), _aligned(frame, features)
     try:
         est.fit(x_fit)

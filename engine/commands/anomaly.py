@@ -59,11 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "(seed 0, Dice over the foreground)")
     # Names are checked by score_run (with a did-you-mean): importing scoring here would load scikit-learn.
     p.add_argument("--scorer", default=None,
-                   help="scorer (default 'neighbours'; 'paper' under --settings paper): 'paper' = one isolation "
-                        "forest per class, 'forest' = one on all features, 'covariance', 'neighbours', 'ensemble'")
+                   help="scorer (default 'blocks'; 'paper' under --settings paper): 'paper' = one isolation "
+                        "forest per class, 'forest' = one on all features, 'covariance', 'neighbours', 'ensemble', "
+                        "'blocks' = one k-NN per block of features (masses, prediction, input), robust z-scores averaged")
     p.add_argument("--feature-set", default=None,
                    help="features: mass, signed_mass, mean, prediction, input, mass+prediction, prediction+input, "
-                        "mass+prediction+input (default 'mass+prediction'; 'mass' for the paper's scorer)")
+                        "mass+prediction+input (default 'mass+prediction+input'; 'mass' for the paper's scorer)")
     p.add_argument("--top-k-reasons", type=int, default=3, help="reasons stored and shown per patient (default 3)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the forests (default: the settings')")
     p.add_argument("--n-estimators", type=int, default=None, help="trees per forest (default 100)")

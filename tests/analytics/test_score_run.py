@@ -33,7 +33,8 @@ def _patient(i: int, rng: np.random.Generator) -> PatientResult:
         pl.lit("saliency").alias("method"))
     pred = pl.DataFrame({"class": list(CLASSES), "voxels": [5000, int(rng.integers(90, 110)), int(rng.integers(190, 210))],
                          "dice": [0.99, 0.8 + 0.01 * i, 0.9], "confidence": rng.uniform(0.8, 0.99, 3),
-                         "entropy": rng.uniform(0.05, 0.3, 3)})
+                         "entropy": rng.uniform(0.05, 0.3, 3), "input_mean": rng.normal(0.5, 0.05, 3),
+                         "input_std": rng.uniform(0.01, 0.05, 3)})
     return PatientResult(patient_id=f"p{i:02d}", importances=imp, predictions=pred, worker="t", seconds=1.0)
 
 
@@ -53,14 +54,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     return db, written
 
 
-def _by_hand(results: list[PatientResult]) -> tuple[list[str], list[str], np.ndarray]:
-    """patients, features, matrix of mass_abs (RoIs but lung) + pred voxels/confidence/entropy, in sorted order."""
+def _by_hand(results: list[PatientResult], *, inputs: bool = False) -> tuple[list[str], list[str], np.ndarray]:
+    """patients, features, matrix of mass_abs (RoIs but lung) + pred voxels/confidence/entropy (+ input
+    mean/std when ``inputs``), in sorted order."""
     names, rows = None, []
     for r in sorted(results, key=lambda r: r.patient_id):
         m = r.importances.filter((pl.col("stat") == "mass") & (pl.col("sign") == "abs") & (pl.col("roi") != "lung"))
         feats = {f"mass_abs|{t}|{roi}": v for t, roi, v in m.select("target", "roi", "value").iter_rows()}
         for col in ("voxels", "confidence", "entropy"):
             feats.update({f"pred_{col}|{c}": float(v) for c, v in r.predictions.select("class", col).iter_rows()})
+        for col in ("input_mean", "input_std") if inputs else ():
+            feats.update({f"{col}|{c}": float(v) for c, v in r.predictions.select("class", col).iter_rows()})
         names = names or sorted(feats)
         rows.append([feats[n] for n in names])
     return [r.patient_id for r in sorted(results, key=lambda r: r.patient_id)], names, np.array(rows)
@@ -74,10 +78,28 @@ def _knn_score(fit: np.ndarray, x: np.ndarray, k: int = 5) -> np.ndarray:
     return d.mean(axis=1)
 
 
-def test_the_default_scores_are_knn_distances_on_masses_and_prediction_features(runs) -> None:
+def test_the_default_is_the_mean_robust_z_of_one_knn_per_block_of_features(runs) -> None:
     db, written = runs
     with store.open(db) as s:
         model, scores = score_run(s, run_id="a")
+    assert model["scorer"] == "blocks" and model["feature_set"] == "mass+prediction+input"
+    patients, names, x = _by_hand(written["a"], inputs=True)
+    assert sorted(model["features"]) == names
+    z = []
+    for kinds in (("mass_abs",), ("pred_voxels", "pred_confidence", "pred_entropy"), ("input_mean", "input_std")):
+        cols = [i for i, n in enumerate(names) if n.split("|")[0] in kinds]
+        a = _knn_score(x[:, cols], x[:, cols])
+        z.append((a - np.median(a)) / stats.median_abs_deviation(a, scale="normal"))
+    mean = scores.filter(pl.col("target") == MEAN_TARGET).sort("patient_id")
+    assert mean["patient_id"].to_list() == patients
+    np.testing.assert_allclose(mean["score"].to_numpy(), np.mean(z, axis=0), rtol=1e-9)
+    assert mean["patient_id"][int(np.argmax(mean["score"].to_numpy()))] == "p03"  # the planted patient
+
+
+def test_knn_scores_are_distances_on_masses_and_prediction_features(runs) -> None:
+    db, written = runs
+    with store.open(db) as s:
+        model, scores = score_run(s, run_id="a", scorer="neighbours", feature_set="mass+prediction")
     patients, names, x = _by_hand(written["a"])
     assert model["scorer"] == "neighbours" and model["feature_set"] == "mass+prediction"
     assert sorted(model["features"]) == names and not any("|lung" in f for f in model["features"])
@@ -93,7 +115,7 @@ def test_per_class_rows_and_reasons_are_robust_z_scores_against_the_fit_cohort(r
     db, written = runs
     with store.open(db) as s:
         model, scores = score_run(s, run_id="a", reasons=2)
-    patients, names, x = _by_hand(written["a"])
+    patients, names, x = _by_hand(written["a"], inputs=True)
     med = np.median(x, axis=0)
     mad = 1.4826 * np.median(np.abs(x - med), axis=0)
     scale = np.where(mad > 0, mad, np.where(x.std(axis=0, ddof=1) > 0, x.std(axis=0, ddof=1), 1.0))
@@ -117,7 +139,8 @@ def test_rescoring_from_the_stored_model_row_gives_identical_scores(runs, tmp_pa
     shutil.copy(db, copy)
     with store.open_writer(copy, live=False) as s:
         for kwargs in ({}, {"scorer": "forest", "feature_set": "signed_mass", "seed": 4, "n_estimators": 30},
-                       {"scorer": "paper"}, {"settings": "paper"}):
+                       {"scorer": "paper"}, {"settings": "paper"},
+                       {"scorer": "blocks", "feature_set": "mass+prediction"}):
             model, scores = score_run(s, run_id="b", reference_run_id="a", **kwargs)
             s.write_anomaly(model=model, scores=scores)
             row = s.anomaly_model(model["model_id"])

@@ -107,6 +107,33 @@ def test_neighbours_among_a_subset_find_groups_of_alike_outliers_that_all_patien
     assert masked < 0.6 and found > 0.95, (masked, found)
 
 
+def test_block_ensemble_is_the_mean_robust_z_of_one_knn_per_block_by_hand():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(5)
+    names = ["mass_abs|h|a", "mass_abs|h|b", "mass_abs|h|c", "pred_voxels|h", "pred_entropy|h", "input_std|h"]
+    x = rng.normal(size=(25, 6))
+    x[4, 5] += 8.0  # the input block alone: one feature of six
+    sc = S.BlockEnsemble(feature_names=names).fit(x)
+
+    def knn(block: np.ndarray, k: int = 5) -> np.ndarray:  # mean distance to the k nearest others
+        z = np.clip(RobustScaler().fit(block).transform(block), -10, 10)
+        d = cdist(z, z)
+        np.fill_diagonal(d, np.inf)
+        return -np.sort(d, axis=1)[:, :k].mean(axis=1)
+
+    def robust_z(v: np.ndarray) -> np.ndarray:
+        med = np.median(v)
+        return (v - med) * norm.ppf(0.75) / np.median(np.abs(v - med))  # MAD scaled to a normal SD
+
+    blocks = [[0, 1, 2], [3, 4], [5]]
+    expect = np.mean([robust_z(-knn(x[:, b])) for b in blocks], axis=0)  # anomaly = minus the k-NN score
+    np.testing.assert_allclose(sc.anomaly_score(x), expect, rtol=1e-9)
+    assert int(np.argmax(sc.anomaly_score(x))) == 4  # one block's outlier is not drowned by the others
+    with pytest.raises(S.ScoringError, match="needs the names of the 6 features"):
+        S.BlockEnsemble().fit(x)
+
+
 @pytest.mark.parametrize("name", ["covariance", "neighbours"])
 def test_standardised_scorers_do_not_depend_on_the_units_of_a_feature(name, cohort):
     x = cohort.to_numpy()

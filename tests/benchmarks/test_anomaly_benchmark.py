@@ -72,7 +72,7 @@ def test_a_quick_run_goes_through_the_engine_and_writes_every_figure(tmp_path):
     assert r["features"]["patients"] == 8 and r["kinds"] == ["missing_rescale", "situs_inversus"]
     assert set(r["settings"]) == {"paper/mass", "forest/mass", "forest/prediction", "covariance/mass",
                                   "covariance/prediction", "neighbours/mass", "neighbours/prediction",
-                                  "ensemble/mass", "ensemble/prediction"}
+                                  "ensemble/mass", "ensemble/prediction", "blocks/mass", "blocks/prediction"}
     for v in r["held_out"]["per_kind"].values():
         assert v["chosen"] in r["settings"] and 0.0 <= v["roc_auc"] <= 1.0 and v["cohort_size"] == 7
         assert 1.0 <= v["median_rank"] <= 7.0

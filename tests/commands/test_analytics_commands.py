@@ -41,7 +41,7 @@ def test_import_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_anomaly_audit_graph(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["anomaly", "--run", RUN_ID, "--seed", "3", "--n-estimators", "20", "--db", str(db)]) == 0
     out = capsys.readouterr().out
-    assert "within-run" in out and "Spearman" in out and "neighbours on mass+prediction" in out
+    assert "within-run" in out and "Spearman" in out and "blocks on mass+prediction+input" in out
     with store.open(db) as s:
         models = s.frame("SELECT * FROM anomaly_models WHERE seed = 3")
         assert models.height == 1 and models["spearman_dice"][0] is not None
