@@ -401,9 +401,19 @@ def _scorer_sentence(model: Mapping[str, Any]) -> str:
         text = ("One isolation forest per class on the patients' RoI mass vectors (the paper's mode); a patient's "
                 "score is the mean over classes (higher = more anomalous explanation).")
     else:
+        from engine.analytics.scoring import FEATURE_SETS
+
+        words = {"mass_abs": "RoI masses", "mass_pos": "positive RoI masses", "mass_neg": "negative RoI masses",
+                 "mean_abs": "mean RoI importances", "pred_voxels": "what the model predicted (volume, confidence, "
+                 "entropy)", "input_mean": "the input over each predicted class (mean, spread)"}
+        kinds = FEATURE_SETS.get(str(model.get("feature_set")), ())
+        described = ", ".join(words[k] for k in kinds if k in words) or "its features"
+        how = (" One k-NN per block of features (explanation, prediction, input); a patient's score is the mean "
+               "of its robust z-scores over the blocks." if model.get("scorer") == "blocks" else "")
         text = (f"Scorer <code>{_e(model.get('scorer'))}</code> on the feature set "
-                f"<code>{_e(model.get('feature_set'))}</code> (RoI importances and what the model predicted); "
-                "higher = more anomalous. Per-class scores are the root-mean-square robust z of the class's features.")
+                f"<code>{_e(model.get('feature_set'))}</code> ({_e(described)}); "
+                f"higher = more anomalous.{how} Per-class scores are the root-mean-square robust z of the class's "
+                "features.")
     return f"<p>{text} The reasons are each patient's features furthest from the fit cohort (robust z-scores).</p>"
 
 
