@@ -144,10 +144,13 @@ class RuntimeSpec:
     max_attempts: int = 3  # a patient whose worker dies this many times is marked failed
     device: str = "auto"  # auto, cpu, cuda
     worker_timeout_s: float = 120.0  # no worker placed or answering this long: the run stops (exit 3)
+    patient_timeout_s: float = 3600.0  # one patient loading or computing this long: its worker is killed
 
     def __post_init__(self) -> None:
         if not self.worker_timeout_s > 0:
             raise JobSpecError(f"[runtime] worker_timeout_s must be positive, got {self.worker_timeout_s}")
+        if not self.patient_timeout_s > 0:
+            raise JobSpecError(f"[runtime] patient_timeout_s must be positive, got {self.patient_timeout_s}")
         if self.workers is not None and self.workers < 1:
             raise JobSpecError(f"[runtime] workers must be at least 1, got {self.workers}")
         if not 0 < self.gpus_per_worker <= 8:

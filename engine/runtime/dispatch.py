@@ -66,6 +66,7 @@ class _Entry:
     losses: int = 0  # uncharged losses while executing (node or connection lost, ambiguous deaths)
     suspect: bool = False  # run alone until it finishes
     phase: str | None = None
+    phase_at: float = 0.0  # monotonic time the current phase began (as the driver heard it)
     lost_at: float | None = None  # wall time its actor was lost, for the re-queue latency
 
     @property
@@ -202,12 +203,14 @@ class Scheduler:
         self, *, ctx: RayContext, actor_cls: Any, actor_args: tuple[Any, ...], reserve: dict[str, float],
         records: list[Mapping[str, Any]], writer: ResultWriter, bar: Progress, in_flight: int,
         max_attempts: int, max_workers: int | None, worker_timeout_s: float,
+        patient_timeout_s: float = 3600.0,
     ) -> None:
         self.ctx, self.actor_cls, self.actor_args, self.reserve = ctx, actor_cls, actor_args, reserve
         self.writer, self.bar = writer, bar
         self.in_flight, self.max_attempts = in_flight, max_attempts
         self.max_workers, self.timeout = max_workers, worker_timeout_s
         self.ping_every = min(30.0, worker_timeout_s / 4)
+        self.patient_timeout = patient_timeout_s
         self.queue: list[_Entry] = [_Entry(i, dict(r)) for i, r in enumerate(records)]  # a heap by order
         self.suspects: list[_Entry] = []
         self.actors: list[_Actor] = []
@@ -349,6 +352,13 @@ class Scheduler:
         for a in self.actors:
             if not (a.state == "loading" or (a.state == "ready" and a.inflight)):
                 continue
+            # A patient stuck in its own code (a decoder that never returns, a hung device call):
+            # the actor still answers pings, so only the patient's own clock shows it.
+            stuck = [e for e in a.inflight.values() if e.phase in EXECUTING and now - e.phase_at >= self.patient_timeout]
+            if stuck:
+                self._lost(a, None, f"killed: patient {stuck[0].pid} was {stuck[0].phase} for more than "
+                                    f"{self.patient_timeout:.0f} s ([runtime] patient_timeout_s)", timed_out=stuck)
+                continue
             silent = now - a.last_heard
             if silent >= self.timeout:
                 self._lost(a, None, f"lost: did not answer for {silent:.0f} s")
@@ -437,7 +447,7 @@ class Scheduler:
                             str(exc)[-4000:], a.info.get("worker"))
         a.last_heard = time.monotonic()
         if isinstance(value, tuple):
-            entry.phase = value[0]
+            entry.phase, entry.phase_at = value[0], time.monotonic()
             if value[0] == "loading" and entry.lost_at is not None:
                 self.requeue_latencies.append({"patient_id": entry.pid, "lost_at": entry.lost_at,
                                                "restarted_at": value[1], "actor": a.index})
@@ -465,13 +475,18 @@ class Scheduler:
         self._last_start_error = msg
         log.warning("worker %d failed to start: %s", a.index, msg)
 
-    def _lost(self, a: _Actor, exc: Exception | None, reason: str) -> None:
-        """An actor is gone: re-queue its patients at once and charge only what it was executing."""
+    def _lost(self, a: _Actor, exc: Exception | None, reason: str, *, timed_out: list[_Entry] | None = None) -> None:
+        """An actor is gone: re-queue its patients at once and charge only what it was executing.
+
+        ``timed_out``: the driver kills the actor because these patients ran past
+        ``patient_timeout_s``; that counts as the process dying while they executed.
+        """
         from ray.exceptions import ActorDiedError
 
         if a.state == "gone":
             return
-        process_died = isinstance(exc, ActorDiedError) and "node has died" not in str(exc) and not exc.preempted
+        process_died = timed_out is not None or (
+            isinstance(exc, ActorDiedError) and "node has died" not in str(exc) and not exc.preempted)
         if exc is not None:
             reason = f"{reason}: {'worker process died' if process_died else 'node or connection lost'}"
         self._retire(a, reason)
@@ -492,10 +507,14 @@ class Scheduler:
                 e.attempts += 1
                 self.charged += 1
                 if e.attempts >= self.max_attempts:
-                    self.writer.submit(e.pid, Failure(
-                        e.pid, f"its worker process died {e.attempts} times while processing this patient "
-                               f"(alone on the worker); check memory and the volume ({_last_line(exc)})",
-                        str(exc)[-4000:], a.info.get("worker")))
+                    why = (f"it ran longer than [runtime] patient_timeout_s = {self.patient_timeout:.0f} s "
+                           f"{e.attempts} times (alone on the worker, which was killed each time); check the "
+                           "volume, or raise patient_timeout_s if such a patient needs longer"
+                           if timed_out is not None else
+                           f"its worker process died {e.attempts} times while processing this patient "
+                           f"(alone on the worker); check memory and the volume ({_last_line(exc)})")
+                    self.writer.submit(e.pid, Failure(e.pid, why, str(exc)[-4000:] if exc else None,
+                                                      a.info.get("worker")))
                     continue
             else:
                 e.losses += 1

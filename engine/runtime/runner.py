@@ -189,7 +189,7 @@ def _dispatch(
             ctx=ctx, actor_cls=remote_worker_class_for(spec),
             actor_args=(spec_dict, spec.base_dir, rt.threads_per_worker), reserve=reserve, records=records,
             writer=result_writer, bar=bar, in_flight=rt.in_flight, max_attempts=rt.max_attempts,
-            max_workers=cap, worker_timeout_s=rt.worker_timeout_s,
+            max_workers=cap, worker_timeout_s=rt.worker_timeout_s, patient_timeout_s=rt.patient_timeout_s,
         )
         try:
             scheduler.run()

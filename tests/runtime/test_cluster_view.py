@@ -31,6 +31,8 @@ def test_a_node_hosts_as_many_actors_as_its_resources_fit(resources, reserve, sl
 def test_a_time_limit_that_is_not_positive_is_refused():
     with pytest.raises(JobSpecError, match="worker_timeout_s"):
         RuntimeSpec(worker_timeout_s=0)
+    with pytest.raises(JobSpecError, match="patient_timeout_s must be positive"):
+        RuntimeSpec(patient_timeout_s=-1)
 
 
 def test_joining_an_address_that_does_not_answer_gives_up_with_one_line_in_time():
