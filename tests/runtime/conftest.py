@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +87,49 @@ def assert_same_importances(stored: pl.DataFrame, reference: pl.DataFrame) -> No
     assert joined.height == reference.height == stored.height
     diff = (joined["value"] - joined["stored"]).abs() / joined["value"].abs().clip(lower_bound=1e-12)
     assert float(diff.max()) < 1e-5
+
+
+REPO = str(Path(__file__).resolve().parents[2])
+
+
+@contextlib.contextmanager
+def local_ray(hook: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A local 2-CPU Ray whose worker processes run ``tests.runtime.hooks.<hook>`` at start-up."""
+    import ray
+    from ray._private import ray_constants
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
+             log_to_driver=False, runtime_env={"worker_process_setup_hook": f"tests.runtime.hooks.{hook}",
+                                               "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                                                            # the hooks live in this repository's tests package
+                                                            "PYTHONPATH": os.pathsep.join(
+                                                                filter(None, [REPO, os.environ.get("PYTHONPATH")]))}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_with_bad_patient(tmp_path: Path, cohort: pl.DataFrame, patient_id: str, reference: pl.DataFrame,
+                         **runtime: Any) -> tuple[Any, list[str], str]:
+    """Run the cohort with one more patient (a copy of the first, named ``patient_id``) second in
+    the manifest, next to an innocent one; check that every other patient is done with the
+    reference's importances. Returns (run summary, failed patient ids, the first failure's error)."""
+    from engine import store
+    from engine.runtime import run_job
+
+    first = cohort.row(0, named=True)
+    bad = pl.DataFrame([{**first, "patient_id": patient_id}], schema=cohort.schema)
+    manifest = tmp_path / "bad.csv"
+    pl.concat([cohort.head(1), bad, cohort.slice(1)]).write_csv(manifest)
+    spec = JobSpec.from_dict(job_dict(manifest, runtime={"in_flight": 2, **runtime}, anomaly={"enabled": False}))
+    db = tmp_path / "bad.duckdb"
+    summary = run_job(spec, db=db, run_id="bad", progress=False)
+    assert summary.counts["done"] == cohort.height
+    with store.open(db) as s:
+        failed = s.patients("bad").filter(pl.col("status") == "failed")
+        imp = s.importances("bad").drop("run_id")  # type: ignore[union-attr]
+    assert_same_importances(imp, reference)
+    return summary, failed["patient_id"].to_list(), (failed["error"][0] if failed.height else "")
