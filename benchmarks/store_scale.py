@@ -23,9 +23,11 @@ staleness <= 2 s; anomaly + audit + graph <= 10 min; peak RSS <= 4 GB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,24 +174,28 @@ def timed_command(argv: list[str], *, rss_limit_gb: float, timeout: float) -> di
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     killed: list[str] = []
+    reaped = threading.Event()
 
     def watch() -> None:
-        while proc.poll() is None:
+        # Never poll() the child here: that can reap it before os.wait4 below, which then fails.
+        while not reaped.is_set():
             try:
                 with open(f"/proc/{proc.pid}/status") as fh:
                     rss_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-            except (OSError, StopIteration):
+            except (OSError, StopIteration):  # gone, or a zombie (no VmRSS) waiting to be reaped
                 return
             if rss_kb > rss_limit_gb * 2**20 or time.perf_counter() - t0 > timeout:
                 killed.append("rss" if rss_kb > rss_limit_gb * 2**20 else "timeout")
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
                 return
-            time.sleep(0.2)
+            reaped.wait(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     output = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
+    reaped.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     watcher.join()
     seconds = time.perf_counter() - t0
