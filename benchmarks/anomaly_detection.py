@@ -46,6 +46,7 @@ from engine import corruptions, phantoms  # noqa: E402
 from engine.jobs import JobSpec, read_job_file  # noqa: E402
 from engine.resources import job_file  # noqa: E402
 from engine.labels import JOINED_ROIS  # noqa: E402
+from engine.vocabulary import PREDICTION_FEATURES  # noqa: E402
 
 # ----------------------------------------------------------------------------- features through the engine
 
@@ -100,8 +101,7 @@ def patient_features(proc: Any, record: dict[str, Any]) -> dict[str, float]:
             row[f"{stat}_{sign}|{t}|{roi}"] = float(v)
     # what the model predicted and the input over each predicted class, as the engine stores them
     # (``predictions``: voxels, confidence, entropy, input_mean, input_std; null for a class not predicted)
-    for col, kind in (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
-                      ("input_mean", "input_mean"), ("input_std", "input_std")):
+    for col, kind in PREDICTION_FEATURES:
         for cls, v in res.predictions.select("class", col).iter_rows():
             if v is not None:
                 row[f"{kind}|{cls}"] = float(v)

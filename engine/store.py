@@ -31,7 +31,7 @@ import pyarrow as pa
 from engine.errors import QueryError, UserError
 from engine.results import PatientResult
 from engine.store_live import DEFAULT_HOST, LiveClient, LiveError, LiveServer, check_read_only
-from engine.vocabulary import DEFAULT_DB, SIGNS, STATS  # one owner for the names (re-exported here)
+from engine.vocabulary import DEFAULT_DB, PREDICTION_FEATURES, SIGNS, STATS  # one owner for the names
 
 #: Version of the schema below; a store of another version is refused with a one-line reason.
 SCHEMA_VERSION = 4
@@ -378,8 +378,6 @@ class Store:
                 what = "upgrade the engine to read it"
             raise StoreError(f"{self.path} holds store schema {found or 'unknown'}, this engine reads schema "
                              f"{SCHEMA_VERSION}: {what}")
-        if not self.read_only:  # stores made before the index existed get it (an index changes no result)
-            self._exec("CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id)")
 
     def close(self) -> None:
         if self._server is not None:
@@ -1115,9 +1113,6 @@ class Store:
         names = {str(i): f"{t}{self.FEATURE_SEP}{r}" for i, (t, r) in enumerate(features)}
         return wide.rename({c: names[c] for c in wide.columns if c in names})
 
-    PREDICTION_FEATURES = (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
-                           ("input_mean", "input_mean"), ("input_std", "input_std"))
-
     def prediction_wide(self, run_id: str) -> pl.DataFrame:
         """Done patients x what the model predicted, pivoted by DuckDB.
 
@@ -1133,7 +1128,7 @@ class Store:
             return pl.DataFrame(schema={"patient_id": pl.String})
         # One aggregate per (what, class), the class bound as a parameter; the aliases are indices made here.
         cols, names = [], {}
-        for what, kind in self.PREDICTION_FEATURES:
+        for what, kind in PREDICTION_FEATURES:
             for c in classes:
                 i = len(cols)
                 params[f"c{i}"] = c

@@ -16,6 +16,12 @@ SIGNS: tuple[str, ...] = ("abs", "pos", "neg")
 MEAN_TARGET = "__mean__"
 #: The store file commands use when ``--db`` is not given.
 DEFAULT_DB = "agg2exp.duckdb"
+#: Columns of the ``predictions`` table that are anomaly features, and the feature kind each becomes
+#: (the part of a feature name before the first ``|``, e.g. ``pred_entropy|liver``).
+PREDICTION_FEATURES: tuple[tuple[str, str], ...] = (
+    ("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
+    ("input_mean", "input_mean"), ("input_std", "input_std"),
+)
 
 
 
@@ -24,4 +30,4 @@ def safe_filename(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "unnamed"
 
 
-__all__ = ["DEFAULT_DB", "MEAN_TARGET", "SIGNS", "STATS", "safe_filename"]
+__all__ = ["DEFAULT_DB", "MEAN_TARGET", "PREDICTION_FEATURES", "SIGNS", "STATS", "safe_filename"]

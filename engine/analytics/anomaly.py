@@ -32,7 +32,7 @@ from sklearn.ensemble import IsolationForest
 from engine.analytics.matrix import ImportanceMatrix, SelectionError, choose_method, from_long, from_wide
 from engine.analytics.rois import RoIChoice, RoISetError, choose_rois, class_order, describe, joined_definitions
 from engine.errors import UserError
-from engine.vocabulary import MEAN_TARGET
+from engine.vocabulary import MEAN_TARGET, PREDICTION_FEATURES
 
 SCORE_COLUMNS = ("score", "raw_score", "decision", "offset")
 
@@ -478,7 +478,7 @@ def feature_frame_of(source: Any, run_id: str, *, feature_set: str, method: str,
     from engine.analytics import scoring
 
     kinds = scoring.FEATURE_SETS[feature_set]
-    from_predictions = set(scoring.PRED_KINDS) | set(scoring.INPUT_KINDS)  # kinds of the predictions table
+    from_predictions = {kind for _, kind in PREDICTION_FEATURES}  # kinds of the predictions table
     excluded = set(exclude_rois)
     if _is_store(source):
         sep = source.FEATURE_SEP

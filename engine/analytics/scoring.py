@@ -55,6 +55,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, RobustScaler
 
 from engine.errors import UserError
+from engine.vocabulary import PREDICTION_FEATURES
 
 __all__ = [
     "DEFAULT_SETTING",
@@ -114,8 +115,7 @@ def feature_frame(importances: pl.DataFrame, predictions: pl.DataFrame | None = 
     )
     wide = imp.pivot(on="feature", index="patient_id", values="value", aggregate_function="first")
     if predictions is not None and predictions.height:
-        for col, kind in (("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
-                          ("input_mean", "input_mean"), ("input_std", "input_std")):
+        for col, kind in PREDICTION_FEATURES:
             if col not in predictions.columns:
                 continue
             p = predictions.select("patient_id", (pl.lit(kind + "|") + pl.col("class")).alias("feature"),
@@ -164,6 +164,18 @@ def _as_matrix(x: Any) -> np.ndarray:
     if a.ndim != 2:
         raise ScoringError(f"expected a patients x features matrix; got shape {a.shape}")
     return a
+
+
+def _names(x: Any, given: Sequence[str] | None) -> list[str]:
+    """Feature names: a Polars frame's columns, else the ``feature_names`` a scorer was given."""
+    return list(x.columns) if isinstance(x, pl.DataFrame) else list(given or [])
+
+
+def _robust_location_scale(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the median, and 1.4826 MAD (the standard deviation where the MAD is 0, then 1)."""
+    mad = stats.median_abs_deviation(a, axis=0, scale="normal")
+    sd = a.std(axis=0, ddof=1)
+    return np.median(a, axis=0), np.where(mad > 0, mad, np.where(sd > 0, sd, 1.0))
 
 
 def _standardiser(clip: float) -> Pipeline:
@@ -292,7 +304,7 @@ class PerClassForestScorer(_Scorer):
         self.feature_names = feature_names
 
     def _long(self, x: Any) -> pl.DataFrame:
-        names = list(x.columns) if isinstance(x, pl.DataFrame) else list(self.feature_names or [])
+        names = _names(x, self.feature_names)
         a = _as_matrix(x)
         if len(names) != a.shape[1] or not all(n.startswith("mass_abs|") for n in names):
             raise ScoringError("the paper's per-class forests need mass_abs|<target>|<roi> features, named")
@@ -364,9 +376,8 @@ class BlockEnsemble(_Scorer):
         self.seed = seed
         self.feature_names = feature_names
 
-    def _blocks(self, x: Any) -> list[np.ndarray]:
-        names = list(x.columns) if isinstance(x, pl.DataFrame) else list(self.feature_names or [])
-        width = _as_matrix(x).shape[1]
+    def _blocks(self, x: Any, width: int) -> list[np.ndarray]:
+        names = _names(x, self.feature_names)
         if len(names) != width:
             raise ScoringError(f"the block ensemble needs the names of the {width} features (feature_names=)")
         kinds = [n.split("|", 1)[0] for n in names]
@@ -377,24 +388,20 @@ class BlockEnsemble(_Scorer):
         a = self._check_fit(x, 2)  # as its k-NN members
         if self.base not in ("forest", "covariance", "neighbours"):
             raise ScoringError(f"base scorer {self.base!r} of the block ensemble must be forest, covariance or neighbours")
-        self.columns_ = self._blocks(x)
+        self.columns_ = self._blocks(x, a.shape[1])
         if not self.columns_:
             raise ScoringError(f"no feature belongs to a block; kinds per block: {BLOCKS}")
         self.members_ = [make_scorer(self.base, seed=self.seed).fit(a[:, c]) for c in self.columns_]
-        self.centre_, self.scale_ = [], []
-        for m, c in zip(self.members_, self.columns_):
-            ref = m.anomaly_score(a[:, c])
-            centre = float(np.median(ref))
-            mad = float(stats.median_abs_deviation(ref, scale="normal"))
-            self.centre_.append(centre)
-            self.scale_.append(mad if mad > 0 else (float(np.std(ref, ddof=1)) or 1.0))
+        self.centre_, self.scale_ = _robust_location_scale(self._member_scores(a))
         return self
+
+    def _member_scores(self, a: np.ndarray) -> np.ndarray:
+        """Patients x blocks: each block's member's anomaly score."""
+        return np.column_stack([m.anomaly_score(a[:, c]) for m, c in zip(self.members_, self.columns_)])
 
     def score_samples(self, x: Any) -> np.ndarray:
         a = self._check_score(x)
-        z = [(m.anomaly_score(a[:, c]) - centre) / scale
-             for m, c, centre, scale in zip(self.members_, self.columns_, self.centre_, self.scale_)]
-        return -np.mean(z, axis=0)
+        return -((self._member_scores(a) - self.centre_) / self.scale_).mean(axis=1)
 
 
 #: Feature kinds grouped into the blocks of :class:`BlockEnsemble`.
@@ -459,17 +466,14 @@ class RobustProfile(BaseEstimator):
         self.feature_names = feature_names
 
     def fit(self, x: Any, y: Any = None) -> RobustProfile:
-        names = list(x.columns) if isinstance(x, pl.DataFrame) else list(self.feature_names or [])
+        names = _names(x, self.feature_names)
         a = _as_matrix(x)
         if len(names) != a.shape[1]:
             raise ScoringError(f"{a.shape[1]} features but {len(names)} names")
         if a.shape[0] < 2:
             raise ScoringError("robust z-scores need at least 2 patients in the fit cohort")
         self.names_ = names
-        self.median_ = np.median(a, axis=0)
-        scale = stats.median_abs_deviation(a, axis=0, scale="normal")
-        sd = a.std(axis=0, ddof=1)
-        self.scale_ = np.where(scale > 0, scale, np.where(sd > 0, sd, 1.0))
+        self.median_, self.scale_ = _robust_location_scale(a)
         self.targets_ = [feature_target(n) for n in names]
         return self
 
