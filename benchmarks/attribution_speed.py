@@ -6,9 +6,11 @@ tiled volumes), interleaved over ``--repeats``:
 * **Captum's segmentation recipe**: for each predicted class c, ``captum.attr.Saliency`` on
   S_c(x) = sum over the predicted mask of c of MONAI's ``sliding_window_inference(x)``_c, on the
   model as loaded (what a user writes instead of the engine);
-* **the engine, exact fp32**, in the contiguous layout (the previous default) and in the default
-  ``memory_format="auto"`` (channels_last_3d on CPUs), maps compared with Captum's (max-norm
-  relative error, goal <= 1e-5) and the ratio Captum / engine (goal >= 2.5);
+* **the engine, exact fp32**: the default (``memory_format="auto"`` = channels_last_3d on CPUs,
+  ``conv_backend="auto"`` = oneDNN convolutions, :mod:`engine.attribution.kernels`), the same
+  layout with PyTorch's own choice of convolution kernels (``conv_backend="torch"``, the previous
+  default) and the contiguous layout with PyTorch's kernels (the one before), maps compared with
+  Captum's (max-norm relative error, goal <= 1e-5) and the ratio Captum / engine (goal >= 2.5);
 * **the engine with bf16 autocast** (opt-in), its ratio to the fp32 engine (goal >= 1.8) and its
   maps' relative error;
 * **FLOP/s**: the FLOPs of one window forward and of one class VJP counted by
@@ -48,6 +50,7 @@ from monai.inferers import sliding_window_inference  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from engine.attribution import SlidingWindow, explain_volume  # noqa: E402
+from engine.attribution.kernels import conv_kernels  # noqa: E402
 from engine.labels import THORAX_CLASSES  # noqa: E402
 from engine.models import DEMO_ROI_SIZE, demo_model  # noqa: E402
 from engine.phantoms import make_phantom  # noqa: E402
@@ -107,12 +110,14 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_format, autocast: torch.dtype | None,
-               reps: int) -> dict[str, float]:
-    """FLOPs (counted) and median seconds of one window forward and one class VJP."""
+               reps: int, onednn: bool = False) -> dict[str, float]:
+    """FLOPs (counted) and median seconds of one window forward and one class VJP (with the engine's
+    oneDNN convolutions when ``onednn``; parameters frozen, as the engine runs them)."""
     model.to(memory_format=fmt)
     x = torch.rand((1, 1, *roi)).contiguous(memory_format=fmt).requires_grad_(True)
     ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else (lambda: torch.enable_grad())
-    with FlopCounterMode(display=False) as fc:
+    # FLOPs counted on PyTorch's kernels (the counter does not see oneDNN's ops; the work is the same)
+    with conv_kernels(model, False), FlopCounterMode(display=False) as fc:
         with ctx():
             out = model(x)
     fwd_flops = fc.get_total_flops()
@@ -121,6 +126,12 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
     with FlopCounterMode(display=False) as fc:
         torch.autograd.grad(out, x, seed, retain_graph=True)
     vjp_flops = fc.get_total_flops()
+    with conv_kernels(model, onednn):
+        return _timed(model, x, seed, ctx, reps, fwd_flops, vjp_flops)
+
+
+def _timed(model: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, ctx: Any, reps: int, fwd_flops: float,
+           vjp_flops: float) -> dict[str, float]:
     fwd_t, vjp_t = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -184,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         pred = sliding_window_inference(image[None], roi, 1, ref_model, overlap=args.overlap)[0].argmax(0)
     classes = torch.unique(pred).tolist()
     variants = {
-        "engine_fp32_contiguous": SlidingWindow(roi_size=roi, overlap=args.overlap, memory_format="contiguous"),
+        "engine_fp32_contiguous": SlidingWindow(roi_size=roi, overlap=args.overlap, memory_format="contiguous",
+                                                conv_backend="torch"),
+        "engine_fp32_torch_kernels": SlidingWindow(roi_size=roi, overlap=args.overlap, conv_backend="torch"),
         "engine_fp32": SlidingWindow(roi_size=roi, overlap=args.overlap),
         "engine_bf16": SlidingWindow(roi_size=roi, overlap=args.overlap, autocast=torch.bfloat16),
     }
@@ -210,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
     prim = {
         "fp32_contiguous": primitives(eng_model, roi, torch.contiguous_format, None, args.prim_reps),
-        "fp32_channels_last": primitives(eng_model, roi, torch.channels_last_3d, None, args.prim_reps),
+        "fp32_channels_last_torch_kernels": primitives(eng_model, roi, torch.channels_last_3d, None, args.prim_reps),
+        "fp32_channels_last": primitives(eng_model, roi, torch.channels_last_3d, None, args.prim_reps, onednn=True),
         "bf16_channels_last": primitives(eng_model, roi, torch.channels_last_3d, torch.bfloat16, args.prim_reps),
     }
     mm32, mm16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
@@ -226,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": med, "seconds_all": times,
         "captum_over_engine_fp32": ratio("captum", "engine_fp32"),
         "captum_over_engine_fp32_contiguous": ratio("captum", "engine_fp32_contiguous"),
-        "contiguous_over_channels_last": ratio("engine_fp32_contiguous", "engine_fp32"),
+        "captum_over_engine_fp32_torch_kernels": ratio("captum", "engine_fp32_torch_kernels"),
+        "contiguous_over_channels_last": ratio("engine_fp32_contiguous", "engine_fp32_torch_kernels"),
+        "torch_kernels_over_onednn": ratio("engine_fp32_torch_kernels", "engine_fp32"),
         "bf16_speedup_over_fp32": ratio("engine_fp32", "engine_bf16"),
         "maps_rel_err_fp32_vs_captum": rel_err(maps["engine_fp32"], maps["captum"]),
         "maps_rel_err_fp32_contiguous_vs_captum": rel_err(maps["engine_fp32_contiguous"], maps["captum"]),
+        "maps_rel_err_fp32_torch_kernels_vs_captum": rel_err(maps["engine_fp32_torch_kernels"], maps["captum"]),
         "maps_rel_err_bf16_vs_captum": rel_err(maps["engine_bf16"], maps["captum"]),
         "matmul_fp32_flop_s": mm32, "matmul_bf16_flop_s": mm16, "primitives": prim,
         "goals": {"captum_over_engine_fp32": 2.5, "maps_rel_err": 1e-5, "bf16_speedup": 1.8, "of_matmul_fp32": 0.30},
@@ -238,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         result["compile"] = compile_trial(eng_model, roi, args.prim_reps)
     g = 1e9
     print(f"\nmedian s/volume: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
-    print(f"Captum recipe / engine fp32: {result['captum_over_engine_fp32']:.2f} (goal >= 2.5; contiguous layout "
-          f"{result['captum_over_engine_fp32_contiguous']:.2f}); channels-last speed-up "
-          f"{result['contiguous_over_channels_last']:.2f}")
+    print(f"Captum recipe / engine fp32: {result['captum_over_engine_fp32']:.2f} (goal >= 2.5; with PyTorch's "
+          f"convolution kernels {result['captum_over_engine_fp32_torch_kernels']:.2f}, contiguous layout "
+          f"{result['captum_over_engine_fp32_contiguous']:.2f}); oneDNN kernels' speed-up "
+          f"{result['torch_kernels_over_onednn']:.2f}, channels-last's {result['contiguous_over_channels_last']:.2f}")
     print(f"maps vs Captum, max relative error: fp32 {result['maps_rel_err_fp32_vs_captum']:.1e} (goal <= 1e-5), "
           f"bf16 {result['maps_rel_err_bf16_vs_captum']:.1e}; bf16 speed-up over fp32 "
           f"{result['bf16_speedup_over_fp32']:.2f} (goal >= 1.8)")

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
+from engine.attribution.kernels import ConvBackend, conv_kernels, resolve_conv_backend
+
 BlendMode = Literal["constant", "gaussian", "nnunet"]
 VJPMode = Literal["auto", "loop", "batched"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
@@ -48,8 +50,9 @@ class SlidingWindow:
     ``roi_size``, ``overlap`` and ``blend`` fix the stitched prediction; ``window_batch`` (windows
     per forward), ``autocast`` (a reduced-precision dtype, or None for exact runs), ``vjp`` (how
     per-class VJPs are taken, see :func:`resolve_vjp_mode`) and ``memory_format`` (the layout of
-    the model and the window batches, see :func:`resolve_memory_format`) only change how it is
-    computed.
+    the model and the window batches, see :func:`resolve_memory_format`) and ``conv_backend`` (which
+    kernels run the 3-D convolutions, see :func:`engine.attribution.kernels.resolve_conv_backend`)
+    only change how it is computed.
     """
 
     roi_size: tuple[int, ...]
@@ -59,6 +62,7 @@ class SlidingWindow:
     autocast: torch.dtype | None = None
     vjp: VJPMode = "auto"
     memory_format: MemoryFormat = "auto"
+    conv_backend: ConvBackend = "auto"
 
     def __post_init__(self) -> None:
         roi = tuple(int(r) for r in self.roi_size)
@@ -78,6 +82,8 @@ class SlidingWindow:
             raise ValueError(f"vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {self.memory_format!r}")
+        if self.conv_backend not in ("auto", "onednn", "torch"):
+            raise ValueError(f"conv_backend must be 'auto', 'onednn' or 'torch', got {self.conv_backend!r}")
 
     def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> WindowGeometry:
@@ -90,6 +96,7 @@ class SlidingWindow:
         overlap = self.overlap if isinstance(self.overlap, (int, float)) else list(self.overlap)
         return {"roi_size": list(self.roi_size), "overlap": overlap, "blend": self.blend,
                 "window_batch": self.window_batch, "vjp": self.vjp, "memory_format": self.memory_format,
+                "conv_backend": self.conv_backend,
                 "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch.")}
 
 
@@ -231,11 +238,12 @@ def stitched_forward(model: torch.nn.Module, x: torch.Tensor, window: SlidingWin
     The result has ``x``'s dtype (autocast and the memory format only change how the windows are computed).
     """
     prepare_model(model, resolve_memory_format(window.memory_format, x.device, x.dim() - 2))
+    onednn = resolve_conv_backend(window.conv_backend, x.device)
     if window.blend in GEOMETRIES:  # a layout of another framework's inference (nnU-Net's)
         geometry = window.geometry(tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
-        with autocast(x.device, window.autocast):
+        with autocast(x.device, window.autocast), conv_kernels(model, onednn):
             return geometry_forward(model, x, geometry, window_batch=window.window_batch).to(x.dtype)
-    with torch.no_grad(), autocast(x.device, window.autocast):
+    with torch.no_grad(), autocast(x.device, window.autocast), conv_kernels(model, onednn):
         out = sliding_window_inference(
             x, window.roi_size, window.window_batch, model, overlap=window.overlap, mode=window.blend,
             padding_mode="constant", cval=0.0,
@@ -321,10 +329,9 @@ def window_gradients(
     work done (forwards = windows run, vjps = class backward passes). Batching, autocast and the
     VJP mode come from ``geometry.window``.
     """
-    window_batch, vjp, autocast_dtype = geometry.window.window_batch, geometry.window.vjp, geometry.window.autocast
     if x.dim() != 2 + len(geometry.image_size) or x.shape[0] != 1:
         raise ValueError(f"expected x of shape (1, C_in, *{geometry.image_size}), got {tuple(x.shape)}")
-    mode = resolve_vjp_mode(vjp, x.device)
+    mode = resolve_vjp_mode(geometry.window.vjp, x.device)
     fmt = resolve_memory_format(geometry.window.memory_format, x.device, len(geometry.image_size))
     prepare_model(model, fmt)
     xp = geometry.pad_input(x.detach())
@@ -334,11 +341,28 @@ def window_gradients(
     padded_maps = torch.zeros((k, x.shape[1], *geometry.padded_size), device=x.device,
                               dtype=maps.dtype) if any(geometry.pad) else maps
     counters = {"forwards": 0, "vjps": 0}
+    # oneDNN kernels for the 3-D convolutions on CPUs (PyTorch's own take its slow path for one-window
+    # batches; see engine.attribution.kernels); vmap-batched VJPs keep PyTorch's, which vmap can batch
+    onednn = resolve_conv_backend(geometry.window.conv_backend, x.device) and mode != "batched"
+    with conv_kernels(model, onednn):
+        _window_passes(model, xp, geometry, classes, seed_fn, padded_maps, counters, mode=mode, fmt=fmt,
+                       scale=scale)
+    if padded_maps is not maps:
+        maps += geometry.crop(padded_maps)
+    return maps, counters
+
+
+def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeometry, classes: Sequence[int],
+                   seed_fn: SeedFn, padded_maps: torch.Tensor, counters: dict[str, int], *, mode: str,
+                   fmt: torch.memory_format | None, scale: float) -> None:
+    """The forwards and VJPs of :func:`window_gradients`, window batch by window batch, added into
+    ``padded_maps`` (K, C_in, *padded) and counted in ``counters``."""
+    window_batch, autocast_dtype = geometry.window.window_batch, geometry.window.autocast
     for start in range(0, geometry.n_windows, window_batch):
         batch_slices = geometry.slices[start:start + window_batch]
         win = torch.cat([xp[(slice(None), slice(None), *s)] for s in batch_slices])
         win = (win if fmt is None else win.contiguous(memory_format=fmt)).requires_grad_(True)
-        with torch.enable_grad(), autocast(x.device, autocast_dtype):
+        with torch.enable_grad(), autocast(xp.device, autocast_dtype):
             logits = model(win)
         if logits.shape[2:] != win.shape[2:]:
             raise ValueError(
@@ -377,6 +401,3 @@ def window_gradients(
             for j, i in enumerate(present):
                 _add(padded_maps, i, _vjp(logits, win, seeds[j], retain=j < len(present) - 1), batch_slices)
         counters["vjps"] += len(present)
-    if padded_maps is not maps:
-        maps += geometry.crop(padded_maps)
-    return maps, counters

@@ -1,0 +1,210 @@
+"""oneDNN convolutions (engine.attribution.kernels): forward and input gradient against PyTorch's own
+kernels and autograd, the cases that must fall through untouched, and the engine's maps with either
+backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.attribution import SlidingWindow, explain_volume
+from engine.attribution.kernels import (
+    OneDNNConvolutions,
+    conv_kernels,
+    frozen_parameters,
+    onednn_available,
+    resolve_conv_backend,
+)
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+
+CL = torch.channels_last_3d
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _reference(fn, x: torch.Tensor, seed: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's kernels and autograd, outside any mode."""
+    xr = x.detach().clone().requires_grad_(True)
+    y = fn(xr, **kw)
+    (g,) = torch.autograd.grad(y, xr, seed)
+    return y.detach(), g
+
+
+def _routed(fn, x: torch.Tensor, seed: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor, int]:
+    xr = x.detach().clone().requires_grad_(True)
+    with OneDNNConvolutions() as mode:
+        y = fn(xr, **kw)
+    (g,) = torch.autograd.grad(y, xr, seed)
+    return y.detach(), g, mode.calls
+
+
+CONV_CASES = [
+    # (c_in, c_out, size, kernel, stride, padding, dilation, groups, bias)
+    (1, 8, (12, 10, 9), 3, 1, 1, 1, 1, True),
+    (8, 16, (12, 10, 9), 3, 2, 1, 1, 1, True),   # strided, odd sizes: the backward needs output padding
+    (16, 16, (7, 6, 5), 3, 1, 1, 1, 1, False),
+    (8, 8, (11, 9, 10), 3, 1, 2, 2, 1, True),    # dilated
+    (8, 12, (9, 9, 9), 3, 1, 1, 1, 4, True),     # grouped
+    (6, 4, (8, 7, 6), 1, 1, 0, 1, 1, True),      # 1x1x1
+    (4, 4, (10, 9, 8), (3, 1, 2), (2, 1, 1), (1, 0, 1), 1, 1, True),  # anisotropic
+]
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv3d_forward_and_input_gradient_equal_pytorch(case, layout):
+    c_in, c_out, size, k, stride, padding, dilation, groups, bias = case
+    g = torch.Generator().manual_seed(0)
+    ks = (k,) * 3 if isinstance(k, int) else k
+    w = torch.randn(c_out, c_in // groups, *ks, generator=g).contiguous(memory_format=layout)
+    b = torch.randn(c_out, generator=g) if bias else None
+    x = torch.randn(1, c_in, *size, generator=g).contiguous(memory_format=layout)
+    kw = dict(weight=w, bias=b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    seed = torch.randn(F.conv3d(x, **kw).shape, generator=g)
+    y_ref, g_ref = _reference(F.conv3d, x, seed, **kw)
+    y, gx, calls = _routed(F.conv3d, x, seed, **kw)
+    assert calls == 1
+    assert y.shape == y_ref.shape and gx.shape == x.shape
+    assert _rel(y, y_ref) < 1e-5
+    assert _rel(gx, g_ref) < 1e-5
+
+
+CONVT_CASES = [
+    # (c_in, c_out, size, kernel, stride, padding, output_padding, dilation, groups, bias)
+    (16, 8, (6, 5, 5), 3, 2, 1, 1, 1, 1, True),   # the UNet's up-sampling layer
+    (16, 17, (6, 5, 4), 3, 2, 1, 0, 1, 1, False),
+    (8, 8, (5, 5, 5), 3, 1, 1, 0, 1, 1, True),
+    (8, 4, (5, 6, 5), 2, 2, 0, 0, 1, 2, True),    # grouped, kernel 2
+    (4, 4, (5, 5, 5), 3, 2, 2, 1, 2, 1, True),    # dilated
+]
+
+
+@pytest.mark.parametrize("case", CONVT_CASES)
+def test_conv_transpose3d_forward_and_input_gradient_equal_pytorch(case):
+    c_in, c_out, size, k, stride, padding, out_pad, dilation, groups, bias = case
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(c_in, c_out // groups, k, k, k, generator=g).contiguous(memory_format=CL)
+    b = torch.randn(c_out, generator=g) if bias else None
+    x = torch.randn(1, c_in, *size, generator=g).contiguous(memory_format=CL)
+    kw = dict(weight=w, bias=b, stride=stride, padding=padding, output_padding=out_pad, groups=groups,
+              dilation=dilation)
+    seed = torch.randn(F.conv_transpose3d(x, **kw).shape, generator=g)
+    y_ref, g_ref = _reference(F.conv_transpose3d, x, seed, **kw)
+    y, gx, calls = _routed(F.conv_transpose3d, x, seed, **kw)
+    assert calls == 1
+    assert _rel(y, y_ref) < 1e-5
+    assert _rel(gx, g_ref) < 1e-5
+
+
+def test_modules_and_positional_arguments_are_routed_through_a_whole_network():
+    """nn.Conv3d / nn.ConvTranspose3d call F.conv3d positionally; a small encoder-decoder routes every
+    convolution, and its input gradient equals autograd's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.InstanceNorm3d(8), torch.nn.PReLU(),
+        torch.nn.Conv3d(8, 16, 3, stride=2, padding=1), torch.nn.PReLU(),
+        torch.nn.ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1), torch.nn.PReLU(),
+        torch.nn.Conv3d(8, 3, 1),
+    ).eval()
+    x = torch.randn(1, 1, 10, 12, 8)
+    seed = torch.randn(1, 3, 10, 12, 8)
+    y_ref, g_ref = _reference(net, x, seed)
+    with frozen_parameters(net):
+        y, gx, calls = _routed(net, x, seed)
+    assert calls == 4
+    assert _rel(y, y_ref) < 1e-5 and _rel(gx, g_ref) < 1e-5
+    assert all(p.requires_grad for p in net.parameters())  # flags restored
+
+
+def test_calls_it_cannot_take_fall_through_unchanged():
+    w = torch.randn(4, 2, 3, 3, 3)
+    x = torch.randn(1, 2, 6, 6, 6)
+    with OneDNNConvolutions() as mode:
+        # weights that require grad: PyTorch computes the weight gradient
+        wg = w.clone().requires_grad_(True)
+        F.conv3d(x, wg, padding=1).sum().backward()
+        assert wg.grad is not None and wg.grad.abs().sum() > 0
+        F.conv3d(x.double(), w.double(), padding=1)            # float64
+        F.conv3d(x, w, padding="same")                          # string padding
+        F.conv2d(x[:, :, 0], w[:, :, 0])                        # 2-D
+        with torch.autocast("cpu", dtype=torch.bfloat16):       # autocast: PyTorch's bf16 kernels
+            assert F.conv3d(x, w, padding=1).dtype == torch.bfloat16
+        F.conv_transpose3d(x, w.transpose(0, 1).contiguous(), stride=1, padding=2, output_padding=0,
+                           dilation=3)                          # fine, routed
+        F.conv_transpose3d(x, w.transpose(0, 1).contiguous(), stride=1, dilation=2, output_padding=1)  # op >= stride
+    assert mode.calls == 1
+
+
+def test_frozen_parameters_restores_flags_after_an_error():
+    net = torch.nn.Conv3d(1, 2, 3)
+    net.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"), frozen_parameters(net):
+        assert not net.weight.requires_grad
+        raise RuntimeError("boom")
+    assert net.weight.requires_grad and not net.bias.requires_grad
+
+
+def test_backend_resolution_and_refusals():
+    assert resolve_conv_backend("auto", "cpu") is True
+    assert resolve_conv_backend("onednn", "cpu") is True
+    assert resolve_conv_backend("torch", "cpu") is False
+    assert resolve_conv_backend("auto", "cuda") is False  # GPUs keep cuDNN
+    with pytest.raises(ValueError, match="CPUs only"):
+        resolve_conv_backend("onednn", "cuda")
+    with pytest.raises(ValueError, match="conv_backend"):
+        resolve_conv_backend("mkl", "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="conv_backend"):
+        SlidingWindow(roi_size=(8, 8, 8), conv_backend="fast")  # type: ignore[arg-type]
+    assert SlidingWindow(roi_size=(8, 8, 8)).describe()["conv_backend"] == "auto"
+
+
+def test_engine_maps_are_the_same_with_either_backend_and_the_convolutions_are_routed(monkeypatch):
+    """Saliency of every class of a MONAI UNet over overlapping windows: oneDNN vs PyTorch's kernels."""
+    from monai.networks.nets import UNet
+
+    import engine.attribution.kernels as kernels
+
+    torch.manual_seed(0)
+    model = UNet(spatial_dims=3, in_channels=1, out_channels=4, channels=(8, 16, 32), strides=(2, 2),
+                 num_res_units=1).eval()
+    image = torch.randn(1, 20, 18, 22)
+    names = [f"c{i}" for i in range(4)]
+    routed: list[int] = []
+    real = kernels.conv_kernels
+
+    def counting(model, onednn):
+        cm = real(model, onednn)
+
+        class Wrap:
+            def __enter__(self):
+                self.mode = cm.__enter__()
+                return self.mode
+
+            def __exit__(self, *exc):
+                routed.append(self.mode.calls if self.mode is not None else 0)
+                return cm.__exit__(*exc)
+        return Wrap()
+
+    import engine.attribution.sliding as sliding
+    monkeypatch.setattr(sliding, "conv_kernels", counting)
+    maps = {}
+    for backend in ("torch", "onednn"):
+        window = SlidingWindow(roi_size=(16, 16, 16), overlap=0.5, conv_backend=backend)
+        e = explain_volume(model, image, method="saliency", window=window, class_names=names, return_maps=True)
+        maps[backend] = e.maps
+    assert sum(routed) > 0
+    assert set(maps["torch"]) == set(maps["onednn"])
+    for name in maps["torch"]:
+        assert _rel(maps["onednn"][name], maps["torch"][name]) < 1e-5
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_conv_kernels_without_onednn_only_freezes():
+    net = torch.nn.Conv3d(1, 1, 3)
+    with conv_kernels(net, False) as mode:
+        assert mode is None and not net.weight.requires_grad
+    assert net.weight.requires_grad
