@@ -15,7 +15,10 @@ spent there.
 kernels ``torch.compile`` uses for CPU convolutions), with their exact adjoints as backward:
 the input gradient of a convolution is the transposed convolution of the output gradient with
 the same weight, and vice versa. Values equal PyTorch's own up to float rounding (the reduction
-order inside the kernels differs; tested at 1e-5 relative against autograd). Any other call —
+order inside the kernels differs; tested at 1e-5 relative against autograd). Where a ReLU-type
+activation's input lies within rounding of zero (an untrained network on noise), any two fp32
+kernel orders can take different branches and the gradient differs at those voxels, ~1e-5 relative
+on a test nnU-Net; float64 sides with neither. Any other call —
 weights that require grad, autocast, other devices, dtypes, ranks, string padding, tensor
 subclasses — runs PyTorch's own kernels unchanged.
 
