@@ -7,9 +7,10 @@ tiled volumes), interleaved over ``--repeats``:
   S_c(x) = sum over the predicted mask of c of MONAI's ``sliding_window_inference(x)``_c, on the
   model as loaded (what a user writes instead of the engine);
 * **the engine, exact fp32**: the default (``memory_format="auto"`` = channels_last_3d on CPUs,
-  ``conv_backend="auto"`` = oneDNN convolutions, :mod:`engine.attribution.kernels`), the same
-  layout with PyTorch's own choice of convolution kernels (``conv_backend="torch"``, the previous
-  default) and the contiguous layout with PyTorch's kernels (the one before), maps compared with
+  ``kernels="auto"`` = the engine's CPU kernels: oneDNN convolutions and PReLU's input gradient,
+  :mod:`engine.attribution.kernels`), the same layout with PyTorch's own kernels
+  (``kernels="torch"``, the previous default) and the contiguous layout with PyTorch's kernels (the
+  one before), maps compared with
   Captum's (max-norm relative error, goal <= 1e-5) and the ratio Captum / engine (goal >= 2.5);
 * **the engine with bf16 autocast** (opt-in), its ratio to the fp32 engine (goal >= 1.8) and its
   maps' relative error;
@@ -50,7 +51,7 @@ from monai.inferers import sliding_window_inference  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from engine.attribution import SlidingWindow, explain_volume  # noqa: E402
-from engine.attribution.kernels import conv_kernels  # noqa: E402
+from engine.attribution.kernels import engine_kernels  # noqa: E402
 from engine.labels import THORAX_CLASSES  # noqa: E402
 from engine.models import DEMO_ROI_SIZE, demo_model  # noqa: E402
 from engine.phantoms import make_phantom  # noqa: E402
@@ -110,14 +111,14 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_format, autocast: torch.dtype | None,
-               reps: int, onednn: bool = False) -> dict[str, float]:
+               reps: int, fast: bool = False) -> dict[str, float]:
     """FLOPs (counted) and median seconds of one window forward and one class VJP (with the engine's
-    oneDNN convolutions when ``onednn``; parameters frozen, as the engine runs them)."""
+    CPU kernels when ``fast``; parameters frozen, as the engine runs them)."""
     model.to(memory_format=fmt)
     x = torch.rand((1, 1, *roi)).contiguous(memory_format=fmt).requires_grad_(True)
     ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else (lambda: torch.enable_grad())
     # FLOPs counted on PyTorch's kernels (the counter does not see oneDNN's ops; the work is the same)
-    with conv_kernels(model, False), FlopCounterMode(display=False) as fc:
+    with engine_kernels(model, False), FlopCounterMode(display=False) as fc:
         with ctx():
             out = model(x)
     fwd_flops = fc.get_total_flops()
@@ -126,7 +127,7 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
     with FlopCounterMode(display=False) as fc:
         torch.autograd.grad(out, x, seed, retain_graph=True)
     vjp_flops = fc.get_total_flops()
-    with conv_kernels(model, onednn):
+    with engine_kernels(model, fast):
         return _timed(model, x, seed, ctx, reps, fwd_flops, vjp_flops)
 
 
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     classes = torch.unique(pred).tolist()
     variants = {
         "engine_fp32_contiguous": SlidingWindow(roi_size=roi, overlap=args.overlap, memory_format="contiguous",
-                                                conv_backend="torch"),
-        "engine_fp32_torch_kernels": SlidingWindow(roi_size=roi, overlap=args.overlap, conv_backend="torch"),
+                                                kernels="torch"),
+        "engine_fp32_torch_kernels": SlidingWindow(roi_size=roi, overlap=args.overlap, kernels="torch"),
         "engine_fp32": SlidingWindow(roi_size=roi, overlap=args.overlap),
         "engine_bf16": SlidingWindow(roi_size=roi, overlap=args.overlap, autocast=torch.bfloat16),
     }
@@ -224,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     prim = {
         "fp32_contiguous": primitives(eng_model, roi, torch.contiguous_format, None, args.prim_reps),
         "fp32_channels_last_torch_kernels": primitives(eng_model, roi, torch.channels_last_3d, None, args.prim_reps),
-        "fp32_channels_last": primitives(eng_model, roi, torch.channels_last_3d, None, args.prim_reps, onednn=True),
-        "bf16_channels_last": primitives(eng_model, roi, torch.channels_last_3d, torch.bfloat16, args.prim_reps),
+        "fp32_channels_last": primitives(eng_model, roi, torch.channels_last_3d, None, args.prim_reps, fast=True),
+        "bf16_channels_last": primitives(eng_model, roi, torch.channels_last_3d, torch.bfloat16, args.prim_reps,
+                                        fast=True),
     }
     mm32, mm16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     for name, p in prim.items():
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "captum_over_engine_fp32_contiguous": ratio("captum", "engine_fp32_contiguous"),
         "captum_over_engine_fp32_torch_kernels": ratio("captum", "engine_fp32_torch_kernels"),
         "contiguous_over_channels_last": ratio("engine_fp32_contiguous", "engine_fp32_torch_kernels"),
-        "torch_kernels_over_onednn": ratio("engine_fp32_torch_kernels", "engine_fp32"),
+        "torch_kernels_over_engine_kernels": ratio("engine_fp32_torch_kernels", "engine_fp32"),
         "bf16_speedup_over_fp32": ratio("engine_fp32", "engine_bf16"),
         "maps_rel_err_fp32_vs_captum": rel_err(maps["engine_fp32"], maps["captum"]),
         "maps_rel_err_fp32_contiguous_vs_captum": rel_err(maps["engine_fp32_contiguous"], maps["captum"]),
@@ -256,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     g = 1e9
     print(f"\nmedian s/volume: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
     print(f"Captum recipe / engine fp32: {result['captum_over_engine_fp32']:.2f} (goal >= 2.5; with PyTorch's "
-          f"convolution kernels {result['captum_over_engine_fp32_torch_kernels']:.2f}, contiguous layout "
-          f"{result['captum_over_engine_fp32_contiguous']:.2f}); oneDNN kernels' speed-up "
-          f"{result['torch_kernels_over_onednn']:.2f}, channels-last's {result['contiguous_over_channels_last']:.2f}")
+          f"kernels {result['captum_over_engine_fp32_torch_kernels']:.2f}, contiguous layout "
+          f"{result['captum_over_engine_fp32_contiguous']:.2f}); the engine's kernels' speed-up "
+          f"{result['torch_kernels_over_engine_kernels']:.2f}, channels-last's {result['contiguous_over_channels_last']:.2f}")
     print(f"maps vs Captum, max relative error: fp32 {result['maps_rel_err_fp32_vs_captum']:.1e} (goal <= 1e-5), "
           f"bf16 {result['maps_rel_err_bf16_vs_captum']:.1e}; bf16 speed-up over fp32 "
           f"{result['bf16_speedup_over_fp32']:.2f} (goal >= 1.8)")

@@ -1,30 +1,35 @@
-"""oneDNN convolutions for one-window batches on CPUs: the same values, 1.6-1.9x faster VJPs.
+"""The engine's CPU kernels: the same values as PyTorch's, 1.6-1.9x faster input gradients.
 
-PyTorch sends a CPU float32 3-D convolution to oneDNN only when its heuristic expects that to pay:
-with a batch of one and a 3x3x3 kernel it takes its own im2col path ("slow_conv3d",
-"slow_conv_transpose3d") whenever N * C * D * H <= 20480, which is every layer but the
-full-resolution ones of a typical 3-D UNet at 48-96 voxel windows. For those shapes, forward and
-input-gradient are 5-12x slower than oneDNN's on the same tensors (measured:
-``benchmarks/attribution_speed.py``, BENCHMARKS.md), and the engine always runs one window at a time
-on CPUs (``window_batch = 1``) and takes one VJP per class, so nearly all of its backward time was
-spent there.
+Two places where PyTorch's CPU defaults cost the engine most of its time, measured on the demo UNet
+(``benchmarks/attribution_speed.py``, BENCHMARKS.md):
 
-:class:`OneDNNConvolutions` is a ``TorchFunctionMode`` that routes ``conv3d`` and
-``conv_transpose3d`` calls with float32 CPU tensors and frozen weights through oneDNN
-(``torch.ops.mkldnn._convolution_pointwise`` / ``_convolution_transpose_pointwise``, the
-kernels ``torch.compile`` uses for CPU convolutions), with their exact adjoints as backward:
-the input gradient of a convolution is the transposed convolution of the output gradient with
-the same weight, and vice versa. Values equal PyTorch's own up to float rounding (the reduction
-order inside the kernels differs; tested at 1e-5 relative against autograd). Where a ReLU-type
-activation's input lies within rounding of zero (an untrained network on noise), any two fp32
-kernel orders can take different branches and the gradient differs at those voxels, ~1e-5 relative
-on a test nnU-Net; float64 sides with neither. Any other call —
-weights that require grad, autocast, other devices, dtypes, ranks, string padding, tensor
-subclasses — runs PyTorch's own kernels unchanged.
+* **Convolutions.** PyTorch sends a CPU float32 3-D convolution to oneDNN only when its heuristic
+  expects that to pay: with a batch of one and a 3x3x3 kernel it takes its own im2col path
+  ("slow_conv3d", "slow_conv_transpose3d") whenever N * C * D * H <= 20480, which is every layer but
+  the full-resolution ones of a typical 3-D UNet at 48-96 voxel windows. For those shapes forward and
+  input gradient are 5-12x slower than oneDNN's on the same tensors, and the engine runs one window
+  at a time on CPUs and takes one VJP per class. Here ``conv3d`` / ``conv_transpose3d`` calls with
+  float32 CPU tensors and frozen weights run through oneDNN (``torch.ops.mkldnn._convolution_pointwise``
+  / ``_convolution_transpose_pointwise``, the kernels ``torch.compile`` uses for CPU convolutions),
+  with their exact adjoints as backward: the input gradient of a convolution is the transposed
+  convolution of the output gradient with the same weight, and vice versa.
+* **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
+  the saved input have different memory layouts (instance norms return contiguous tensors between
+  channels-last convolutions) it falls to a scalar loop: ~1 ms per call, a quarter of a bf16 VJP.
+  With a frozen weight the input gradient alone is ``gy`` where x > 0 and ``a * gy`` elsewhere
+  (``leaky_relu_backward`` for one slope), taken on ``gy`` in the input's layout.
 
-:func:`conv_kernels` is what the engine enters around a window's forward and its VJPs: it freezes
+Values equal PyTorch's own up to float rounding (the reduction order inside the convolution kernels
+differs; the PReLU gradient is the same products). Tested at 1e-5 relative against autograd. Where
+a ReLU-type activation's input lies within rounding of zero (an untrained network on noise), any
+two fp32 kernel orders can take different branches and the gradient differs at those voxels, ~1e-5
+relative on a test nnU-Net; float64 sides with neither. Any other call (weights that require grad,
+other devices, dtypes or ranks, string padding, tensor subclasses) runs PyTorch's kernels unchanged;
+under autocast the convolutions are PyTorch's (bf16 ones already run on oneDNN) and PReLU is taken.
+
+:func:`engine_kernels` is what the engine enters around a window's forward and its VJPs: it freezes
 the model's parameters for the duration (the attribution needs input gradients only; the flags are
-restored afterwards) and enters the mode when :func:`resolve_conv_backend` says so.
+restored afterwards) and enters :class:`EngineKernels` when :func:`resolve_kernels` says so.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch.overrides import TorchFunctionMode
 
-ConvBackend = Literal["auto", "onednn", "torch"]
+Kernels = Literal["auto", "engine", "torch"]
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -54,23 +59,23 @@ def onednn_available() -> bool:
     return bool(has_ops and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
-def resolve_conv_backend(backend: ConvBackend, device: torch.device | str) -> bool:
-    """True when convolutions should run through :class:`OneDNNConvolutions`.
+def resolve_kernels(kernels: Kernels, device: torch.device | str) -> bool:
+    """True when the model should run under :class:`EngineKernels`.
 
-    ``auto``: on CPUs whose PyTorch has oneDNN; ``onednn``: the same, and an error where it cannot
-    apply; ``torch``: PyTorch's own choice of kernels everywhere.
+    ``auto``: on CPUs whose PyTorch has oneDNN; ``engine``: the same, and an error where it cannot
+    apply; ``torch``: PyTorch's own kernels everywhere.
     """
-    if backend not in ("auto", "onednn", "torch"):
-        raise ValueError(f"conv_backend must be 'auto', 'onednn' or 'torch', got {backend!r}")
-    if backend == "torch":
+    if kernels not in ("auto", "engine", "torch"):
+        raise ValueError(f"kernels must be 'auto', 'engine' or 'torch', got {kernels!r}")
+    if kernels == "torch":
         return False
     on_cpu = torch.device(device).type == "cpu"
-    if backend == "onednn" and not on_cpu:
-        raise ValueError(f"conv_backend 'onednn' runs on CPUs only, not on {torch.device(device)}; "
-                         "use conv_backend='auto' or 'torch'")
-    if backend == "onednn" and not onednn_available():
-        raise ValueError("conv_backend 'onednn' needs a PyTorch build with oneDNN (torch.backends.mkldnn); "
-                         "use conv_backend='auto' or 'torch'")
+    if kernels == "engine" and not on_cpu:
+        raise ValueError(f"kernels 'engine' run on CPUs only, not on {torch.device(device)}; "
+                         "use kernels='auto' or 'torch'")
+    if kernels == "engine" and not onednn_available():
+        raise ValueError("kernels 'engine' need a PyTorch build with oneDNN (torch.backends.mkldnn); "
+                         "use kernels='auto' or 'torch'")
     return on_cpu and onednn_available()
 
 
@@ -156,15 +161,50 @@ class _ConvTranspose3d(torch.autograd.Function):
         return gx, None, None, None, None, None, None, None
 
 
-class OneDNNConvolutions(TorchFunctionMode):
-    """Run eligible ``conv3d`` / ``conv_transpose3d`` calls through oneDNN (see the module docstring).
+def _layout_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
-    ``calls`` counts the convolutions it routed, for tests and benchmarks.
+
+class _PReLU(torch.autograd.Function):
+    """PReLU with a frozen weight; backward: the input gradient only, in the input's layout."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        y = torch.prelu(x, a)
+        ctx.save_for_backward(x.to(y.dtype), a.to(y.dtype))  # the dtypes the forward computed in
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        x, a = ctx.saved_tensors
+        gy = gy.to(x.dtype).contiguous(memory_format=_layout_of(x))
+        if a.numel() == 1:
+            return torch.ops.aten.leaky_relu_backward(gy, x, a.item(), False), None
+        slope = a.reshape(1, -1, *([1] * (x.dim() - 2)))  # one slope per channel
+        return torch.where(x > 0, gy, gy * slope), None
+
+
+def _prelu_eligible(x: Any, a: Any) -> bool:
+    return (type(x) in (torch.Tensor, torch.nn.Parameter) and type(a) in (torch.Tensor, torch.nn.Parameter)
+            and x.device.type == "cpu" and a.device.type == "cpu" and x.dim() >= 2 and not a.requires_grad
+            and x.is_floating_point() and a.is_floating_point() and (a.numel() == 1 or a.numel() == x.shape[1]))
+
+
+class EngineKernels(TorchFunctionMode):
+    """Run eligible ``conv3d`` / ``conv_transpose3d`` calls through oneDNN and ``prelu`` with a frozen
+    weight through an input-gradient-only backward (see the module docstring).
+
+    ``calls`` counts the convolutions it routed and ``prelu_calls`` the PReLUs, for tests and benchmarks.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
+        self.prelu_calls = 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -186,6 +226,11 @@ class OneDNNConvolutions(TorchFunctionMode):
                         and isinstance(a["groups"], int) and all(o < st for o, st in zip(op, s))):
                     self.calls += 1
                     return _ConvTranspose3d.apply(a["input"], a["weight"], a["bias"], s, p, op, a["groups"], d)
+        elif func is torch.prelu or func is torch.nn.functional.prelu:
+            a = _bind(("input", "weight"), args, kwargs)
+            if a is not None and _prelu_eligible(a["input"], a["weight"]):
+                self.prelu_calls += 1
+                return _PReLU.apply(a["input"], a["weight"])
         return func(*args, **kwargs)
 
 
@@ -203,12 +248,12 @@ def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def conv_kernels(model: torch.nn.Module, onednn: bool) -> Iterator[OneDNNConvolutions | None]:
-    """Frozen parameters, and :class:`OneDNNConvolutions` when ``onednn`` (from
-    :func:`resolve_conv_backend`); yields the mode (or None) so callers can read its ``calls``."""
+def engine_kernels(model: torch.nn.Module, on: bool) -> Iterator[EngineKernels | None]:
+    """Frozen parameters, and :class:`EngineKernels` when ``on`` (from :func:`resolve_kernels`);
+    yields the mode (or None) so callers can read its ``calls``."""
     with frozen_parameters(model):
-        if not onednn:
+        if not on:
             yield None
             return
-        with OneDNNConvolutions() as mode:
+        with EngineKernels() as mode:
             yield mode

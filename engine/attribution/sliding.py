@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from engine.attribution.kernels import ConvBackend, conv_kernels, resolve_conv_backend
+from engine.attribution.kernels import Kernels, engine_kernels, resolve_kernels
 
 BlendMode = Literal["constant", "gaussian", "nnunet"]
 VJPMode = Literal["auto", "loop", "batched"]
@@ -50,9 +50,9 @@ class SlidingWindow:
     ``roi_size``, ``overlap`` and ``blend`` fix the stitched prediction; ``window_batch`` (windows
     per forward), ``autocast`` (a reduced-precision dtype, or None for exact runs), ``vjp`` (how
     per-class VJPs are taken, see :func:`resolve_vjp_mode`) and ``memory_format`` (the layout of
-    the model and the window batches, see :func:`resolve_memory_format`) and ``conv_backend`` (which
-    kernels run the 3-D convolutions, see :func:`engine.attribution.kernels.resolve_conv_backend`)
-    only change how it is computed.
+    the model and the window batches, see :func:`resolve_memory_format`) and ``kernels`` (PyTorch's
+    CPU kernels or the engine's, see :func:`engine.attribution.kernels.resolve_kernels`) only change
+    how it is computed.
     """
 
     roi_size: tuple[int, ...]
@@ -62,7 +62,7 @@ class SlidingWindow:
     autocast: torch.dtype | None = None
     vjp: VJPMode = "auto"
     memory_format: MemoryFormat = "auto"
-    conv_backend: ConvBackend = "auto"
+    kernels: Kernels = "auto"
 
     def __post_init__(self) -> None:
         roi = tuple(int(r) for r in self.roi_size)
@@ -82,8 +82,8 @@ class SlidingWindow:
             raise ValueError(f"vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {self.memory_format!r}")
-        if self.conv_backend not in ("auto", "onednn", "torch"):
-            raise ValueError(f"conv_backend must be 'auto', 'onednn' or 'torch', got {self.conv_backend!r}")
+        if self.kernels not in ("auto", "engine", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'engine' or 'torch', got {self.kernels!r}")
 
     def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> WindowGeometry:
@@ -96,7 +96,7 @@ class SlidingWindow:
         overlap = self.overlap if isinstance(self.overlap, (int, float)) else list(self.overlap)
         return {"roi_size": list(self.roi_size), "overlap": overlap, "blend": self.blend,
                 "window_batch": self.window_batch, "vjp": self.vjp, "memory_format": self.memory_format,
-                "conv_backend": self.conv_backend,
+                "kernels": self.kernels,
                 "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch.")}
 
 
@@ -238,12 +238,12 @@ def stitched_forward(model: torch.nn.Module, x: torch.Tensor, window: SlidingWin
     The result has ``x``'s dtype (autocast and the memory format only change how the windows are computed).
     """
     prepare_model(model, resolve_memory_format(window.memory_format, x.device, x.dim() - 2))
-    onednn = resolve_conv_backend(window.conv_backend, x.device)
+    fast = resolve_kernels(window.kernels, x.device)
     if window.blend in GEOMETRIES:  # a layout of another framework's inference (nnU-Net's)
         geometry = window.geometry(tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
-        with autocast(x.device, window.autocast), conv_kernels(model, onednn):
+        with autocast(x.device, window.autocast), engine_kernels(model, fast):
             return geometry_forward(model, x, geometry, window_batch=window.window_batch).to(x.dtype)
-    with torch.no_grad(), autocast(x.device, window.autocast), conv_kernels(model, onednn):
+    with torch.no_grad(), autocast(x.device, window.autocast), engine_kernels(model, fast):
         out = sliding_window_inference(
             x, window.roi_size, window.window_batch, model, overlap=window.overlap, mode=window.blend,
             padding_mode="constant", cval=0.0,
@@ -341,10 +341,10 @@ def window_gradients(
     padded_maps = torch.zeros((k, x.shape[1], *geometry.padded_size), device=x.device,
                               dtype=maps.dtype) if any(geometry.pad) else maps
     counters = {"forwards": 0, "vjps": 0}
-    # oneDNN kernels for the 3-D convolutions on CPUs (PyTorch's own take its slow path for one-window
-    # batches; see engine.attribution.kernels); vmap-batched VJPs keep PyTorch's, which vmap can batch
-    onednn = resolve_conv_backend(geometry.window.conv_backend, x.device) and mode != "batched"
-    with conv_kernels(model, onednn):
+    # the engine's CPU kernels (oneDNN convolutions for one-window batches, PReLU's input gradient
+    # alone; engine.attribution.kernels); vmap-batched VJPs keep PyTorch's, which vmap can batch
+    fast = resolve_kernels(geometry.window.kernels, x.device) and mode != "batched"
+    with engine_kernels(model, fast):
         _window_passes(model, xp, geometry, classes, seed_fn, padded_maps, counters, mode=mode, fmt=fmt,
                        scale=scale)
     if padded_maps is not maps:

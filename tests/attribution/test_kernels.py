@@ -1,6 +1,6 @@
-"""oneDNN convolutions (engine.attribution.kernels): forward and input gradient against PyTorch's own
-kernels and autograd, the cases that must fall through untouched, and the engine's maps with either
-backend."""
+"""The engine's CPU kernels (engine.attribution.kernels): oneDNN convolutions and PReLU's input gradient,
+forward and input gradient against PyTorch's own kernels and autograd, the cases that must fall through
+untouched, and the engine's maps with either set of kernels."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from engine.attribution import SlidingWindow, explain_volume
 from engine.attribution.kernels import (
-    OneDNNConvolutions,
-    conv_kernels,
+    EngineKernels,
+    engine_kernels,
     frozen_parameters,
     onednn_available,
-    resolve_conv_backend,
+    resolve_kernels,
 )
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
@@ -36,7 +36,7 @@ def _reference(fn, x: torch.Tensor, seed: torch.Tensor, **kw) -> tuple[torch.Ten
 
 def _routed(fn, x: torch.Tensor, seed: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor, int]:
     xr = x.detach().clone().requires_grad_(True)
-    with OneDNNConvolutions() as mode:
+    with EngineKernels() as mode:
         y = fn(xr, **kw)
     (g,) = torch.autograd.grad(y, xr, seed)
     return y.detach(), g, mode.calls
@@ -123,7 +123,7 @@ def test_modules_and_positional_arguments_are_routed_through_a_whole_network():
 def test_calls_it_cannot_take_fall_through_unchanged():
     w = torch.randn(4, 2, 3, 3, 3)
     x = torch.randn(1, 2, 6, 6, 6)
-    with OneDNNConvolutions() as mode:
+    with EngineKernels() as mode:
         # weights that require grad: PyTorch computes the weight gradient
         wg = w.clone().requires_grad_(True)
         F.conv3d(x, wg, padding=1).sum().backward()
@@ -149,21 +149,21 @@ def test_frozen_parameters_restores_flags_after_an_error():
 
 
 def test_backend_resolution_and_refusals():
-    assert resolve_conv_backend("auto", "cpu") is True
-    assert resolve_conv_backend("onednn", "cpu") is True
-    assert resolve_conv_backend("torch", "cpu") is False
-    assert resolve_conv_backend("auto", "cuda") is False  # GPUs keep cuDNN
+    assert resolve_kernels("auto", "cpu") is True
+    assert resolve_kernels("engine", "cpu") is True
+    assert resolve_kernels("torch", "cpu") is False
+    assert resolve_kernels("auto", "cuda") is False  # GPUs keep cuDNN
     with pytest.raises(ValueError, match="CPUs only"):
-        resolve_conv_backend("onednn", "cuda")
-    with pytest.raises(ValueError, match="conv_backend"):
-        resolve_conv_backend("mkl", "cpu")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="conv_backend"):
-        SlidingWindow(roi_size=(8, 8, 8), conv_backend="fast")  # type: ignore[arg-type]
-    assert SlidingWindow(roi_size=(8, 8, 8)).describe()["conv_backend"] == "auto"
+        resolve_kernels("engine", "cuda")
+    with pytest.raises(ValueError, match="kernels must be"):
+        resolve_kernels("mkl", "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kernels"):
+        SlidingWindow(roi_size=(8, 8, 8), kernels="fast")  # type: ignore[arg-type]
+    assert SlidingWindow(roi_size=(8, 8, 8)).describe()["kernels"] == "auto"
 
 
 def test_engine_maps_are_the_same_with_either_backend_and_the_convolutions_are_routed(monkeypatch):
-    """Saliency of every class of a MONAI UNet over overlapping windows: oneDNN vs PyTorch's kernels."""
+    """Saliency of every class of a MONAI UNet over overlapping windows: the engine's vs PyTorch's kernels."""
     from monai.networks.nets import UNet
 
     import engine.attribution.kernels as kernels
@@ -174,10 +174,10 @@ def test_engine_maps_are_the_same_with_either_backend_and_the_convolutions_are_r
     image = torch.randn(1, 20, 18, 22)
     names = [f"c{i}" for i in range(4)]
     routed: list[int] = []
-    real = kernels.conv_kernels
+    real = kernels.engine_kernels
 
-    def counting(model, onednn):
-        cm = real(model, onednn)
+    def counting(model, on):
+        cm = real(model, on)
 
         class Wrap:
             def __enter__(self):
@@ -185,26 +185,72 @@ def test_engine_maps_are_the_same_with_either_backend_and_the_convolutions_are_r
                 return self.mode
 
             def __exit__(self, *exc):
-                routed.append(self.mode.calls if self.mode is not None else 0)
+                routed.append((self.mode.calls, self.mode.prelu_calls) if self.mode is not None else (0, 0))
                 return cm.__exit__(*exc)
         return Wrap()
 
     import engine.attribution.sliding as sliding
-    monkeypatch.setattr(sliding, "conv_kernels", counting)
+    monkeypatch.setattr(sliding, "engine_kernels", counting)
     maps = {}
-    for backend in ("torch", "onednn"):
-        window = SlidingWindow(roi_size=(16, 16, 16), overlap=0.5, conv_backend=backend)
+    for backend in ("torch", "engine"):
+        window = SlidingWindow(roi_size=(16, 16, 16), overlap=0.5, kernels=backend)
         e = explain_volume(model, image, method="saliency", window=window, class_names=names, return_maps=True)
         maps[backend] = e.maps
-    assert sum(routed) > 0
-    assert set(maps["torch"]) == set(maps["onednn"])
+    assert sum(c for c, _ in routed) > 0 and sum(p for _, p in routed) > 0  # MONAI's UNet has PReLUs
+    assert set(maps["torch"]) == set(maps["engine"])
     for name in maps["torch"]:
-        assert _rel(maps["onednn"][name], maps["torch"][name]) < 1e-5
+        assert _rel(maps["engine"][name], maps["torch"][name]) < 1e-5
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_conv_kernels_without_onednn_only_freezes():
+def test_engine_kernels_off_only_freezes():
     net = torch.nn.Conv3d(1, 1, 3)
-    with conv_kernels(net, False) as mode:
+    with engine_kernels(net, False) as mode:
         assert mode is None and not net.weight.requires_grad
     assert net.weight.requires_grad
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+@pytest.mark.parametrize("slopes", [1, 6])
+def test_prelu_input_gradient_equals_autograd_in_either_layout(layout, slopes):
+    """gy arrives channels-last while x is contiguous (and vice versa), as between instance norms and
+    convolutions; one slope or one per channel; exactly PyTorch's products."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 6, 7, 6, 5, generator=g)
+    x[0, 0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])  # at and next to the kink
+    x = x.contiguous(memory_format=layout)
+    a = torch.rand(slopes, generator=g)
+    other = torch.contiguous_format if layout == CL else CL
+    seed = torch.randn(x.shape, generator=g).contiguous(memory_format=other)
+    y_ref, g_ref = _reference(F.prelu, x, seed, weight=a)
+    xr = x.detach().clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = F.prelu(xr, a)
+    (gx,) = torch.autograd.grad(y, xr, seed)
+    assert mode.prelu_calls == 1
+    assert torch.equal(y, y_ref) and torch.equal(gx, g_ref)  # the same products: bitwise equal
+
+
+def test_prelu_under_bf16_autocast_and_with_a_trainable_weight():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.PReLU()).eval()
+    x = torch.randn(1, 1, 6, 6, 6)
+    seed = torch.randn(1, 4, 6, 6, 6)
+    # a trainable weight: PyTorch's PReLU, whose backward also gives the weight's gradient
+    with EngineKernels() as mode:
+        out = net(x.requires_grad_(True))
+    (out * seed).sum().backward()
+    assert mode.prelu_calls == 0 and net[1].weight.grad is not None
+    # frozen, under bf16 autocast: taken, and the same as PyTorch's bf16 PReLU
+    with frozen_parameters(net):
+        xr = x.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ref = net(xr)
+        (g_ref,) = torch.autograd.grad(y_ref, xr, seed.to(y_ref.dtype))
+        xr = x.detach().clone().requires_grad_(True)
+        with EngineKernels() as mode, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(xr)
+        (gx,) = torch.autograd.grad(y, xr, seed.to(y.dtype))
+    assert mode.prelu_calls == 1 and mode.calls == 0  # bf16 convolutions stay PyTorch's
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    assert _rel(gx.float(), g_ref.float()) < 1e-2

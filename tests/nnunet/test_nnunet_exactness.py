@@ -129,11 +129,11 @@ def test_saliency_equals_autograd_through_nnunets_predictor(folder, mirroring, m
     # The windows' mathematics, on the kernels nnU-Net's predictor runs (PyTorch's): on this untrained
     # network and a noise input some LeakyReLU inputs are within 3e-7 of zero, so two fp32 kernel
     # orders can take different branches there and the gradient jumps by ~1e-5 at those voxels.
-    window = SlidingWindow(roi_size=loaded.roi_size, overlap=loaded.overlap, blend="nnunet", conv_backend="torch")
+    window = SlidingWindow(roi_size=loaded.roi_size, overlap=loaded.overlap, blend="nnunet", kernels="torch")
     maps, work = compute_maps(loaded.module, x, prediction, classes, Saliency(), window=window)
     assert work["forwards"] == len(nnunet_geometry(x.shape[2:], loaded.roi_size).slices)
     fast, _ = compute_maps(loaded.module, x, prediction, classes, Saliency(),
-                           window=dataclasses.replace(window, conv_backend="auto"))  # oneDNN convolutions
+                           window=dataclasses.replace(window, kernels="auto"))  # oneDNN convolutions
     for i, c in enumerate(classes):
         (expected,) = torch.autograd.grad((logits[c] * (prediction == c)).sum(), xg, retain_graph=True)
         err = float((maps[i, 0].double() - expected[0]).abs().max() / expected.abs().max())
