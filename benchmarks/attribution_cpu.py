@@ -8,7 +8,10 @@ On one volume and one model this measures, per patient:
     exact seed M_c·w/Ω; then numpy aggregation with one full-volume masked sum per (class, RoI);
 (c) the irreducible work, timed as bare primitives in the same run: the clean prediction's
     forwards (no grad, one per window), then per sample and window one forward with grad and one
-    ``torch.autograd.grad`` per class present in the window (seeds built outside the timer).
+    ``torch.autograd.grad`` per class present in the window (seeds built outside the timer), in
+    the layout and on the kernels the engine uses by default (channels-last and the engine's CPU
+    kernels, :mod:`engine.attribution.kernels`), so that engine/irreducible is the engine's own
+    overhead.
 
 It prints seconds per patient (medians over ``--repeats``), engine/irreducible and
 reference/engine, the engine's cost in forward-pass equivalents (from the measured VJP/forward
@@ -47,7 +50,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from engine.attribution import SlidingWindow, explain_volume  # noqa: E402
-from engine.attribution.sliding import window_geometry  # noqa: E402
+from engine.attribution.kernels import engine_kernels, resolve_kernels  # noqa: E402
+from engine.attribution.sliding import prepare_model, resolve_memory_format, window_geometry  # noqa: E402
 from engine.labels import THORAX_CLASSES  # noqa: E402
 from engine.models import DEMO_ROI_SIZE, DEMO_WEIGHTS, demo_model  # noqa: E402
 from engine.phantoms import make_phantom  # noqa: E402
@@ -225,6 +229,16 @@ def run_irreducible(model, image, roi, overlap, samples, sigma, seed, prediction
         t[0, c] = (geo.weight / geo.overlap_weight[s]) * (pred_p[s] == c)
         return t
 
+    fmt = resolve_memory_format("auto", x.device, 3)
+    if fmt is not None:
+        prepare_model(model, fmt)
+        wins = [[w.contiguous(memory_format=fmt) for w in sample] for sample in wins]
+        clean = [w.contiguous(memory_format=fmt) for w in clean]
+    with engine_kernels(model, resolve_kernels("auto", x.device)):
+        return _time_primitives(model, clean, wins, present, seed_of)
+
+
+def _time_primitives(model, clean, wins, present, seed_of):
     fwd_times, vjp_times, total = [], [], 0.0
     with torch.no_grad():
         for w in clean:
@@ -250,7 +264,7 @@ def run_irreducible(model, image, roi, overlap, samples, sigma, seed, prediction
                 n_vjp += 1
             del out
     return total, {"forward_s": statistics.median(fwd_times), "vjp_s": statistics.median(vjp_times) if vjp_times else float("nan"),
-                   "forwards": len(clean) + len(clean) * samples, "vjps": n_vjp}
+                   "forwards": len(clean) + len(clean) * len(wins), "vjps": n_vjp}
 
 
 # ----------------------------------------------------------------------------- memory (subprocesses)
