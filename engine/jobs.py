@@ -81,6 +81,7 @@ class AttributionSpec:
     window_batch: int = 1
     class_chunk: int | None = None
     vjp: str = "auto"
+    kernels: str = "auto"  # CPU kernels: "auto"/"engine" (engine.attribution.kernels) or "torch" (PyTorch's own)
     autocast: str | None = None  # "bf16" or "fp16" on GPUs
     seed: int = 0
     save_maps: tuple[str, ...] = ()  # patient ids whose maps are written as NIfTI (source grid and affine)
@@ -113,6 +114,8 @@ class AttributionSpec:
             raise JobSpecError("[attribution] features must be 'segments' or 'cubes', cubes and cube_size at least 1")
         if self.vjp not in ("auto", "loop", "batched"):
             raise JobSpecError(f"[attribution] vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
+        if self.kernels not in ("auto", "engine", "torch"):
+            raise JobSpecError(f"[attribution] kernels must be 'auto', 'engine' or 'torch', got {self.kernels!r}")
 
     def method_options(self) -> dict[str, Any]:
         """Options of the chosen method only, as ``explain_volume`` takes them."""

@@ -215,7 +215,8 @@ class Explainer:
         if input_range is not None and hu_range is not None:
             hu_per_unit = (float(hu_range[1]) - float(hu_range[0])) / (float(input_range[1]) - float(input_range[0]))
         window = SlidingWindow(roi_size=tuple(roi_size), overlap=attribution.overlap, blend=attribution.blend,
-                               window_batch=attribution.window_batch, autocast=autocast, vjp=attribution.vjp)
+                               window_batch=attribution.window_batch, autocast=autocast, vjp=attribution.vjp,
+                               kernels=attribution.kernels)
         return cls(method=method, window=window, objective=attribution.objective, seed=attribution.seed,
                    class_chunk=attribution.class_chunk, device=device, hu_per_unit=hu_per_unit)
 

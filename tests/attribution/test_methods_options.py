@@ -83,6 +83,18 @@ def test_a_jobs_explainer_records_sigma_in_input_units_and_hu():
     # σ = 0.1 × (2 − 0) = 0.2 input units; one input unit is 2000 HU / 2 = 1000 HU, so 200 HU
     assert record["sigma_abs"] == pytest.approx(0.2) and record["sigma_hu"] == pytest.approx(200.0)
     assert record["input_range"] == [0.0, 2.0]
+    assert record["kernels"] == "auto"
+
+
+def test_a_jobs_kernels_reach_the_sliding_window():
+    from engine import models
+    from engine.job_setup import explainer_for, preprocess_for
+
+    spec = JobSpec.from_dict({"job": {"name": "k"}, "cohort": {"phantoms": 1}, "model": {"kind": "demo"},
+                              "attribution": {"kernels": "torch"}})
+    loaded = models.demo_model(weights=None)
+    explainer = explainer_for(spec, loaded, torch.device("cpu"), preprocess_for(spec, loaded))
+    assert explainer.window.kernels == "torch"
 
 
 # -------------------------------------------------------------------------------- KernelSHAP
