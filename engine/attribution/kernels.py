@@ -27,6 +27,16 @@ relative on a test nnU-Net; float64 sides with neither. Any other call (weights 
 other devices, dtypes or ranks, string padding, tensor subclasses) runs PyTorch's kernels unchanged;
 under autocast the convolutions are PyTorch's (bf16 ones already run on oneDNN) and PReLU is taken.
 
+**A guard for a PyTorch bug.** On CPUs (torch 2.13) ``instance_norm``'s backward is silently wrong
+for a batch of one when the incoming gradient is channels-last and the norm's output is not
+(``InstanceNorm`` always returns a contiguous tensor): relative errors of order 1, not rounding.
+Channels-last convolutions return channels-last gradients, and an activation's backward keeps
+that layout, so a channels-last model whose norm is followed by GELU, or by an in-place residual
+add (MONAI's ``DynUNet`` / ``UnetResBlock``, Swin UNETR's decoder), got wrong maps. With the guard
+on, every ``instance_norm`` output that requires grad is a copy whose backward hands the norm its
+gradient in the output's layout (tested against float64 on such models; the copy is one per norm
+per forward).
+
 :func:`engine_kernels` is what the engine enters around a window's forward and its VJPs: it freezes
 the model's parameters for the duration (the attribution needs input gradients only; the flags are
 restored afterwards) and enters :class:`EngineKernels` when :func:`resolve_kernels` says so.
@@ -194,21 +204,47 @@ def _prelu_eligible(x: Any, a: Any) -> bool:
             and x.is_floating_point() and a.is_floating_point() and (a.numel() == 1 or a.numel() == x.shape[1]))
 
 
-class EngineKernels(TorchFunctionMode):
-    """Run eligible ``conv3d`` / ``conv_transpose3d`` calls through oneDNN and ``prelu`` with a frozen
-    weight through an input-gradient-only backward (see the module docstring).
+class _GradInLayout(torch.autograd.Function):
+    """A copy of an instance norm's output whose backward passes the gradient on in that output's layout."""
 
-    ``calls`` counts the convolutions it routed and ``prelu_calls`` the PReLUs, for tests and benchmarks.
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:
+        ctx.layout = _layout_of(y)
+        return y.clone()  # a copy, not a view: the model may modify it in place (``out += residual``)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g.contiguous(memory_format=ctx.layout)
+
+
+class EngineKernels(TorchFunctionMode):
+    """With ``fast``, run eligible ``conv3d`` / ``conv_transpose3d`` calls through oneDNN and ``prelu``
+    with a frozen weight through an input-gradient-only backward; with ``guard``, hand every
+    ``instance_norm`` its gradient in its output's layout (see the module docstring).
+
+    ``calls`` counts the convolutions it routed, ``prelu_calls`` the PReLUs and ``guarded`` the
+    instance norms, for tests and benchmarks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fast: bool = True, guard: bool = True) -> None:
         super().__init__()
+        self.fast = fast
+        self.guard = guard
         self.calls = 0
         self.prelu_calls = 0
+        self.guarded = 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.nn.functional.instance_norm or func is torch.instance_norm:
+            out = func(*args, **kwargs)
+            if self.guard and isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+                self.guarded += 1
+                return _GradInLayout.apply(out)
+            return out
+        if not self.fast:
+            return func(*args, **kwargs)
         if func is torch.conv3d or func is torch.nn.functional.conv3d:
             a = _bind(_CONV_ARGS, args, kwargs)
             if a is not None and _eligible(a["input"], a["weight"], a["bias"]):
@@ -248,12 +284,13 @@ def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def engine_kernels(model: torch.nn.Module, on: bool) -> Iterator[EngineKernels | None]:
-    """Frozen parameters, and :class:`EngineKernels` when ``on`` (from :func:`resolve_kernels`);
-    yields the mode (or None) so callers can read its ``calls``."""
+def engine_kernels(model: torch.nn.Module, on: bool, guard: bool = True) -> Iterator[EngineKernels | None]:
+    """Frozen parameters, and :class:`EngineKernels` with its fast kernels when ``on`` (from
+    :func:`resolve_kernels`) and its instance-norm guard when ``guard`` (the engine sets it whenever
+    the model runs channels-last); yields the mode (or None) so callers can read its counters."""
     with frozen_parameters(model):
-        if not on:
+        if not (on or guard):
             yield None
             return
-        with EngineKernels() as mode:
+        with EngineKernels(fast=on, guard=guard) as mode:
             yield mode

@@ -241,9 +241,9 @@ def stitched_forward(model: torch.nn.Module, x: torch.Tensor, window: SlidingWin
     fast = resolve_kernels(window.kernels, x.device)
     if window.blend in GEOMETRIES:  # a layout of another framework's inference (nnU-Net's)
         geometry = window.geometry(tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
-        with autocast(x.device, window.autocast), engine_kernels(model, fast):
+        with autocast(x.device, window.autocast), engine_kernels(model, fast, guard=False):
             return geometry_forward(model, x, geometry, window_batch=window.window_batch).to(x.dtype)
-    with torch.no_grad(), autocast(x.device, window.autocast), engine_kernels(model, fast):
+    with torch.no_grad(), autocast(x.device, window.autocast), engine_kernels(model, fast, guard=False):
         out = sliding_window_inference(
             x, window.roi_size, window.window_batch, model, overlap=window.overlap, mode=window.blend,
             padding_mode="constant", cval=0.0,
@@ -344,7 +344,8 @@ def window_gradients(
     # the engine's CPU kernels (oneDNN convolutions for one-window batches, PReLU's input gradient
     # alone; engine.attribution.kernels); vmap-batched VJPs keep PyTorch's, which vmap can batch
     fast = resolve_kernels(geometry.window.kernels, x.device) and mode != "batched"
-    with engine_kernels(model, fast):
+    # a channels-last model needs the instance-norm guard on any kernels (a PyTorch bug; see kernels)
+    with engine_kernels(model, fast, guard=fmt == torch.channels_last_3d):
         _window_passes(model, xp, geometry, classes, seed_fn, padded_maps, counters, mode=mode, fmt=fmt,
                        scale=scale)
     if padded_maps is not maps:

@@ -176,8 +176,8 @@ def test_engine_maps_are_the_same_with_either_backend_and_the_convolutions_are_r
     routed: list[int] = []
     real = kernels.engine_kernels
 
-    def counting(model, on):
-        cm = real(model, on)
+    def counting(model, on, **kw):
+        cm = real(model, on, **kw)
 
         class Wrap:
             def __enter__(self):
@@ -205,9 +205,13 @@ def test_engine_maps_are_the_same_with_either_backend_and_the_convolutions_are_r
 
 def test_engine_kernels_off_only_freezes():
     net = torch.nn.Conv3d(1, 1, 3)
-    with engine_kernels(net, False) as mode:
+    with engine_kernels(net, False, guard=False) as mode:
         assert mode is None and not net.weight.requires_grad
     assert net.weight.requires_grad
+    with engine_kernels(net, False) as mode:  # the guard alone: PyTorch's kernels
+        assert mode is not None and not mode.fast and mode.guard
+        net(torch.randn(1, 1, 5, 5, 5))
+        assert mode.calls == 0
 
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
@@ -254,3 +258,56 @@ def test_prelu_under_bf16_autocast_and_with_a_trainable_weight():
     assert mode.prelu_calls == 1 and mode.calls == 0  # bf16 convolutions stay PyTorch's
     assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
     assert _rel(gx.float(), g_ref.float()) < 1e-2
+
+
+# ----------------------------------------------------------------------------- the instance-norm guard
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_gets_its_gradient_in_its_own_layout(affine):
+    """PyTorch's CPU instance_norm backward is wrong for a batch of one when the incoming gradient is
+    channels-last (its output is contiguous); under the guard the gradient equals the one autograd
+    gives for a contiguous gradient of the same values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 7, 6, 5, generator=g).contiguous(memory_format=CL)
+    w, b = (torch.rand(6, generator=g), torch.rand(6, generator=g)) if affine else (None, None)
+    seed = torch.randn(1, 6, 7, 6, 5, generator=g)
+    _, g_ref = _reference(F.instance_norm, x, seed, weight=w, bias=b)  # contiguous seed: right
+    xr = x.detach().clone().requires_grad_(True)
+    with EngineKernels(fast=False) as mode:
+        y = F.instance_norm(xr, weight=w, bias=b)
+    (gx,) = torch.autograd.grad(y, xr, seed.contiguous(memory_format=CL))
+    assert mode.guarded == 1
+    assert _rel(gx, g_ref) < 1e-6
+
+
+def _float64_maps(model, image, shape):
+    import copy
+
+    window = SlidingWindow(roi_size=shape, memory_format="contiguous", kernels="torch")
+    e = explain_volume(copy.deepcopy(model).double(), image.double(), method="saliency", window=window,
+                       class_names=[f"c{i}" for i in range(3)], return_maps=True)
+    return e.maps
+
+
+@pytest.mark.parametrize("arch", ["dynunet", "unet_gelu"])
+@pytest.mark.parametrize("kernels", ["engine", "torch"])
+def test_channels_last_maps_equal_float64_on_models_that_hit_the_instance_norm_bug(arch, kernels):
+    """Smooth activations (no ReLU kinks), so fp32 must be within rounding of float64. Without the
+    guard these channels-last runs were off by relative errors above 1 (BENCHMARKS.md)."""
+    from monai.networks.nets import DynUNet, UNet
+
+    torch.manual_seed(0)
+    if arch == "dynunet":  # UnetResBlock: norm, then an in-place residual add
+        model = DynUNet(3, 1, 3, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                        res_block=True, act_name="gelu").eval()
+    else:  # MONAI's UNet with GELU instead of PReLU
+        model = UNet(3, 1, 3, (8, 16, 32), (2, 2), num_res_units=1, act="gelu").eval()
+    shape = (32, 32, 32)  # large enough for PyTorch's own kernels to run some layers channels-last too
+    image = torch.rand(1, *shape)
+    ref = _float64_maps(model, image, shape)
+    window = SlidingWindow(roi_size=shape, memory_format="channels_last", kernels=kernels)
+    e = explain_volume(model, image, method="saliency", window=window, class_names=[f"c{i}" for i in range(3)],
+                       return_maps=True)
+    for name, m in e.maps.items():
+        assert _rel(m.double(), ref[name]) < 1e-4, name
