@@ -311,3 +311,19 @@ def test_channels_last_maps_equal_float64_on_models_that_hit_the_instance_norm_b
                        return_maps=True)
     for name, m in e.maps.items():
         assert _rel(m.double(), ref[name]) < 1e-4, name
+
+
+def test_the_guard_works_under_vmap_batched_vjps():
+    """vjp="batched" takes the VJPs under vmap, through the guard's backward: same maps as the loop."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    model = UNet(3, 1, 3, (8, 16, 32), (2, 2), num_res_units=1, act="gelu").eval()
+    image = torch.rand(1, 24, 24, 24)
+    maps = {}
+    for vjp in ("loop", "batched"):
+        window = SlidingWindow(roi_size=(24, 24, 24), vjp=vjp, memory_format="channels_last")
+        maps[vjp] = explain_volume(model, image, method="saliency", window=window, class_names=["a", "b", "c"],
+                                   return_maps=True).maps
+    for name in maps["loop"]:
+        assert _rel(maps["batched"][name], maps["loop"][name]) < 1e-4
