@@ -263,19 +263,22 @@ def test_prelu_under_bf16_autocast_and_with_a_trainable_weight():
 # ----------------------------------------------------------------------------- the instance-norm guard
 
 
-@pytest.mark.parametrize("affine", [False, True])
-def test_instance_norm_gets_its_gradient_in_its_own_layout(affine):
+@pytest.mark.parametrize("affine,running", [(False, False), (True, False), (True, True)])
+def test_instance_norm_gets_its_gradient_in_its_own_layout(affine, running):
     """PyTorch's CPU instance_norm backward is wrong for a batch of one when the incoming gradient is
     channels-last (its output is contiguous); under the guard the gradient equals the one autograd
     gives for a contiguous gradient of the same values."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 6, 7, 6, 5, generator=g).contiguous(memory_format=CL)
     w, b = (torch.rand(6, generator=g), torch.rand(6, generator=g)) if affine else (None, None)
+    # running statistics used in eval (track_running_stats=True): the same bug
+    stats = dict(running_mean=torch.randn(6, generator=g), running_var=torch.rand(6, generator=g) + 0.5,
+                 use_input_stats=False) if running else {}
     seed = torch.randn(1, 6, 7, 6, 5, generator=g)
-    _, g_ref = _reference(F.instance_norm, x, seed, weight=w, bias=b)  # contiguous seed: right
+    _, g_ref = _reference(F.instance_norm, x, seed, weight=w, bias=b, **stats)  # contiguous seed: right
     xr = x.detach().clone().requires_grad_(True)
     with EngineKernels(fast=False) as mode:
-        y = F.instance_norm(xr, weight=w, bias=b)
+        y = F.instance_norm(xr, weight=w, bias=b, **stats)
     (gx,) = torch.autograd.grad(y, xr, seed.contiguous(memory_format=CL))
     assert mode.guarded == 1
     assert _rel(gx, g_ref) < 1e-6
