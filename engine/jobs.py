@@ -93,6 +93,7 @@ class AttributionSpec:
     perturbation_baseline: str | float = "min"  # value removed features are set to
 
     def __post_init__(self) -> None:
+        from engine.attribution.kernels import KERNELS
         from engine.attribution.methods import canonical_name, make_method
         from engine.attribution.objectives import resolve_objective
 
@@ -114,7 +115,7 @@ class AttributionSpec:
             raise JobSpecError("[attribution] features must be 'segments' or 'cubes', cubes and cube_size at least 1")
         if self.vjp not in ("auto", "loop", "batched"):
             raise JobSpecError(f"[attribution] vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
-        if self.kernels not in ("auto", "engine", "torch"):
+        if self.kernels not in KERNELS:
             raise JobSpecError(f"[attribution] kernels must be 'auto', 'engine' or 'torch', got {self.kernels!r}")
 
     def method_options(self) -> dict[str, Any]:

@@ -46,12 +46,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 Kernels = Literal["auto", "engine", "torch"]
+#: The accepted values of ``kernels`` (``SlidingWindow``, a job's ``[attribution] kernels``).
+KERNELS: tuple[str, ...] = get_args(Kernels)
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -75,7 +77,7 @@ def resolve_kernels(kernels: Kernels, device: torch.device | str) -> bool:
     ``auto``: on CPUs whose PyTorch has oneDNN; ``engine``: the same, and an error where it cannot
     apply; ``torch``: PyTorch's own kernels everywhere.
     """
-    if kernels not in ("auto", "engine", "torch"):
+    if kernels not in KERNELS:
         raise ValueError(f"kernels must be 'auto', 'engine' or 'torch', got {kernels!r}")
     if kernels == "torch":
         return False
@@ -101,8 +103,7 @@ def _triple(v: Any) -> list[int] | None:
 def _bind(names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
     if len(args) > len(names) or any(k not in names for k in kwargs):
         return None
-    bound = {**{k: _DEFAULTS.get(k) for k in names}, **dict(zip(names, args)), **kwargs}
-    return bound
+    return {**{k: _DEFAULTS.get(k) for k in names}, **dict(zip(names, args)), **kwargs}
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -111,13 +112,16 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _plain_cpu(*tensors: Any) -> bool:
+    """Plain tensors or parameters on the CPU (subclasses such as MONAI's MetaTensor keep their dispatch)."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
+
+
 def _eligible(x: Any, w: Any, b: Any) -> bool:
     tensors = (x, w) if b is None else (x, w, b)
-    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors):  # subclasses keep theirs
+    if not _plain_cpu(*tensors) or x.dim() != 5 or w.dim() != 5 or x.is_mkldnn or w.is_mkldnn:
         return False
-    if x.device.type != "cpu" or x.dim() != 5 or w.dim() != 5 or x.is_mkldnn or w.is_mkldnn:
-        return False
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    if any(t.dtype != torch.float32 for t in tensors):
         return False
     if w.requires_grad or (b is not None and b.requires_grad):
         return False  # weight gradients are wanted: PyTorch's kernels compute them
@@ -199,9 +203,8 @@ class _PReLU(torch.autograd.Function):
 
 
 def _prelu_eligible(x: Any, a: Any) -> bool:
-    return (type(x) in (torch.Tensor, torch.nn.Parameter) and type(a) in (torch.Tensor, torch.nn.Parameter)
-            and x.device.type == "cpu" and a.device.type == "cpu" and x.dim() >= 2 and not a.requires_grad
-            and x.is_floating_point() and a.is_floating_point() and (a.numel() == 1 or a.numel() == x.shape[1]))
+    return (_plain_cpu(x, a) and x.dim() >= 2 and not a.requires_grad and x.is_floating_point()
+            and a.is_floating_point() and (a.numel() == 1 or a.numel() == x.shape[1]))
 
 
 class _GradInLayout(torch.autograd.Function):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from engine.attribution.kernels import Kernels, engine_kernels, resolve_kernels
+from engine.attribution.kernels import KERNELS, Kernels, engine_kernels, resolve_kernels
 
 BlendMode = Literal["constant", "gaussian", "nnunet"]
 VJPMode = Literal["auto", "loop", "batched"]
@@ -82,7 +82,7 @@ class SlidingWindow:
             raise ValueError(f"vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {self.memory_format!r}")
-        if self.kernels not in ("auto", "engine", "torch"):
+        if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be 'auto', 'engine' or 'torch', got {self.kernels!r}")
 
     def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu",
