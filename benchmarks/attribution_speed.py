@@ -10,8 +10,8 @@ tiled volumes), interleaved over ``--repeats``:
   ``kernels="auto"`` = the engine's CPU kernels: oneDNN convolutions and PReLU's input gradient,
   :mod:`engine.attribution.kernels`), the same layout with PyTorch's own kernels
   (``kernels="torch"``, the previous default) and the contiguous layout with PyTorch's kernels (the
-  one before), maps compared with
-  Captum's (max-norm relative error, goal <= 1e-5) and the ratio Captum / engine (goal >= 2.5);
+  one before), maps compared with Captum's (max-norm relative error, goal <= 1e-5) and the ratio
+  Captum / engine (goal >= 2.5);
 * **the engine with bf16 autocast** (opt-in), its ratio to the fp32 engine (goal >= 1.8) and its
   maps' relative error;
 * **FLOP/s**: the FLOPs of one window forward and of one class VJP counted by
@@ -117,8 +117,9 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
     model.to(memory_format=fmt)
     x = torch.rand((1, 1, *roi)).contiguous(memory_format=fmt).requires_grad_(True)
     ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else (lambda: torch.enable_grad())
+    guard = fmt == torch.channels_last_3d  # the instance-norm guard where the engine applies it
     # FLOPs counted on PyTorch's kernels (the counter does not see oneDNN's ops; the work is the same)
-    with engine_kernels(model, False), FlopCounterMode(display=False) as fc:
+    with engine_kernels(model, False, guard=guard), FlopCounterMode(display=False) as fc:
         with ctx():
             out = model(x)
     fwd_flops = fc.get_total_flops()
@@ -127,7 +128,7 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
     with FlopCounterMode(display=False) as fc:
         torch.autograd.grad(out, x, seed, retain_graph=True)
     vjp_flops = fc.get_total_flops()
-    with engine_kernels(model, fast):
+    with engine_kernels(model, fast, guard=guard):
         return _timed(model, x, seed, ctx, reps, fwd_flops, vjp_flops)
 
 
