@@ -73,7 +73,7 @@ def main() -> None:
     requeues = rep["requeues"]
     out = {
         "patients": args.patients, "done": summary.counts["done"], "failed": summary.counts["failed"],
-        "exit_code": summary.exit_code,
+        "exit_code": summary.exit_code, "attempts_charged": summary.report["attempts_charged"],
         "loss_to_detect_s": [round(r["lost_at"] - killed[0], 3) for r in requeues],
         "loss_to_restart_s": [round(r["restarted_at"] - killed[0], 3) for r in requeues],
         "dispatch_max_gap_ms": rep["dispatch_max_gap_ms"],

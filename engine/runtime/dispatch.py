@@ -10,12 +10,15 @@ Two parts that never wait on each other:
 - :class:`ResultWriter` (a thread) commits each outcome in its own transaction and reports
   progress, so a slow write never holds up dispatch.
 
-What a lost actor costs its patients: patients it had not started go back to the queue at their
-place, uncharged. If its node died (or the connection to it broke) nobody is charged. If the
-actor process died with exactly one patient executing (``loading`` or ``computing``), that
-patient is charged an attempt; with two executing, neither is charged but both become suspects,
-re-run alone on an otherwise idle actor, where a death is unambiguous. A patient charged
-``max_attempts`` times is marked failed with that reason.
+What a lost actor costs its patients. The driver's view of an actor is always a little behind:
+a phase marker, an outcome, or the start of the next patient may not have reached it when the
+process dies. So a death is charged only when it is unambiguous, with exactly one patient on the
+actor (sent and not finished, whatever phase was last heard): that patient is charged an
+attempt. With more than one, nobody is charged and all of them become suspects, each re-run
+alone on an otherwise idle actor, where a death is unambiguous. If its node died (or the
+connection to it broke) nobody is charged and its patients go back to the queue at their place.
+A patient the driver killed for running past ``patient_timeout_s`` is charged (its own clock says
+it is the one). A patient charged ``max_attempts`` times is marked failed with that reason.
 
 The run stops by itself (:attr:`Scheduler.stopped` says why) when no actor has been serving for
 ``worker_timeout_s`` while work remains, or at once when a run that started its own local Ray
@@ -371,19 +374,19 @@ class Scheduler:
         ready = [a for a in self.actors if a.state == "ready"]
         if not ready:
             return
-        drain: _Actor | None = None
+        drain: set[int] = set()
         if self.suspects:
             idle = [a for a in ready if not a.inflight]
             for a in idle:
                 if not self.suspects:
                     break
                 self._send(a, heapq.heappop(self.suspects))
-            if self.suspects:
-                # Let the least loaded actor run dry so that the next suspect runs alone.
-                candidates = [a for a in ready if not a.running_suspect]
-                drain = min(candidates, key=lambda a: len(a.inflight)) if candidates else None
+            # Let as many of the least loaded actors run dry as there are suspects left, so that
+            # each suspect soon runs alone (after a node loss there may be many).
+            candidates = sorted((a for a in ready if not a.running_suspect), key=lambda a: len(a.inflight))
+            drain = {a.index for a in candidates[:len(self.suspects)]}
         for a in sorted(ready, key=lambda a: len(a.inflight)):
-            if a is drain or a.running_suspect:
+            if a.index in drain or a.running_suspect:
                 continue
             while self.queue and len(a.inflight) < self.in_flight:
                 self._send(a, heapq.heappop(self.queue))
@@ -398,7 +401,7 @@ class Scheduler:
     # -- events -----------------------------------------------------------------------------
     def _handle(self, ref: Any) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ObjectLostError, RayActorError
 
         if ref in self._ready_refs:
             a = self._ready_refs.pop(ref)
@@ -442,6 +445,11 @@ class Scheduler:
         except RayActorError as exc:
             self._lost(a, exc, "lost")
             return
+        except ObjectLostError as exc:
+            # The outcome was computed but lived in the object store of a node that is gone:
+            # that is a lost node, not the patient's failure. Re-run it (and the actor's others).
+            self._lost(a, exc, "lost its result object")
+            return
         except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be deserialised
             value = Failure(entry.pid, f"could not receive the result: {type(exc).__name__}: {str(exc)[:300]}",
                             str(exc)[-4000:], a.info.get("worker"))
@@ -476,10 +484,12 @@ class Scheduler:
         log.warning("worker %d failed to start: %s", a.index, msg)
 
     def _lost(self, a: _Actor, exc: Exception | None, reason: str, *, timed_out: list[_Entry] | None = None) -> None:
-        """An actor is gone: re-queue its patients at once and charge only what it was executing.
+        """An actor is gone: re-queue its patients at once and charge only an unambiguous culprit.
 
         ``timed_out``: the driver kills the actor because these patients ran past
-        ``patient_timeout_s``; that counts as the process dying while they executed.
+        ``patient_timeout_s``; that charges them (their own clock implicates them), not the others.
+        Otherwise the phases the driver heard may be stale (see the module docstring): a process
+        death is charged only to a patient that was alone on the actor.
         """
         from ray.exceptions import ActorDiedError
 
@@ -494,16 +504,20 @@ class Scheduler:
         for gen in a.inflight:
             self._gens.pop(gen, None)
         a.inflight.clear()
-        executing = [e for e in entries if e.phase in EXECUTING]
+        if timed_out is not None:  # several stuck at once: ambiguous, like a death with several on it
+            culprits = timed_out if len(timed_out) == 1 else []
+            lost = [e for e in timed_out if e not in culprits]
+        elif process_died:
+            culprits = entries if len(entries) == 1 else []
+            lost = entries if len(entries) > 1 else []
+        else:  # node or connection lost: nobody is charged, but a volume that keeps killing nodes must end
+            culprits, lost = [], entries
         now = time.time()
         log.warning("worker %d %s; re-queueing %d patient(s)", a.index, reason, len(entries))
         for e in entries:
-            was_executing, e.phase, e.lost_at = e in executing, None, now
+            e.phase, e.lost_at = None, now
             self.requeued += 1
-            if not was_executing:
-                heapq.heappush(self.suspects if e.suspect else self.queue, e)
-                continue
-            if process_died and len(executing) == 1:
+            if e in culprits:
                 e.attempts += 1
                 self.charged += 1
                 if e.attempts >= self.max_attempts:
@@ -516,15 +530,16 @@ class Scheduler:
                     self.writer.submit(e.pid, Failure(e.pid, why, str(exc)[-4000:] if exc else None,
                                                       a.info.get("worker")))
                     continue
-            else:
+                e.suspect = True  # until it finishes, it runs alone
+            elif e in lost:
                 e.losses += 1
                 if e.losses >= 2 * self.max_attempts + 1:
                     self.writer.submit(e.pid, Failure(
                         e.pid, f"its worker was lost {e.losses} times while processing this patient",
                         str(exc)[-4000:] if exc else None, a.info.get("worker")))
                     continue
-            e.suspect = True
-            heapq.heappush(self.suspects, e)
+                e.suspect = e.suspect or process_died  # an ambiguous death: find the culprit alone
+            heapq.heappush(self.suspects if e.suspect else self.queue, e)
 
     # -- the report -------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

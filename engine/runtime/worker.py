@@ -3,8 +3,10 @@
 The actor is threaded (two calls at a time): while one call computes on the device under a
 lock, the next call reads and preprocesses its volume, so I/O overlaps compute. ``process`` is a
 streaming generator: it first reports the phase it enters (``loading``, ``loaded``,
-``computing``), then the outcome, so the driver knows which patient an actor was *executing*
-when it died and charges an attempt to that patient only. ``ping`` runs in its own
+``computing``), then the outcome, so the driver can time each patient's phase (a patient stuck
+past ``patient_timeout_s`` is killed and charged) and measure re-queue latency. Which patient a
+death is charged to does not rest on these markers, which a dying process may not have
+delivered (see :mod:`engine.runtime.dispatch`). ``ping`` runs in its own
 concurrency group, so an actor busy with two patients still answers it. The constructor is
 light (no engine import): an actor answers ``ping`` as soon as Ray has placed it, and loads the
 model in ``setup``, so the driver can tell "not placed" from "placed and loading". Only small
@@ -23,7 +25,8 @@ from typing import Any
 import ray
 
 
-#: Phases a patient passes through on an actor; a death in ``loading`` or ``computing`` implicates it.
+#: Phases in which a patient runs its own code on an actor; one that stays in them past
+#: ``patient_timeout_s`` is stuck.
 EXECUTING = ("loading", "computing")
 
 
