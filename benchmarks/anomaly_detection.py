@@ -69,7 +69,7 @@ def settings_key(spec: JobSpec, shape: Sequence[int], spacing: Sequence[float]) 
         "sigma": a.sigma, "objective": a.objective, "overlap": a.overlap, "blend": a.blend, "seed": a.seed,
         "preprocess": spec.to_sections().get("preprocess", {}), "model": spec.to_sections()["model"],
         "rois": spec.to_sections().get("rois", {}),
-        "features": 2,  # 2: confidence and entropy as the engine stores them, plus input_mean/input_std
+        "features": 3,  # 2: confidence and entropy as the engine stores them, plus input_mean/input_std; 3: input_local
     }
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12], settings
 

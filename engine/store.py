@@ -34,7 +34,7 @@ from engine.store_live import DEFAULT_HOST, LiveClient, LiveError, LiveServer, c
 from engine.vocabulary import DEFAULT_DB, PREDICTION_FEATURES, SIGNS, STATS  # one owner for the names
 
 #: Version of the schema below; a store of another version is refused with a one-line reason.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 PATIENT_STATUSES = ("pending", "running", "done", "failed")
 
@@ -97,7 +97,8 @@ CREATE TABLE predictions (
     confidence DOUBLE,                  -- mean softmax maximum over the class's predicted voxels
     entropy DOUBLE,                     -- mean softmax entropy (nats) over them; NULL: class not predicted
     input_mean DOUBLE,                  -- mean of the model's (preprocessed) input over them
-    input_std DOUBLE                    -- its standard deviation over them
+    input_std DOUBLE,                   -- its standard deviation over them
+    input_local DOUBLE                  -- 99.9th percentile over them of |input - its 3x3x3 mean|
 );
 CREATE TABLE importances (
     run_id VARCHAR NOT NULL,
@@ -210,6 +211,7 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
     3: ("ALTER TABLE predictions ADD COLUMN input_mean DOUBLE",
         "ALTER TABLE predictions ADD COLUMN input_std DOUBLE",
         "CREATE INDEX IF NOT EXISTS patients_patient_id ON patients (patient_id)"),
+    4: ("ALTER TABLE predictions ADD COLUMN input_local DOUBLE",),
 }
 
 #: Column order and Polars dtypes of the importances table (the long format), as readers return it.
@@ -235,6 +237,7 @@ PREDICTION_SCHEMA: dict[str, pl.DataType] = {
     "entropy": pl.Float64(),
     "input_mean": pl.Float64(),
     "input_std": pl.Float64(),
+    "input_local": pl.Float64(),
 }
 
 _KEY = ("method", "target", "roi", "stat", "sign")

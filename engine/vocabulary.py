@@ -20,7 +20,7 @@ DEFAULT_DB = "agg2exp.duckdb"
 #: (the part of a feature name before the first ``|``, e.g. ``pred_entropy|liver``).
 PREDICTION_FEATURES: tuple[tuple[str, str], ...] = (
     ("voxels", "pred_voxels"), ("confidence", "pred_confidence"), ("entropy", "pred_entropy"),
-    ("input_mean", "input_mean"), ("input_std", "input_std"),
+    ("input_mean", "input_mean"), ("input_std", "input_std"), ("input_local", "input_local"),
 )
 
 

@@ -82,6 +82,55 @@ def test_input_statistics_match_numpy_over_each_predicted_class() -> None:
         input_statistics(torch.zeros(1, 3, 3, 3), torch.zeros(2, 2, 2, dtype=torch.long), 2)
 
 
+def test_input_local_contrast_matches_scipy_uniform_filter_and_numpy_quantiles() -> None:
+    import torch
+    from scipy import ndimage
+
+    from engine.pipeline import input_local_contrast
+
+    rng = np.random.default_rng(2)
+    image = rng.normal(0.0, 1.0, size=(2, 9, 7, 8))
+    pred = rng.integers(0, 4, size=(9, 7, 8))
+    pred[pred == 2] = 1  # class 2 never predicted
+    pred[0, 0, 0] = 4  # class 4: one voxel (every quantile is that voxel)
+    voxel = image.astype(np.float32).astype(np.float64).mean(0)
+    local = np.abs(voxel - ndimage.uniform_filter(voxel, size=3, mode="nearest"))
+    for q in (0.0, 0.5, 0.9, 0.999, 1.0):
+        got = input_local_contrast(torch.from_numpy(image).float(), torch.from_numpy(pred), 6, q=q)
+        for c in (0, 1, 3, 4):
+            assert got[c] == pytest.approx(np.quantile(local[pred == c], q), rel=1e-5, abs=1e-6), (q, c)
+        assert got[2] is None and got[5] is None
+
+
+def test_input_local_contrast_sees_a_few_bright_voxels_that_the_class_mean_hides() -> None:
+    import torch
+
+    from engine.pipeline import input_local_contrast, input_statistics
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(0.0, 0.01, size=(1, 20, 20, 20))
+    pred = np.zeros((20, 20, 20), dtype=np.int64)
+    lead = image.copy()
+    lead[0, 10, 10, 5:15] = 1.0  # a wire: 10 of 8,000 voxels
+    clean = input_local_contrast(torch.from_numpy(image).float(), torch.from_numpy(pred), 1)[0]
+    wired = input_local_contrast(torch.from_numpy(lead).float(), torch.from_numpy(pred), 1)[0]
+    assert wired > 10 * clean
+    mean_clean = input_statistics(torch.from_numpy(image).float(), torch.from_numpy(pred), 1)[0][0]
+    mean_wired = input_statistics(torch.from_numpy(lead).float(), torch.from_numpy(pred), 1)[0][0]
+    assert abs(mean_wired - mean_clean) < 0.002  # the mean barely moves
+
+
+def test_input_local_contrast_refuses_bad_input() -> None:
+    import torch
+
+    from engine.pipeline import input_local_contrast
+
+    with pytest.raises(ValueError, match="same grid"):
+        input_local_contrast(torch.zeros(1, 3, 3, 3), torch.zeros(2, 2, 2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="q must be in"):
+        input_local_contrast(torch.zeros(1, 3, 3, 3), torch.zeros(3, 3, 3, dtype=torch.long), 2, q=1.5)
+
+
 def test_processor_predictions_hold_confidence_and_entropy_of_predicted_classes(tmp_path) -> None:
     manifest = phantoms.generate_cohort(tmp_path / "cohort", n_patients=1, seed=3, anomaly_fraction=0.0)
     spec = JobSpec.from_dict({"job": {"name": "conf"}, "cohort": {"manifest": str(tmp_path / "cohort" / "manifest.csv")},
@@ -96,4 +145,5 @@ def test_processor_predictions_hold_confidence_and_entropy_of_predicted_classes(
     assert ((present["entropy"] >= 0) & (present["entropy"] <= np.log(n) + 1e-9)).all()
     assert pred.filter(pl.col("voxels") == 0)["confidence"].null_count() == pred.filter(pl.col("voxels") == 0).height
     assert present["input_mean"].null_count() == 0 and (present["input_std"] >= 0).all()
+    assert present["input_local"].null_count() == 0 and (present["input_local"] >= 0).all()
     assert pred.filter(pl.col("voxels") == 0)["input_mean"].null_count() == pred.filter(pl.col("voxels") == 0).height

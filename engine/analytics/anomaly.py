@@ -496,7 +496,7 @@ def feature_frame_of(source: Any, run_id: str, *, feature_set: str, method: str,
             pred = pred.select("patient_id", *[c for c in pred.columns if c.split("|", 1)[0] in kinds])
             frame = pred if frame is None else frame.join(pred, on="patient_id", how="full", coalesce=True)
         assert frame is not None
-        return frame.sort("patient_id")
+        return _computed(frame).sort("patient_id")
     imp = source["importances"]
     pred = source.get("predictions")
     if "run_id" in imp.columns:
@@ -506,7 +506,16 @@ def feature_frame_of(source: Any, run_id: str, *, feature_set: str, method: str,
     if pred is not None and "run_id" in pred.columns:
         pred = pred.filter(pl.col("run_id") == run_id)
     wide = scoring.feature_frame(imp, pred, exclude_rois=sorted(excluded))
-    return wide.select("patient_id", *scoring.feature_columns(wide.columns, feature_set))
+    return _computed(wide.select("patient_id", *scoring.feature_columns(wide.columns, feature_set)))
+
+
+def _computed(frame: pl.DataFrame) -> pl.DataFrame:
+    """Without the feature columns null for every patient: not computed for this run (a store
+    written by an engine before that feature existed), so not evidence about anyone."""
+    if frame.height == 0:
+        return frame
+    counts = frame.null_count().row(0, named=True)
+    return frame.select([c for c in frame.columns if c == "patient_id" or counts[c] < frame.height])
 
 
 def _aligned(frame: pl.DataFrame, features: Sequence[str]) -> np.ndarray:
@@ -655,7 +664,7 @@ def rescore(source: Any, model: Mapping[str, Any], *, run_id: str | None = None)
 
 _PRED_WORDS = {"pred_voxels": "predicted volume", "pred_confidence": "prediction confidence",
                "pred_entropy": "prediction entropy", "input_mean": "input intensity",
-               "input_std": "input intensity spread"}
+               "input_std": "input intensity spread", "input_local": "input local contrast"}
 
 
 def reason_text(reason: Mapping[str, Any]) -> str:

@@ -79,8 +79,11 @@ __all__ = [
 ]
 
 PRED_KINDS = ("pred_voxels", "pred_confidence", "pred_entropy")
-#: Per predicted class: mean and standard deviation of the model's input over its voxels.
-INPUT_KINDS = ("input_mean", "input_std")
+#: Per predicted class: mean and standard deviation of the model's input over its voxels (its level),
+#: and the 99.9th percentile of the input's local contrast there (its detail: small things a mean hides).
+INPUT_LEVEL_KINDS = ("input_mean", "input_std")
+INPUT_DETAIL_KINDS = ("input_local",)
+INPUT_KINDS = (*INPUT_LEVEL_KINDS, *INPUT_DETAIL_KINDS)
 #: Feature set name -> feature kinds (the part of a feature name before the first ``|``).
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "mass": ("mass_abs",),
@@ -107,7 +110,8 @@ def feature_frame(importances: pl.DataFrame, predictions: pl.DataFrame | None = 
     """Wide patients x features frame (``patient_id`` + feature columns) from long engine frames.
 
     ``importances``: ``patient_id, target, roi, stat, sign, value`` (one method); ``predictions``:
-    ``patient_id, class, voxels`` and optionally ``confidence``, ``entropy``, ``input_mean``, ``input_std``. RoIs in
+    ``patient_id, class, voxels`` and optionally ``confidence``, ``entropy``, ``input_mean``, ``input_std``,
+    ``input_local``. RoIs in
     ``exclude_rois`` (e.g. joined RoIs, which would count their parts twice) are left out.
     """
     imp = importances.filter(~pl.col("roi").is_in(list(exclude_rois))).with_columns(
@@ -364,7 +368,7 @@ class BlockEnsemble(_Scorer):
     1.4826 MAD); higher = more normal.
 
     Blocks are groups of feature kinds (:data:`BLOCKS`: the explanation's RoI importances, what the
-    model predicted, the input over each predicted class). On the union of the blocks one distance
+    model predicted, the input's level and its local detail over each predicted class). On the union of the blocks one distance
     is dominated by the block with the most features (289 RoI masses against 34 input features);
     here each block has an equal say, and a patient far out in one block keeps that distance (a
     mean of percentiles would cap it at the cohort's edge). Needs the feature names
@@ -408,7 +412,8 @@ class BlockEnsemble(_Scorer):
 BLOCKS: tuple[tuple[str, ...], ...] = (
     ("mass_abs", "mass_pos", "mass_neg", "mean_abs"),  # the explanation
     PRED_KINDS,  # what the model predicted
-    INPUT_KINDS,  # the input over each predicted class
+    INPUT_LEVEL_KINDS,  # the input's level over each predicted class
+    INPUT_DETAIL_KINDS,  # the input's local detail there
 )
 
 SCORERS = ("paper", "forest", "covariance", "neighbours", "ensemble", "blocks")

@@ -405,10 +405,11 @@ def _scorer_sentence(model: Mapping[str, Any]) -> str:
 
         words = {"mass_abs": "RoI masses", "mass_pos": "positive RoI masses", "mass_neg": "negative RoI masses",
                  "mean_abs": "mean RoI importances", "pred_voxels": "what the model predicted (volume, confidence, "
-                 "entropy)", "input_mean": "the input over each predicted class (mean, spread)"}
+                 "entropy)", "input_mean": "the input over each predicted class (mean, spread)",
+                 "input_local": "its local contrast (small things a mean hides)"}
         kinds = FEATURE_SETS.get(str(model.get("feature_set")), ())
         described = ", ".join(words[k] for k in kinds if k in words) or "its features"
-        how = (" One k-NN per block of features (explanation, prediction, input); a patient's score is the mean "
+        how = (" One k-NN per block of features (explanation, prediction, input level, input detail); a patient's score is the mean "
                "of its robust z-scores over the blocks." if model.get("scorer") == "blocks" else "")
         text = (f"Scorer <code>{_e(model.get('scorer'))}</code> on the feature set "
                 f"<code>{_e(model.get('feature_set'))}</code> ({_e(described)}); "

@@ -34,7 +34,7 @@ def _patient(i: int, rng: np.random.Generator) -> PatientResult:
     pred = pl.DataFrame({"class": list(CLASSES), "voxels": [5000, int(rng.integers(90, 110)), int(rng.integers(190, 210))],
                          "dice": [0.99, 0.8 + 0.01 * i, 0.9], "confidence": rng.uniform(0.8, 0.99, 3),
                          "entropy": rng.uniform(0.05, 0.3, 3), "input_mean": rng.normal(0.5, 0.05, 3),
-                         "input_std": rng.uniform(0.01, 0.05, 3)})
+                         "input_std": rng.uniform(0.01, 0.05, 3), "input_local": rng.uniform(0.1, 0.2, 3)})
     return PatientResult(patient_id=f"p{i:02d}", importances=imp, predictions=pred, worker="t", seconds=1.0)
 
 
@@ -56,14 +56,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
 
 def _by_hand(results: list[PatientResult], *, inputs: bool = False) -> tuple[list[str], list[str], np.ndarray]:
     """patients, features, matrix of mass_abs (RoIs but lung) + pred voxels/confidence/entropy (+ input
-    mean/std when ``inputs``), in sorted order."""
+    mean/std/local contrast when ``inputs``), in sorted order."""
     names, rows = None, []
     for r in sorted(results, key=lambda r: r.patient_id):
         m = r.importances.filter((pl.col("stat") == "mass") & (pl.col("sign") == "abs") & (pl.col("roi") != "lung"))
         feats = {f"mass_abs|{t}|{roi}": v for t, roi, v in m.select("target", "roi", "value").iter_rows()}
         for col in ("voxels", "confidence", "entropy"):
             feats.update({f"pred_{col}|{c}": float(v) for c, v in r.predictions.select("class", col).iter_rows()})
-        for col in ("input_mean", "input_std") if inputs else ():
+        for col in ("input_mean", "input_std", "input_local") if inputs else ():
             feats.update({f"{col}|{c}": float(v) for c, v in r.predictions.select("class", col).iter_rows()})
         names = names or sorted(feats)
         rows.append([feats[n] for n in names])
@@ -86,7 +86,8 @@ def test_the_default_is_the_mean_robust_z_of_one_knn_per_block_of_features(runs)
     patients, names, x = _by_hand(written["a"], inputs=True)
     assert sorted(model["features"]) == names
     z = []
-    for kinds in (("mass_abs",), ("pred_voxels", "pred_confidence", "pred_entropy"), ("input_mean", "input_std")):
+    for kinds in (("mass_abs",), ("pred_voxels", "pred_confidence", "pred_entropy"), ("input_mean", "input_std"),
+                  ("input_local",)):
         cols = [i for i, n in enumerate(names) if n.split("|")[0] in kinds]
         a = _knn_score(x[:, cols], x[:, cols])
         z.append((a - np.median(a)) / stats.median_abs_deviation(a, scale="normal"))
@@ -173,3 +174,36 @@ def test_an_unknown_scorer_or_feature_set_is_refused_with_a_suggestion(runs) -> 
             score_run(s, run_id="a", feature_set="signed-mass")
         with pytest.raises(AnomalyError, match="masses only"):
             score_run(s, run_id="a", scorer="paper", feature_set="prediction")
+
+
+def test_a_feature_no_patient_has_is_left_out_not_scored_as_zero(tmp_path) -> None:
+    """A store written before ``input_local`` existed (upgraded in place): the column is NULL for
+    every patient, so the default scores the three blocks the run holds."""
+    from engine.analytics.anomaly import feature_frame_of
+
+    rng = np.random.default_rng(0)
+    results = [_patient(i, rng) for i in range(N)]
+    db = tmp_path / "old.duckdb"
+    with store.open_writer(db, live=False) as s:
+        s.create_run("old", config={"class_names": list(CLASSES)})
+        ids = [r.patient_id for r in results]
+        s.register_patients("old", pl.DataFrame({"patient_id": ids, "image_path": [f"/x/{p}" for p in ids]}))
+        for r in results:
+            s.write_patient("old", PatientResult(patient_id=r.patient_id, importances=r.importances,
+                                                 predictions=r.predictions.drop("input_local"), worker="t", seconds=1.0))
+    with store.open(db) as s:
+        frame = feature_frame_of(s, "old", feature_set="mass+prediction+input", method="saliency")
+        model, scores = score_run(s, run_id="old")
+    assert not any(c.startswith("input_local|") for c in frame.columns)
+    assert any(c.startswith("input_mean|") for c in frame.columns)
+    assert not any(f.startswith("input_local|") for f in model["features"])
+    patients, names, x = _by_hand(results, inputs=True)
+    keep = [i for i, n in enumerate(names) if not n.startswith("input_local|")]
+    names, x = [names[i] for i in keep], x[:, keep]
+    z = []
+    for kinds in (("mass_abs",), ("pred_voxels", "pred_confidence", "pred_entropy"), ("input_mean", "input_std")):
+        cols = [i for i, n in enumerate(names) if n.split("|")[0] in kinds]
+        a = _knn_score(x[:, cols], x[:, cols])
+        z.append((a - np.median(a)) / stats.median_abs_deviation(a, scale="normal"))
+    mean = scores.filter(pl.col("target") == MEAN_TARGET).sort("patient_id")
+    np.testing.assert_allclose(mean["score"].to_numpy(), np.mean(z, axis=0), rtol=1e-9)

@@ -93,8 +93,8 @@ def test_importances_table_has_no_key_index(writer: store.Store) -> None:
 
 
 @pytest.mark.parametrize(("version", "message"), [
-    ("2", "holds store schema 2, this engine reads schema 4: re-run the job"),
-    ("5", "holds store schema 5, this engine reads schema 4: upgrade the engine"),
+    ("2", "holds store schema 2, this engine reads schema 5: re-run the job"),
+    ("6", "holds store schema 6, this engine reads schema 5: upgrade the engine"),
 ])
 def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path: Path, version: str, message: str) -> None:
     db = tmp_path / "old.duckdb"
@@ -115,6 +115,7 @@ def _as_schema_3(db: Path) -> None:
     con.execute("DROP INDEX patients_patient_id")
     con.execute("ALTER TABLE predictions DROP COLUMN input_mean")
     con.execute("ALTER TABLE predictions DROP COLUMN input_std")
+    con.execute("ALTER TABLE predictions DROP COLUMN input_local")
     con.execute("CREATE VIEW patient_dice AS SELECT run_id, patient_id, avg(dice) AS mean_dice, count(dice) AS n_classes "
                 "FROM predictions WHERE class <> 'background' AND dice IS NOT NULL GROUP BY run_id, patient_id")
     con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
@@ -128,13 +129,13 @@ def test_a_schema_3_store_is_upgraded_in_place_by_a_writer_and_keeps_its_rows(tm
         w.register_patients(RUN, pl.DataFrame({"patient_id": ["p1", "p2"], "image_path": ["a", "b"]}))
         w.write_patient(RUN, result("p1"))
     _as_schema_3(db)
-    with pytest.raises(store.StoreError, match="schema 3, this engine reads schema 4: open it once for writing") as err:
+    with pytest.raises(store.StoreError, match="schema 3, this engine reads schema 5: open it once for writing") as err:
         store.open(db)
     assert "\n" not in str(err.value)
     with store.open_writer(db, live=False) as w:  # the upgrade
         cols = w.sql("SELECT column_name FROM information_schema.columns WHERE table_name = 'predictions'")
-        assert {"input_mean", "input_std"} <= set(cols["column_name"].to_list())
-        assert w.sql("SELECT value FROM meta WHERE key = 'schema_version'").item() == "4"
+        assert {"input_mean", "input_std", "input_local"} <= set(cols["column_name"].to_list())
+        assert w.sql("SELECT value FROM meta WHERE key = 'schema_version'").item() == "5"
         assert w._rows("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'patients'") == [
             ("patients_patient_id",)]
         w.write_patient(RUN, result("p2"))  # the run goes on after the upgrade
@@ -142,6 +143,27 @@ def test_a_schema_3_store_is_upgraded_in_place_by_a_writer_and_keeps_its_rows(tm
         assert s.table_counts(RUN)["importances"] == 2 * result("p1").importances.height
         wide = s.prediction_wide(RUN)
         assert wide.height == 2 and wide["input_mean|heart"].null_count() == 2  # not computed before
+
+
+def test_a_schema_4_store_gains_the_local_contrast_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "v4.duckdb"
+    with store.open_writer(db, live=False) as w:
+        w.create_run(RUN, config={}, job_name="t")
+        w.register_patients(RUN, pl.DataFrame({"patient_id": ["p1", "p2"], "image_path": ["a", "b"]}))
+        w.write_patient(RUN, result("p1"))
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE predictions DROP COLUMN input_local")
+    con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(store.StoreError, match="schema 4, this engine reads schema 5"):
+        store.open(db)
+    with store.open_writer(db, live=False) as w:
+        assert w.sql("SELECT value FROM meta WHERE key = 'schema_version'").item() == "5"
+        w.write_patient(RUN, result("p2"))
+    with store.open(db) as s:
+        wide = s.prediction_wide(RUN)
+        assert wide.height == 2 and wide["pred_voxels|heart"].null_count() == 0  # the old row is kept
+        assert wide["input_local|heart"].null_count() == 2  # the fixture's results do not carry it
 
 
 def test_a_duckdb_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
@@ -326,3 +348,15 @@ def test_prediction_wide_holds_the_input_statistics_of_each_class(writer: store.
     classes = r1.predictions["class"].to_list()
     assert row[f"input_mean|{classes[1]}"] == 0.6 and row[f"input_std|{classes[3]}"] == 0.05
     assert row[f"input_mean|{classes[2]}"] is None
+
+
+def test_prediction_wide_holds_the_local_contrast_of_each_class(writer: store.Store) -> None:
+    import dataclasses
+
+    r1 = result("p1")
+    r1 = dataclasses.replace(r1, predictions=r1.predictions.with_columns(
+        pl.Series("input_local", [0.2, 0.9, None, 0.4])))
+    writer.write_patient(RUN, r1)
+    row = writer.prediction_wide(RUN).row(0, named=True)
+    classes = r1.predictions["class"].to_list()
+    assert row[f"input_local|{classes[1]}"] == 0.9 and row[f"input_local|{classes[2]}"] is None
