@@ -94,7 +94,7 @@ class Synth:
         pred = pl.DataFrame({"class": self.classes, "voxels": rng.integers(1_000, 500_000, k),
                              "dice": dice, "iou": dice / (2 - dice), "confidence": rng.uniform(0.8, 1.0, k),
                              "entropy": rng.uniform(0.0, 0.5, k), "input_mean": rng.normal(0.5, 0.1, k),
-                             "input_std": rng.uniform(0.01, 0.1, k)})
+                             "input_std": rng.uniform(0.01, 0.1, k), "input_local": rng.uniform(0.05, 0.3, k)})
         return PatientResult(patient_id=pid, importances=imp, predictions=pred, worker="bench", seconds=1.0)
 
 

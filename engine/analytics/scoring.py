@@ -368,8 +368,9 @@ class BlockEnsemble(_Scorer):
     1.4826 MAD); higher = more normal.
 
     Blocks are groups of feature kinds (:data:`BLOCKS`: the explanation's RoI importances, what the
-    model predicted, the input's level and its local detail over each predicted class). On the union of the blocks one distance
-    is dominated by the block with the most features (289 RoI masses against 34 input features);
+    model predicted, the input's level and its local detail over each predicted class). On the union
+    of the blocks one distance is dominated by the block with the most features (289 RoI masses
+    against 51 input features);
     here each block has an equal say, and a patient far out in one block keeps that distance (a
     mean of percentiles would cap it at the cohort's edge). Needs the feature names
     (``feature_names``, or a Polars frame).
@@ -418,8 +419,8 @@ BLOCKS: tuple[tuple[str, ...], ...] = (
 
 SCORERS = ("paper", "forest", "covariance", "neighbours", "ensemble", "blocks")
 #: (scorer, feature set): among the settings that use the explanation, the one benchmarks/anomaly_detection.py
-#: chooses on every held-out kind (BENCHMARKS.md: one k-NN per block - RoI masses, prediction, input -
-#: combined as robust z-scores). The paper's mode is ("paper", "mass").
+#: chooses on every held-out kind (BENCHMARKS.md: one k-NN per block - RoI masses, prediction, the input's
+#: level, its local detail - combined as robust z-scores). The paper's mode is ("paper", "mass").
 DEFAULT_SETTING: tuple[str, str] = ("blocks", "mass+prediction+input")
 
 

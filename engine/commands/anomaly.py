@@ -47,9 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser(
         "anomaly", help="score patients' explanations and predictions for anomalies, with reasons",
         description=("Score every done patient of a run (higher = more anomalous) and store the scores, the model "
-                     "(enough to rescore later) and each patient's top reasons. Default: k-nearest-neighbour "
-                     "distance on RoI masses + what the model predicted (chosen on held-out anomaly kinds, see "
-                     "BENCHMARKS.md); --settings paper: the paper's per-class isolation forests on masses."),
+                     "(enough to rescore later) and each patient's top reasons. Default: the block ensemble, one "
+                     "k-nearest-neighbour score per block of features (RoI masses, what the model predicted, the "
+                     "input's level and its local detail) averaged as robust z-scores (chosen on held-out anomaly "
+                     "kinds, see BENCHMARKS.md); --settings paper: the paper's per-class isolation forests on masses."),
     )
     p.add_argument("--run", default=None, help="run to score (default the latest run)")
     p.add_argument("--reference-run", default=None, help="fit the forests on this run instead of the scored one")
@@ -61,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--scorer", default=None,
                    help="scorer (default 'blocks'; 'paper' under --settings paper): 'paper' = one isolation "
                         "forest per class, 'forest' = one on all features, 'covariance', 'neighbours', 'ensemble', "
-                        "'blocks' = one k-NN per block of features (masses, prediction, input), robust z-scores averaged")
+                        "'blocks' = one k-NN per block of features (masses, prediction, input level, input detail), "
+                        "robust z-scores averaged")
     p.add_argument("--feature-set", default=None,
                    help="features: mass, signed_mass, mean, prediction, input, mass+prediction, prediction+input, "
                         "mass+prediction+input (default 'mass+prediction+input'; 'mass' for the paper's scorer)")
