@@ -122,12 +122,17 @@ def _as_schema_3(db: Path) -> None:
     con.close()
 
 
-def test_a_schema_3_store_is_upgraded_in_place_by_a_writer_and_keeps_its_rows(tmp_path: Path) -> None:
-    db = tmp_path / "v3.duckdb"
+def _store_with_one_of_two_patients(db: Path) -> Path:
+    """A new store whose run registered p1 and p2 and holds p1's results."""
     with store.open_writer(db, live=False) as w:
         w.create_run(RUN, config={}, job_name="t")
         w.register_patients(RUN, pl.DataFrame({"patient_id": ["p1", "p2"], "image_path": ["a", "b"]}))
         w.write_patient(RUN, result("p1"))
+    return db
+
+
+def test_a_schema_3_store_is_upgraded_in_place_by_a_writer_and_keeps_its_rows(tmp_path: Path) -> None:
+    db = _store_with_one_of_two_patients(tmp_path / "v3.duckdb")
     _as_schema_3(db)
     with pytest.raises(store.StoreError, match="schema 3, this engine reads schema 5: open it once for writing") as err:
         store.open(db)
@@ -146,11 +151,7 @@ def test_a_schema_3_store_is_upgraded_in_place_by_a_writer_and_keeps_its_rows(tm
 
 
 def test_a_schema_4_store_gains_the_local_contrast_column_and_keeps_its_rows(tmp_path: Path) -> None:
-    db = tmp_path / "v4.duckdb"
-    with store.open_writer(db, live=False) as w:
-        w.create_run(RUN, config={}, job_name="t")
-        w.register_patients(RUN, pl.DataFrame({"patient_id": ["p1", "p2"], "image_path": ["a", "b"]}))
-        w.write_patient(RUN, result("p1"))
+    db = _store_with_one_of_two_patients(tmp_path / "v4.duckdb")
     con = duckdb.connect(str(db))
     con.execute("ALTER TABLE predictions DROP COLUMN input_local")
     con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
