@@ -162,11 +162,8 @@ def input_statistics(image: Any, prediction: Any, n_classes: int) -> tuple[list[
     import torch
 
     with torch.no_grad():
-        values = image.detach().double().mean(dim=0).flatten()  # on the image's device, where it already is
-        labels = prediction.to(values.device).flatten().long()
-        if values.numel() != labels.numel():
-            raise ValueError(f"input of {values.numel()} voxels per channel and prediction of {labels.numel()} "
-                             "voxels are not on the same grid")
+        voxels, labels = _on_grid(image, prediction, torch.float64)
+        values = voxels.flatten()
         n = n_classes
         counts = torch.bincount(labels, minlength=n).double()
         mean = torch.bincount(labels, weights=values, minlength=n) / counts.clamp_min(1)
@@ -175,6 +172,17 @@ def input_statistics(image: Any, prediction: Any, n_classes: int) -> tuple[list[
     means = [None if k == 0 else float(m) for m, k in zip(mean.tolist(), counts.tolist())]
     stds = [None if k == 0 else float(v) ** 0.5 for v, k in zip(var.tolist(), counts.tolist())]
     return means, stds
+
+
+def _on_grid(image: Any, prediction: Any, dtype: Any) -> tuple[Any, Any]:
+    """The voxels' input (mean over channels, in ``dtype``, on the image's device, shape *S) and
+    the flat long labels of ``prediction`` there; a one-line error when they are not on one grid."""
+    values = image.detach().to(dtype).mean(dim=0)
+    labels = prediction.to(values.device).flatten().long()
+    if values.numel() != labels.numel():
+        raise ValueError(f"input of {values.numel()} voxels per channel and prediction of {labels.numel()} "
+                         "voxels are not on the same grid")
+    return values, labels
 
 
 #: The quantile of the local contrast (:func:`input_local_contrast`) stored per predicted class.
@@ -200,13 +208,9 @@ def input_local_contrast(image: Any, prediction: Any, n_classes: int,
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
     with torch.no_grad():
-        x = image.detach().float().mean(dim=0)
+        x, labels = _on_grid(image, prediction, torch.float32)
         if x.dim() != 3:
             raise ValueError(f"expected a (C, D, H, W) image, got shape {tuple(image.shape)}")
-        labels = prediction.to(x.device).flatten().long()
-        if x.numel() != labels.numel():
-            raise ValueError(f"input of {x.numel()} voxels per channel and prediction of {labels.numel()} "
-                             "voxels are not on the same grid")
         padded = torch.nn.functional.pad(x[None, None], (1,) * 6, mode="replicate")
         local = (x - torch.nn.functional.avg_pool3d(padded, 3, stride=1)[0, 0]).abs().flatten()
         order = torch.sort(labels, stable=True).indices

@@ -409,8 +409,9 @@ def _scorer_sentence(model: Mapping[str, Any]) -> str:
                  "input_local": "its local contrast (small things a mean hides)"}
         kinds = FEATURE_SETS.get(str(model.get("feature_set")), ())
         described = ", ".join(words[k] for k in kinds if k in words) or "its features"
-        how = (" One k-NN per block of features (explanation, prediction, input level, input detail); a patient's score is the mean "
-               "of its robust z-scores over the blocks." if model.get("scorer") == "blocks" else "")
+        how = (" One k-NN per block of features (explanation, prediction, input level, input detail); a "
+               "patient's score is the mean of its robust z-scores over the blocks."
+               if model.get("scorer") == "blocks" else "")
         text = (f"Scorer <code>{_e(model.get('scorer'))}</code> on the feature set "
                 f"<code>{_e(model.get('feature_set'))}</code> ({_e(described)}); "
                 f"higher = more anomalous.{how} Per-class scores are the root-mean-square robust z of the class's "
