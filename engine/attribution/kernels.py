@@ -1,6 +1,6 @@
-"""The engine's CPU kernels: the same values as PyTorch's, 1.6-1.9x faster input gradients.
+"""The engine's CPU kernels: the same values as PyTorch's, faster forwards and input gradients.
 
-Two places where PyTorch's CPU defaults cost the engine most of its time, measured on the demo UNet
+Three places where PyTorch's CPU defaults cost the engine most of its time, measured on the demo UNet
 (``benchmarks/attribution_speed.py``, BENCHMARKS.md):
 
 * **Convolutions.** PyTorch sends a CPU float32 3-D convolution to oneDNN only when its heuristic
@@ -12,7 +12,15 @@ Two places where PyTorch's CPU defaults cost the engine most of its time, measur
   float32 CPU tensors and frozen weights run through oneDNN (``torch.ops.mkldnn._convolution_pointwise``
   / ``_convolution_transpose_pointwise``, the kernels ``torch.compile`` uses for CPU convolutions),
   with their exact adjoints as backward: the input gradient of a convolution is the transposed
-  convolution of the output gradient with the same weight, and vice versa.
+  convolution of the output gradient with the same weight, and vice versa. Under CPU bf16 autocast
+  they run the same oneDNN kernels in bf16, as autocast's would (bitwise equal, tested).
+* **Dead output channels.** A class's VJP seeds one channel of the logits, so the head convolution's
+  output gradient has one live channel of K; PyTorch still runs the whole K-channel transposed
+  convolution (on the demo UNet, whose head is a 17 -> 17 3x3x3 convolution, 81% of a VJP's FLOPs).
+  The routed backward checks which channels of its output gradient hold any nonzero value and, when
+  at most half do, runs on those channels and the matching weight slices only: the dropped terms are
+  exact zeros. A site (convolution) whose gradient once had all channels live is not checked again
+  in the session; the check is a pass over the gradient, ~0.5 ms at the demo's full resolution.
 * **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
   the saved input have different memory layouts (instance norms return contiguous tensors between
   channels-last convolutions) it falls to a scalar loop: ~1 ms per call, a quarter of a bf16 VJP.
@@ -24,8 +32,8 @@ differs; the PReLU gradient is the same products). Tested at 1e-5 relative again
 a ReLU-type activation's input lies within rounding of zero (an untrained network on noise), any
 two fp32 kernel orders can take different branches and the gradient differs at those voxels, ~1e-5
 relative on a test nnU-Net; float64 sides with neither. Any other call (weights that require grad,
-other devices, dtypes or ranks, string padding, tensor subclasses) runs PyTorch's kernels unchanged;
-under autocast the convolutions are PyTorch's (bf16 ones already run on oneDNN) and PReLU is taken.
+other devices, dtypes or ranks, string padding, tensor subclasses, fp16 autocast) runs PyTorch's kernels
+unchanged.
 
 **A guard for a PyTorch bug.** On CPUs (torch 2.13) ``instance_norm``'s backward is silently wrong
 for a batch of one when the incoming gradient is channels-last and the norm's output is not
@@ -117,15 +125,63 @@ def _plain_cpu(*tensors: Any) -> bool:
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
 
 
-def _eligible(x: Any, w: Any, b: Any) -> bool:
+def _eligible(x: Any, w: Any, b: Any) -> torch.dtype | None:
+    """The dtype the convolution computes in when the engine can run it (float32, or bfloat16 under
+    CPU bf16 autocast), else None."""
     tensors = (x, w) if b is None else (x, w, b)
     if not _plain_cpu(*tensors) or x.dim() != 5 or w.dim() != 5 or x.is_mkldnn or w.is_mkldnn:
-        return False
-    if any(t.dtype != torch.float32 for t in tensors):
-        return False
+        return None
     if w.requires_grad or (b is not None and b.requires_grad):
-        return False  # weight gradients are wanted: PyTorch's kernels compute them
-    return not torch.is_autocast_enabled("cpu")
+        return None  # weight gradients are wanted: PyTorch's kernels compute them
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return None
+        ok = all(t.dtype in (torch.float32, torch.bfloat16) for t in tensors)
+        return torch.bfloat16 if ok else None
+    return torch.float32 if all(t.dtype == torch.float32 for t in tensors) else None
+
+
+class _Sites:
+    """The convolutions of one :class:`EngineKernels` session whose output gradient has shown all its
+    channels live (keyed by the weight's storage and shape), so that only the others are checked."""
+
+    def __init__(self) -> None:
+        self.dense: set[tuple[int, tuple[int, ...]]] = set()
+        self.narrowed = 0  # backward calls that ran on the live channels only
+
+    def narrow(self, key: tuple[int, tuple[int, ...]], gy: torch.Tensor, w: torch.Tensor,
+               dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gy`` and ``w`` restricted to gy's live channels (``w``'s ``dim`` indexes them) when at
+        most half of them are live; else both unchanged, and the site is not checked again."""
+        if key in self.dense:
+            return gy, w
+        live = _live_channels(gy)
+        if 2 * live.numel() > gy.shape[1]:
+            self.dense.add(key)
+            return gy, w
+        self.narrowed += 1
+        return (gy.index_select(1, live).contiguous(memory_format=_layout_of(gy)),
+                w.index_select(dim, live).contiguous(memory_format=_layout_of(w)))
+
+
+def _live_channels(gy: torch.Tensor) -> torch.Tensor:
+    """Indices of the channels of ``gy`` (N, C, *S) that hold any nonzero value (NaN and inf count)."""
+    if _layout_of(gy) == torch.channels_last_3d:
+        rows = gy.permute(0, 2, 3, 4, 1).reshape(-1, gy.shape[1])  # a view, channels innermost
+        total = rows.abs().sum(0, dtype=torch.float32)
+    else:
+        total = gy.abs().sum(dim=(0, *range(2, gy.dim())), dtype=torch.float32)
+    return total.ne(0).nonzero().flatten()
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """The input gradient when no output channel is live: exact zeros, in ``like``'s layout."""
+    return torch.zeros(shape, dtype=dtype).contiguous(memory_format=_layout_of(like))
+
+
+#: Where a routed convolution's backward may narrow its output gradient: the session's sites and the
+#: convolution's key, or None (grouped convolutions).
+_Site = tuple[_Sites, tuple[int, tuple[int, ...]]] | None
 
 
 class _Conv3d(torch.autograd.Function):
@@ -133,24 +189,30 @@ class _Conv3d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: list[int],
-                padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+                padding: list[int], dilation: list[int], groups: int, dtype: torch.dtype, site: _Site) -> torch.Tensor:
+        w = w.to(dtype)
         ctx.save_for_backward(w)
-        ctx.conv = (stride, padding, dilation, groups, tuple(x.shape[2:]))
-        return torch.ops.mkldnn._convolution_pointwise(_dense(x), _dense(w), b, padding, stride, dilation, groups,
-                                                       "none", [], None)
+        ctx.conv = (stride, padding, dilation, groups, tuple(x.shape), x.dtype, site)
+        return torch.ops.mkldnn._convolution_pointwise(_dense(x.to(dtype)), _dense(w), None if b is None else b.to(dtype),
+                                                       padding, stride, dilation, groups, "none", [], None)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 9
         (w,) = ctx.saved_tensors
-        stride, padding, dilation, groups, in_size = ctx.conv
+        stride, padding, dilation, groups, x_shape, x_dtype, site = ctx.conv
         # the output padding that makes the transposed convolution return x's size
-        out_pad = [in_size[i] - ((gy.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
-                                 + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(3)]
-        gx = torch.ops.mkldnn._convolution_transpose_pointwise(_dense(gy), _dense(w), None, padding, out_pad, stride,
+        out_pad = [x_shape[2 + i] - ((gy.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                     + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(3)]
+        gy = _dense(gy.to(w.dtype))
+        if site is not None:  # the weight's output channels are gy's
+            gy, w = site[0].narrow(site[1], gy, w, 0)
+            if gy.shape[1] == 0:
+                return (_zeros(x_shape, x_dtype, gy), *(None,) * 8)
+        gx = torch.ops.mkldnn._convolution_transpose_pointwise(gy, _dense(w), None, padding, out_pad, stride,
                                                                dilation, groups, "none", [], None)
-        return gx, None, None, None, None, None, None
+        return gx.to(x_dtype), None, None, None, None, None, None, None, None
 
 
 class _ConvTranspose3d(torch.autograd.Function):
@@ -158,21 +220,30 @@ class _ConvTranspose3d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: list[int],
-                padding: list[int], output_padding: list[int], groups: int, dilation: list[int]) -> torch.Tensor:
+                padding: list[int], output_padding: list[int], groups: int, dilation: list[int], dtype: torch.dtype,
+                site: _Site) -> torch.Tensor:
+        w = w.to(dtype)
         ctx.save_for_backward(w)
-        ctx.conv = (stride, padding, dilation, groups)
-        return torch.ops.mkldnn._convolution_transpose_pointwise(_dense(x), _dense(w), b, padding, output_padding,
-                                                                 stride, dilation, groups, "none", [], None)
+        ctx.conv = (stride, padding, dilation, groups, tuple(x.shape), x.dtype, site)
+        return torch.ops.mkldnn._convolution_transpose_pointwise(_dense(x.to(dtype)), _dense(w),
+                                                                 None if b is None else b.to(dtype), padding,
+                                                                 output_padding, stride, dilation, groups, "none", [],
+                                                                 None)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None,) * 10
         (w,) = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        gx = torch.ops.mkldnn._convolution_pointwise(_dense(gy), _dense(w), None, padding, stride, dilation, groups,
+        stride, padding, dilation, groups, x_shape, x_dtype, site = ctx.conv
+        gy = _dense(gy.to(w.dtype))
+        if site is not None:  # a transposed convolution's weight is (in, out, *k): gy's channels are dim 1
+            gy, w = site[0].narrow(site[1], gy, w, 1)
+            if gy.shape[1] == 0:
+                return (_zeros(x_shape, x_dtype, gy), *(None,) * 9)
+        gx = torch.ops.mkldnn._convolution_pointwise(gy, _dense(w), None, padding, stride, dilation, groups,
                                                      "none", [], None)
-        return gx, None, None, None, None, None, None, None
+        return gx.to(x_dtype), None, None, None, None, None, None, None, None, None
 
 
 def _layout_of(t: torch.Tensor) -> torch.memory_format:
@@ -236,6 +307,10 @@ class EngineKernels(TorchFunctionMode):
         self.calls = 0
         self.prelu_calls = 0
         self.guarded = 0
+        self.sites = _Sites()
+
+    def _site(self, w: torch.Tensor, groups: int) -> _Site:
+        return (self.sites, (w.data_ptr(), tuple(w.shape))) if groups == 1 else None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -250,21 +325,25 @@ class EngineKernels(TorchFunctionMode):
             return func(*args, **kwargs)
         if func is torch.conv3d or func is torch.nn.functional.conv3d:
             a = _bind(_CONV_ARGS, args, kwargs)
-            if a is not None and _eligible(a["input"], a["weight"], a["bias"]):
+            dtype = None if a is None else _eligible(a["input"], a["weight"], a["bias"])
+            if a is not None and dtype is not None:
                 s, p, d = _triple(a["stride"]), _triple(a["padding"]), _triple(a["dilation"])
                 if s is not None and p is not None and d is not None and isinstance(a["groups"], int):
                     self.calls += 1
-                    return _Conv3d.apply(a["input"], a["weight"], a["bias"], s, p, d, a["groups"])
+                    return _Conv3d.apply(a["input"], a["weight"], a["bias"], s, p, d, a["groups"], dtype,
+                                         self._site(a["weight"], a["groups"]))
         elif func is torch.conv_transpose3d or func is torch.nn.functional.conv_transpose3d:
             a = _bind(_CONVT_ARGS, args, kwargs)
-            if a is not None and _eligible(a["input"], a["weight"], a["bias"]):
+            dtype = None if a is None else _eligible(a["input"], a["weight"], a["bias"])
+            if a is not None and dtype is not None:
                 s, p, d = _triple(a["stride"]), _triple(a["padding"]), _triple(a["dilation"])
                 op = _triple(a["output_padding"])
                 # the backward's convolution returns x's size only when output_padding < stride
                 if (s is not None and p is not None and d is not None and op is not None
                         and isinstance(a["groups"], int) and all(o < st for o, st in zip(op, s))):
                     self.calls += 1
-                    return _ConvTranspose3d.apply(a["input"], a["weight"], a["bias"], s, p, op, a["groups"], d)
+                    return _ConvTranspose3d.apply(a["input"], a["weight"], a["bias"], s, p, op, a["groups"], d, dtype,
+                                                  self._site(a["weight"], a["groups"]))
         elif func is torch.prelu or func is torch.nn.functional.prelu:
             a = _bind(("input", "weight"), args, kwargs)
             if a is not None and _prelu_eligible(a["input"], a["weight"]):

@@ -131,8 +131,8 @@ def test_calls_it_cannot_take_fall_through_unchanged():
         F.conv3d(x.double(), w.double(), padding=1)            # float64
         F.conv3d(x, w, padding="same")                          # string padding
         F.conv2d(x[:, :, 0], w[:, :, 0])                        # 2-D
-        with torch.autocast("cpu", dtype=torch.bfloat16):       # autocast: PyTorch's bf16 kernels
-            assert F.conv3d(x, w, padding=1).dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.float16):        # fp16 autocast: PyTorch's kernels
+            assert F.conv3d(x, w, padding=1).dtype == torch.float16
         F.conv_transpose3d(x, w.transpose(0, 1).contiguous(), stride=1, padding=2, output_padding=0,
                            dilation=3)                          # fine, routed
         F.conv_transpose3d(x, w.transpose(0, 1).contiguous(), stride=1, dilation=2, output_padding=1)  # op >= stride
@@ -255,9 +255,118 @@ def test_prelu_under_bf16_autocast_and_with_a_trainable_weight():
         with EngineKernels() as mode, torch.autocast("cpu", dtype=torch.bfloat16):
             y = net(xr)
         (gx,) = torch.autograd.grad(y, xr, seed.to(y.dtype))
-    assert mode.prelu_calls == 1 and mode.calls == 0  # bf16 convolutions stay PyTorch's
+    assert mode.prelu_calls == 1 and mode.calls == 1  # the bf16 convolution is routed too
     assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
     assert _rel(gx.float(), g_ref.float()) < 1e-2
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bf16_autocast_convolutions_are_pytorchs_bit_for_bit(transposed):
+    """Under CPU bf16 autocast a routed convolution computes what autocast's would: bf16 inputs and
+    weights, a bf16 output, and an input gradient in the input's dtype; bitwise the same oneDNN results."""
+    torch.manual_seed(4)
+    conv = (torch.nn.ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1) if transposed
+            else torch.nn.Conv3d(16, 17, 3, padding=1)).to(memory_format=CL).requires_grad_(False)
+    x = torch.randn(1, 16, 12, 10, 10).contiguous(memory_format=CL)
+    seed = None
+    results = []
+    for fast in (False, True):
+        xr = x.clone().requires_grad_(True)
+        with EngineKernels(fast=fast, guard=False) as mode, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xr)
+        seed = torch.randn(y.shape).to(y.dtype).contiguous(memory_format=CL) if seed is None else seed
+        (gx,) = torch.autograd.grad(y, xr, seed)
+        results.append((y, gx, mode.calls))
+    (y_ref, g_ref, _), (y, gx, calls) = results
+    assert calls == 1 and y.dtype == torch.bfloat16 and gx.dtype == torch.float32
+    assert torch.equal(y, y_ref) and torch.equal(gx, g_ref)
+
+
+# ----------------------------------------------------------------------------- narrowed backward
+
+
+def _one_class_seed(shape, live, g):
+    seed = torch.zeros(shape)
+    for c in live:
+        seed[:, c] = torch.randn(shape[2:], generator=g)
+    return seed.contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("live", [[3], [0, 16], []])
+def test_a_seed_on_few_channels_takes_the_input_gradient_from_those_alone(live):
+    """A class seed reaches a head convolution with one live output channel of K: the routed backward
+    runs on the live channels only and its input gradient equals autograd's dense one (in float64, so
+    the comparison is exact to rounding); no live channel gives an exact zero gradient."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(17, 17, 3, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 17, 12, 10, 9, generator=g).contiguous(memory_format=CL)
+    seed = _one_class_seed((1, 17, 12, 10, 9), live, g)
+    xr = x.double().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(F.conv3d(xr, w, padding=1), xr, seed.double())
+    xr = x.clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = F.conv3d(xr, w.float().contiguous(memory_format=CL), padding=1)
+    (gx,) = torch.autograd.grad(y, xr, seed)
+    assert mode.sites.narrowed == 1 and not mode.sites.dense
+    if live:
+        assert _rel(gx.double(), g_ref) < 1e-6
+    else:
+        assert torch.equal(gx, torch.zeros_like(gx))
+
+
+def test_transposed_convolutions_narrow_too_and_dense_sites_are_checked_once():
+    """A transposed convolution's weight indexes gy's channels on its second axis. A site whose
+    gradient had all channels live is not checked again in the session (the check costs a pass over
+    gy); a NaN in a channel keeps it live."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(8, 17, 3, 3, 3, generator=g).contiguous(memory_format=CL)  # (in, out, k, k, k)
+    x = torch.randn(1, 8, 6, 5, 5, generator=g).contiguous(memory_format=CL)
+    kw = dict(weight=w, stride=2, padding=1, output_padding=1)
+    seed = _one_class_seed((1, 17, 12, 10, 10), [5], g)
+    _, g_ref = _reference(F.conv_transpose3d, x, seed, **kw)
+    xr = x.clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = F.conv_transpose3d(xr, **kw)
+        (gx,) = torch.autograd.grad(y, xr, seed, retain_graph=True)
+        assert mode.sites.narrowed == 1 and _rel(gx, g_ref) < 1e-5
+        dense = torch.randn(y.shape, generator=g).contiguous(memory_format=CL)
+        torch.autograd.grad(y, xr, dense, retain_graph=True)
+        assert len(mode.sites.dense) == 1
+        (gx,) = torch.autograd.grad(y, xr, seed, retain_graph=True)  # now computed densely: same values
+        assert mode.sites.narrowed == 1 and _rel(gx, g_ref) < 1e-5
+    with EngineKernels() as mode:
+        y = F.conv_transpose3d(xr, **kw)
+        nan_seed = seed.clone()
+        nan_seed[0, 9, 0, 0, 0] = float("nan")
+        (gx,) = torch.autograd.grad(y, xr, nan_seed)
+    assert mode.sites.narrowed == 1 and gx.isnan().any()  # channel 9 kept: its NaN propagates
+
+
+def test_the_demo_unets_head_is_narrowed_and_its_maps_equal_pytorchs():
+    """The demo UNet ends in a 17 -> 17 3x3x3 convolution (81% of a VJP's FLOPs): every class VJP runs
+    it on one channel, and the maps equal PyTorch's kernels' on the contiguous model."""
+    from engine.models import demo_model
+
+    model = demo_model().module.eval()
+    image = torch.rand(1, 24, 16, 16)
+    classes = ["c%d" % i for i in range(17)]
+    maps = {}
+    for kernels in ("torch", "engine"):
+        window = SlidingWindow(roi_size=(24, 16, 16), kernels=kernels,
+                               memory_format="contiguous" if kernels == "torch" else "auto")
+        e = explain_volume(model, image, method="saliency", window=window, targets=[1, 5, 16], class_names=classes,
+                           return_maps=True)
+        maps[kernels] = e.maps
+    for name in maps["torch"]:
+        assert _rel(maps["engine"][name], maps["torch"][name]) < 1e-5
+    x = image[None].contiguous(memory_format=CL).requires_grad_(True)
+    with engine_kernels(model.to(memory_format=CL), True) as mode:
+        logits = model(x)
+        for c in (1, 5, 16):
+            seed = torch.zeros_like(logits)
+            seed[:, c] = 1.0
+            torch.autograd.grad(logits, x, seed, retain_graph=True)
+    assert mode.sites.narrowed == 3  # the head, once per class; every other site is dense
 
 
 # ----------------------------------------------------------------------------- the instance-norm guard
