@@ -166,11 +166,13 @@ class _Sites:
 
 def _live_channels(gy: torch.Tensor) -> torch.Tensor:
     """Indices of the channels of ``gy`` (N, C, *S) that hold any nonzero value (NaN and inf count)."""
+    # a sum of magnitudes is zero only when every term is (bf16 sums accumulate in float32 and any
+    # nonzero bf16 magnitude is representable); inf and NaN are nonzero
     if _layout_of(gy) == torch.channels_last_3d:
         rows = gy.permute(0, 2, 3, 4, 1).reshape(-1, gy.shape[1])  # a view, channels innermost
-        total = rows.abs().sum(0, dtype=torch.float32)
+        total = rows.abs().sum(0)
     else:
-        total = gy.abs().sum(dim=(0, *range(2, gy.dim())), dtype=torch.float32)
+        total = gy.abs().sum(dim=(0, *range(2, gy.dim())))
     return total.ne(0).nonzero().flatten()
 
 

@@ -133,13 +133,19 @@ class ObjectiveSeeds:
                 cache.update(key=slices, labels=labels, present=counts[1:] > 0, blend=None)
             return cache["labels"], cache["present"], cache  # type: ignore[return-value]
 
-        def seed(
-            c: int, slices: Sequence[tuple[slice, ...]], logits: torch.Tensor, out: torch.Tensor | None = None
-        ) -> torch.Tensor | None:
-            """Seed of class ``c`` for these windows, or None when c has no voxel in them.
+        # The scratch ``out`` last returned and the one channel it holds (None: unknown or all of them),
+        # so that the next class's seed clears that channel, not the whole K-channel buffer.
+        written: dict[str, object] = {"out": None, "channel": None}
 
-            ``out``: optional scratch tensor shaped like ``logits`` (any content) that is overwritten
-            and returned, so that a caller running one VJP at a time allocates one seed per batch.
+        def seed(
+            c: int, slices: Sequence[tuple[slice, ...]], logits: torch.Tensor, out: torch.Tensor | None = None,
+            scale: float = 1.0,
+        ) -> torch.Tensor | None:
+            """Seed of class ``c`` for these windows, times ``scale``, or None when c has no voxel in them.
+
+            ``out``: optional scratch tensor shaped like ``logits`` that is overwritten and returned,
+            so that a caller running one VJP at a time allocates one seed per batch. Passed again,
+            it must hold what this builder last returned in it (any content the first time).
             """
             labels, flags, state = window_state(slices)
             if c >= flags.numel() or not bool(flags[c]):
@@ -147,14 +153,20 @@ class ObjectiveSeeds:
             masks = labels == c  # (B, *roi)
             if out is None:
                 out = torch.zeros_like(logits)
-            elif kind != "softmax":
-                out.zero_()
+            elif kind != "softmax":  # softmax seeds overwrite every channel
+                if written["out"] is out and written["channel"] is not None:
+                    out[:, written["channel"]].zero_()  # type: ignore[index]
+                else:
+                    out.zero_()
+            written.update(out=out, channel=None if kind == "softmax" else c)
             if kind == "legacy":
-                out[:, c] = masks.to(logits.dtype)
+                out[:, c] = masks.to(logits.dtype) * scale if scale != 1.0 else masks.to(logits.dtype)
                 return out
             if state["blend"] is None:
                 state["blend"] = geometry.blend(slices).to(logits.dtype)
             weight = torch.where(masks, state["blend"], 0.0)  # type: ignore[arg-type]
+            if scale != 1.0:
+                weight.mul_(scale)
             if kind == "sum":
                 out[:, c] = weight
             elif kind == "mean":

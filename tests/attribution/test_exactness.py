@@ -265,3 +265,32 @@ def test_auto_layout_is_channels_last_on_cpus_and_left_alone_elsewhere():
     assert resolve_memory_format("channels_last", cuda, 3) == torch.channels_last_3d
     with pytest.raises(ValueError, match="3-D"):
         resolve_memory_format("channels_last", cpu, 2)
+
+
+@pytest.mark.parametrize("objective", ["sum", "mean", "legacy", "softmax", "probability_weighted"])
+def test_seeds_built_one_after_another_in_one_scratch_equal_fresh_ones(model, image, objective):
+    """The CPU loop builds each class's seed in one scratch buffer, clearing only the channel the
+    previous seed wrote, and folds the sample weight into it: every seed equals a fresh build times
+    the weight, whatever the scratch held before the first one."""
+    from engine.attribution.objectives import ObjectiveSeeds
+
+    roi, overlap = (8, 6, 8), 0.5
+    pred = prediction_of(model, image, roi, overlap)
+    geometry = window_geometry(SHAPE, roi, overlap=overlap)
+    seeds = ObjectiveSeeds(objective, pred, geometry, model=model)
+    build = seeds.seed_fn(image)
+    slices = geometry.slices[:1]
+    logits = torch.randn(1, 4, *roi)
+    scratch = torch.full_like(logits, float("nan"))  # any content the first time
+    order = [*_classes(pred), *_classes(pred)[::-1]]
+    fresh = {c: build(c, slices, logits) for c in order}
+    built = 0
+    for c in order:
+        reused = build(c, slices, logits, out=scratch, scale=0.25)
+        if fresh[c] is None:
+            assert reused is None
+            continue
+        assert reused is scratch
+        assert torch.equal(reused, fresh[c] * 0.25)
+        built += 1
+    assert built >= 3
