@@ -439,3 +439,28 @@ def test_the_guard_works_under_vmap_batched_vjps():
                                    return_maps=True).maps
     for name in maps["loop"]:
         assert _rel(maps["batched"][name], maps["loop"][name]) < 1e-4
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_few_channel_input_gradients_try_both_kernels_and_keep_the_faster(autocast):
+    """The input gradient to an image's channel is taken by oneDNN or PyTorch's im2col transposed
+    convolution, whichever ran faster on its first call in the session: each is tried once, and every
+    call's gradient equals autograd's (float32 either way, also under bf16 autocast)."""
+    g = torch.Generator().manual_seed(7)
+    conv = torch.nn.Conv3d(1, 8, 3, stride=2, padding=1).to(memory_format=CL).requires_grad_(False)
+    x = torch.randn(1, 1, 24, 20, 20, generator=g).contiguous(memory_format=CL)
+    xr = x.clone().requires_grad_(True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.enable_grad()
+    with ctx:
+        y_ref = conv(xr)
+    seeds = [torch.randn(y_ref.shape, generator=g).to(y_ref.dtype) for _ in range(4)]
+    refs = [torch.autograd.grad(y_ref, xr, s, retain_graph=True)[0] for s in seeds]
+    with EngineKernels() as mode:
+        with ctx:
+            y = conv(xr)
+        grads = [torch.autograd.grad(y, xr, s, retain_graph=True)[0] for s in seeds]
+    (timings,) = mode.sites.timings.values()
+    assert set(timings) == {"onednn", "im2col"}
+    for gx, g_ref in zip(grads, refs):
+        assert gx.dtype == torch.float32
+        assert _rel(gx, g_ref) < (1e-2 if autocast else 1e-5)
