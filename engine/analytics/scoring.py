@@ -286,14 +286,30 @@ class NeighbourScorer(_Scorer):
             self.sample_ = np.arange(a.shape[0])
         self.k_ = int(min(self.n_neighbors, z.shape[0] - 1))
         self.neighbours_ = NearestNeighbors(n_neighbors=self.k_ + 1).fit(z)
+        # each looked-up row by content: a scored row equal to one of them is that patient
+        self.rows_ = {}
+        for i, row in enumerate(z):
+            self.rows_.setdefault(row.tobytes(), i)
         return self
 
     def score_samples(self, x: Any) -> np.ndarray:
+        """Minus the mean distance to the ``k`` nearest looked-up patients other than the row itself.
+
+        The row itself is recognised by content (its standardised features equal a looked-up row's
+        bit for bit), not by a zero distance: k-NN distances are computed as |a|^2 + |b|^2 - 2ab, and
+        a row's distance to itself comes out as 0 or as ~1e-7 depending on rounding, so a zero test
+        counted some patients as their own nearest neighbour (a third of a 30-patient cohort).
+        """
         a = self._check_score(x)
-        dist, _ = self.neighbours_.kneighbors(self.scaler_.transform(a))
-        self_match = dist[:, 0] == 0.0
-        d = np.where(self_match[:, None], dist[:, 1:], dist[:, :-1])
-        return -d.mean(axis=1)
+        z = self.scaler_.transform(a)
+        dist, idx = self.neighbours_.kneighbors(z)
+        own = np.array([self.rows_.get(row.tobytes(), -1) for row in z])
+        is_own = idx == own[:, None]
+        # drop the row's own entry where it is among the k + 1 found, else the farthest
+        drop = np.where(is_own.any(axis=1), is_own.argmax(axis=1), idx.shape[1] - 1)
+        keep = np.ones(dist.shape, dtype=bool)
+        keep[np.arange(len(z)), drop] = False
+        return -dist[keep].reshape(len(z), -1).mean(axis=1)
 
 
 class PerClassForestScorer(_Scorer):

@@ -78,6 +78,28 @@ def test_neighbour_score_is_the_mean_distance_to_the_k_nearest_other_patients(co
     np.testing.assert_allclose(sc.anomaly_score(new), np.sort(dn, axis=1)[:, :4].mean(axis=1), rtol=1e-10)
 
 
+def test_a_patient_is_never_its_own_neighbour_whatever_the_rounding_of_its_self_distance():
+    """k-NN distances come from |a|^2 + |b|^2 - 2ab: in 300 dimensions a row's distance to itself is
+    ~1e-7 rather than 0 for many rows. The score must still skip the row itself (it once tested
+    for a zero distance, and counted a third of a cohort as their own nearest neighbour)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 300)) * rng.uniform(1e-3, 1e3, size=300) + rng.uniform(-1e3, 1e3, size=300)
+    sc = S.NeighbourScorer(n_neighbors=5, clip=1e9).fit(x)
+    z = RobustScaler().fit(x).transform(x)
+    dist, _ = sc.neighbours_.kneighbors(z)
+    assert (dist[:, 0] > 0).sum() >= 3  # the case that broke the zero test
+    d = cdist(z, z)
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(sc.anomaly_score(x), np.sort(d, axis=1)[:, :5].mean(axis=1), rtol=1e-9)
+    # a twin (the same features twice) is another patient: each is the other's neighbour at distance 0
+    twins = np.vstack([x, x[:1]])
+    sc = S.NeighbourScorer(n_neighbors=5, clip=1e9).fit(twins)
+    zt = RobustScaler().fit(twins).transform(twins)
+    dt = cdist(zt, zt)
+    np.fill_diagonal(dt, np.inf)
+    np.testing.assert_allclose(sc.anomaly_score(twins), np.sort(dt, axis=1)[:, :5].mean(axis=1), atol=1e-6)
+
+
 def test_neighbour_lookup_among_a_seeded_subset_matches_a_hand_computation(cohort):
     x = cohort.to_numpy()
     sc = S.NeighbourScorer(n_neighbors=3, clip=1e9, max_samples=15, seed=7).fit(x)
