@@ -21,12 +21,13 @@ Three places where PyTorch's CPU defaults cost the engine most of its time, meas
   at most half do, runs on those channels and the matching weight slices only: the dropped terms are
   exact zeros. A site (convolution) whose gradient once had all channels live is not checked again
   in the session; the check is a pass over the gradient, ~0.5 ms at the demo's full resolution.
-* **Input gradients to an image's few channels.** oneDNN's transposed convolution to one output
+* **Input gradients into an image's few channels.** oneDNN's transposed convolution to one output
   channel is poorly vectorised: on the demo UNet's first layers (8 -> 1 channel, stride 2) it takes
-  1.1-1.4 ms where PyTorch's im2col kernel takes 0.3 ms, but at 96^3 windows the order reverses. A
-  convolution whose input has at most four channels therefore times both kernels on its first two
-  backward calls of the session and keeps the faster (float32 either way; under bf16 autocast that
-  is the input's dtype and more precise). The choice changes speed only; both are exact adjoints.
+  1.1-1.4 ms where PyTorch's im2col kernel takes 0.3 ms, but from ~9e5 gradient elements (8 x 48^3)
+  the order reverses. A convolution whose input has at most two channels and whose output gradient
+  has at most 2^19 elements takes its input gradient from the im2col kernel, in float32 (under bf16
+  autocast that is the input's dtype, and more precise). A fixed rule: a timed choice would make
+  two runs differ in their last bits.
 * **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
   the saved input have different memory layouts (instance norms return contiguous tensors between
   channels-last convolutions) it falls to a scalar loop: ~1 ms per call, a quarter of a bf16 VJP.
@@ -58,7 +59,6 @@ restored afterwards) and enters :class:`EngineKernels` when :func:`resolve_kerne
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
@@ -148,22 +148,22 @@ def _eligible(x: Any, w: Any, b: Any) -> torch.dtype | None:
     return torch.float32 if all(t.dtype == torch.float32 for t in tensors) else None
 
 
-#: Input gradients to at most this many channels (an image's) are candidates for PyTorch's im2col
-#: transposed convolution, which oneDNN's kernels beat at some sizes and not at others.
-_FEW_CHANNELS = 4
-#: The input-gradient kernels a few-channel site chooses between, by timing each once per session.
-_INPUT_GRAD_KERNELS = ("onednn", "im2col")
+#: Input gradients into at most this many channels (an image's) from an output gradient of at most
+#: this many elements run on PyTorch's im2col transposed convolution instead of oneDNN's, whose
+#: kernels for one or two output channels are poorly vectorised: 3-5x faster up to 2^19 elements on
+#: this machine (BENCHMARKS.md), slower from ~9e5 (8 x 48^3) on. A fixed rule, not a timed choice,
+#: so that two runs give the same bits.
+_FEW_CHANNELS = 2
+_FEW_CHANNELS_MAX_GRAD = 1 << 19
 
 
 class _Sites:
     """Per-convolution state of one :class:`EngineKernels` session, keyed by the weight's storage and
-    shape: the sites whose output gradient has shown all its channels live (not checked again), and,
-    for input gradients to few channels, the time each candidate kernel took."""
+    shape: the sites whose output gradient has shown all its channels live (not checked again)."""
 
     def __init__(self) -> None:
         self.dense: set[tuple[int, tuple[int, ...]]] = set()
         self.narrowed = 0  # backward calls that ran on the live channels only
-        self.timings: dict[tuple[int, tuple[int, ...]], dict[str, float]] = {}
 
     def narrow(self, key: tuple[int, tuple[int, ...]], gy: torch.Tensor, w: torch.Tensor,
                dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,16 +180,6 @@ class _Sites:
         self.narrowed += 1
         return (gy.index_select(1, live).contiguous(memory_format=_layout_of(gy)),
                 w.index_select(dim, live).contiguous(memory_format=torch.channels_last_3d))
-
-    def kernel(self, key: tuple[int, tuple[int, ...]]) -> tuple[str, bool]:
-        """The input-gradient kernel for a few-channel site, and whether this call is to be timed:
-        each candidate once, then the faster one (only speed depends on the choice; both are exact
-        adjoints, equal to rounding)."""
-        seen = self.timings.setdefault(key, {})
-        for name in _INPUT_GRAD_KERNELS:
-            if name not in seen:
-                return name, True
-        return min(seen, key=seen.__getitem__), False
 
 
 def _live_channels(gy: torch.Tensor) -> torch.Tensor:
@@ -236,23 +226,17 @@ class _Conv3d(torch.autograd.Function):
         out_pad = [x_shape[2 + i] - ((gy.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                      + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(3)]
         gy = _dense(gy.to(w.dtype))
-        kernel, timed = "onednn", False
         if site is not None:  # the weight's output channels are gy's
             gy, w = site[0].narrow(site[1], gy, w, 0)
             if gy.shape[1] == 0:
                 return (_zeros(x_shape, x_dtype, gy), *(None,) * 8)
-            if x_shape[1] <= _FEW_CHANNELS:
-                kernel, timed = site[0].kernel(site[1])
-        t0 = time.perf_counter()
-        if kernel == "im2col":  # float32, whatever the autocast dtype: as fast, and the input's dtype
+        if groups == 1 and x_shape[1] <= _FEW_CHANNELS and gy.numel() <= _FEW_CHANNELS_MAX_GRAD:
+            # float32, whatever the autocast dtype: as fast, more precise, and the input's dtype
             gx = torch.ops.aten.slow_conv_transpose3d(gy.float(), w.float(), list(w.shape[2:]), None, stride,
                                                       padding, out_pad, dilation)
         else:
             gx = torch.ops.mkldnn._convolution_transpose_pointwise(gy, _dense(w), None, padding, out_pad, stride,
                                                                    dilation, groups, "none", [], None)
-        if timed:
-            assert site is not None
-            site[0].timings[site[1]][kernel] = time.perf_counter() - t0
         return gx.to(x_dtype), None, None, None, None, None, None, None, None
 
 
