@@ -204,6 +204,13 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> to
 _Site = tuple[_Sites, tuple[int, tuple[int, ...]]] | None
 
 
+def _live_gradient(gy: torch.Tensor, w: torch.Tensor, site: _Site, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gy`` dense in ``w``'s dtype, and both narrowed to gy's live channels where the site allows
+    (``w``'s ``dim`` indexes gy's channels); gy may come back with no channel at all."""
+    gy = _dense(gy.to(w.dtype))
+    return (gy, w) if site is None else site[0].narrow(site[1], gy, w, dim)
+
+
 class _Conv3d(torch.autograd.Function):
     """conv3d through oneDNN; backward: the input gradient only (weights are frozen)."""
 
@@ -225,11 +232,9 @@ class _Conv3d(torch.autograd.Function):
         # the output padding that makes the transposed convolution return x's size
         out_pad = [x_shape[2 + i] - ((gy.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                      + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(3)]
-        gy = _dense(gy.to(w.dtype))
-        if site is not None:  # the weight's output channels are gy's
-            gy, w = site[0].narrow(site[1], gy, w, 0)
-            if gy.shape[1] == 0:
-                return (_zeros(x_shape, x_dtype, gy), *(None,) * 8)
+        gy, w = _live_gradient(gy, w, site, 0)  # the weight's output channels are gy's
+        if gy.shape[1] == 0:
+            return (_zeros(x_shape, x_dtype, gy), *(None,) * 8)
         if groups == 1 and x_shape[1] <= _FEW_CHANNELS and gy.numel() <= _FEW_CHANNELS_MAX_GRAD:
             # float32, whatever the autocast dtype: as fast, more precise, and the input's dtype
             gx = torch.ops.aten.slow_conv_transpose3d(gy.float(), w.float(), list(w.shape[2:]), None, stride,
@@ -261,11 +266,9 @@ class _ConvTranspose3d(torch.autograd.Function):
             return (None,) * 10
         (w,) = ctx.saved_tensors
         stride, padding, dilation, groups, x_shape, x_dtype, site = ctx.conv
-        gy = _dense(gy.to(w.dtype))
-        if site is not None:  # a transposed convolution's weight is (in, out, *k): gy's channels are dim 1
-            gy, w = site[0].narrow(site[1], gy, w, 1)
-            if gy.shape[1] == 0:
-                return (_zeros(x_shape, x_dtype, gy), *(None,) * 9)
+        gy, w = _live_gradient(gy, w, site, 1)  # a transposed convolution's weight is (in, out, *k)
+        if gy.shape[1] == 0:
+            return (_zeros(x_shape, x_dtype, gy), *(None,) * 9)
         gx = torch.ops.mkldnn._convolution_pointwise(gy, _dense(w), None, padding, stride, dilation, groups,
                                                      "none", [], None)
         return gx.to(x_dtype), None, None, None, None, None, None, None, None, None

@@ -160,7 +160,7 @@ class ObjectiveSeeds:
                     out.zero_()
             written.update(out=out, channel=None if kind == "softmax" else c)
             if kind == "legacy":
-                out[:, c] = masks.to(logits.dtype) * scale if scale != 1.0 else masks.to(logits.dtype)
+                out[:, c] = masks.to(logits.dtype).mul_(scale)  # x 1.0 is exact
                 return out
             if state["blend"] is None:
                 state["blend"] = geometry.blend(slices).to(logits.dtype)
