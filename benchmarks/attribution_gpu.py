@@ -119,7 +119,12 @@ def import_engine() -> types.SimpleNamespace:
             def __getattr__(self, name: str) -> Any:
                 raise RuntimeError("polars is not installed on this machine (stub)")
 
-        stub.__getattr__ = lambda name: _Any  # type: ignore[attr-defined]
+        def _getattr(name: str) -> Any:
+            if name.startswith("__"):  # inspect and pickle probe modules' dunders; a stub has none
+                raise AttributeError(name)
+            return _Any
+
+        stub.__getattr__ = _getattr  # type: ignore[attr-defined]
         sys.modules["polars"] = stub
         note("polars absent: a stub stands in (the engine's importance tables are not built; "
              "compute_maps + roi_statistics are called directly)")
@@ -229,6 +234,59 @@ def count_flops(model: torch.nn.Module, roi: tuple[int, ...], device: torch.devi
     return int(fwd), int(fc.get_total_flops())
 
 
+def time_primitives(model, args, device, n_classes: int, fwd_flops: int, vjp_flops: int, peak: float | None,
+                    repeats: int = 3) -> dict[str, Any]:
+    """Forward and VJP throughput on one window batch in bf16 autocast, as the engine runs them.
+
+    Times (median of ``repeats`` after one warm-up) the forward of ``window_batch`` windows with
+    the graph kept, all classes' VJPs batched in one call (``is_grads_batched``), and the same
+    VJPs one class at a time; FLOP/s = counted model FLOPs / time, utilisation against ``peak``.
+    """
+    wb = args.window_batch
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.rand((wb, 1, *args.roi), generator=g).to(device).requires_grad_(True)
+
+    def forward() -> torch.Tensor:
+        with torch.enable_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            return model(x)
+
+    def timed(fn) -> float:
+        out = []
+        for r in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r:
+                out.append(time.perf_counter() - t0)
+        out.sort()
+        return out[len(out) // 2]
+
+    t_fwd = timed(forward)
+    logits = forward()
+    seeds = torch.zeros((n_classes, *logits.shape), device=device, dtype=logits.dtype)
+    for c in range(n_classes):
+        seeds[c, :, c] = 1.0 / logits[0, 0].numel()
+    res: dict[str, Any] = {"window_batch": wb, "classes": n_classes, "forward_s": t_fwd,
+                           "forward_flops_per_s": wb * fwd_flops / t_fwd}
+    try:
+        t_b = timed(lambda: torch.autograd.grad(logits, x, seeds, retain_graph=True, is_grads_batched=True))
+        res.update(vjp_batched_s=t_b, vjp_batched_flops_per_s=n_classes * wb * vjp_flops / t_b)
+    except Exception as exc:  # an op without a vmap rule
+        res["vjp_batched_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    t_l = timed(lambda: [torch.autograd.grad(logits, x, seeds[c], retain_graph=True) for c in range(n_classes)])
+    res.update(vjp_loop_s=t_l, vjp_loop_flops_per_s=n_classes * wb * vjp_flops / t_l)
+    if peak:
+        for k in ("forward", "vjp_batched", "vjp_loop"):
+            if f"{k}_flops_per_s" in res:
+                res[f"{k}_mfu"] = res[f"{k}_flops_per_s"] / peak
+    del logits, seeds, x
+    if device.type == "cuda":
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        torch.cuda.empty_cache()
+    return res
+
+
 # ----------------------------------------------------------------------------- engine
 
 
@@ -237,6 +295,8 @@ def run_engine(eng, model, image, labels, classes, args, device, *, bf16: bool, 
     x = image[None].float()
     dtype = torch.bfloat16 if bf16 else None
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     window = eng.SlidingWindow(roi_size=args.roi, overlap=args.overlap, window_batch=cfg["window_batch"],
                                autocast=dtype, vjp=cfg["vjp"])
@@ -251,6 +311,8 @@ def run_engine(eng, model, image, labels, classes, args, device, *, bf16: bool, 
     sync(device)
     seconds = time.perf_counter() - t0
     work["forwards"] += geometry.n_windows
+    if device.type == "cuda":
+        work["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return seconds, mass, work
 
 
@@ -430,6 +492,22 @@ def main(argv: list[str] | None = None) -> int:
         result.update(flops_forward=fwd_flops, flops_vjp=vjp_flops)
         print(f"FLOPs: one window forward {fwd_flops / 1e9:.1f} GFLOP, one input VJP {vjp_flops / 1e9:.1f} GFLOP")
 
+        try:
+            prim = time_primitives(model, args, device, len(classes), fwd_flops, vjp_flops, peak)
+            result["primitives_bf16"] = prim
+            pct = (lambda k: f" ({100 * prim[k]:.1f}% of peak)" if k in prim else "")
+            print(f"one batch of {prim['window_batch']} windows, bf16: forward {prim['forward_s'] * 1e3:.1f} ms, "
+                  f"{prim['forward_flops_per_s'] / 1e12:.1f} TFLOP/s{pct('forward_mfu')}; {len(classes)} class VJPs "
+                  f"batched {prim.get('vjp_batched_s', float('nan')) * 1e3:.1f} ms, "
+                  f"{prim.get('vjp_batched_flops_per_s', float('nan')) / 1e12:.1f} TFLOP/s{pct('vjp_batched_mfu')}; "
+                  f"looped {prim['vjp_loop_s'] * 1e3:.1f} ms, {prim['vjp_loop_flops_per_s'] / 1e12:.1f} TFLOP/s"
+                  f"{pct('vjp_loop_mfu')}", flush=True)
+        except torch.OutOfMemoryError as exc:
+            note(f"primitive timing ran out of memory at window_batch {args.window_batch}: {str(exc)[:200]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        write()
+
         cfg = {"window_batch": args.window_batch, "class_chunk": args.class_chunk, "vjp": args.vjp}
         # warm-up (cudnn autotuning, allocator) on a one-sample run, untimed
         engine_with_fallback(eng, model, image, labels, classes, args, device, cfg, bf16=True, samples=1)
@@ -455,15 +533,33 @@ def main(argv: list[str] | None = None) -> int:
         write()
 
         # bf16 fidelity against fp32 (same noise: same seed)
-        t_fp32, mass_fp32, _ = engine_with_fallback(eng, model, image, labels, classes, args, device, dict(cfg),
+        t_fp32, mass_fp32, work_fp32 = engine_with_fallback(eng, model, image, labels, classes, args, device, dict(cfg),
                                                     bf16=False, samples=args.samples)
         rho_all = spearman(mass_bf16, mass_fp32)
         rho_abs = spearman(mass_bf16[:, 0], mass_fp32[:, 0])
         per_class = [spearman(mass_bf16[k, 0], mass_fp32[k, 0]) for k in range(len(classes))]
+        per_class_sorted = sorted(per_class)
         result.update(engine_fp32_s=t_fp32, spearman_bf16_vs_fp32=rho_all, spearman_abs_mass=rho_abs,
-                      spearman_abs_mass_min_per_class=min(per_class))
+                      spearman_abs_mass_min_per_class=min(per_class),
+                      spearman_abs_mass_median_per_class=per_class_sorted[len(per_class) // 2],
+                      bf16_speedup_over_fp32=t_fp32 / engine_s,
+                      engine_fp32_work=work_fp32, tf32={"matmul": torch.backends.cuda.matmul.allow_tf32,
+                                                "cudnn": torch.backends.cudnn.allow_tf32})
         print(f"bf16 fidelity: Spearman of RoI mass vectors bf16 vs fp32 {rho_all:.4f} (abs mass {rho_abs:.4f}, "
-              f"worst class {min(per_class):.4f}); engine in fp32 {t_fp32:.2f} s/patient", flush=True)
+              f"per class median {per_class_sorted[len(per_class) // 2]:.4f}, worst {min(per_class):.4f}); engine in "
+              f"fp32 {t_fp32:.2f} s/patient, bf16 {t_fp32 / engine_s:.2f}x faster", flush=True)
+        write()
+
+        # class-batched against looped VJPs, the whole patient, same settings otherwise
+        if args.vjp == "batched" and time.perf_counter() - t_start < args.budget_s * 0.7:
+            loop_cfg = {**cfg, "vjp": "loop", "class_chunk": None}
+            t_loop, _, work_loop = engine_with_fallback(eng, model, image, labels, classes, args, device, loop_cfg,
+                                                        bf16=True, samples=args.samples)
+            result.update(engine_loop_s=t_loop, engine_loop_work=work_loop, batched_speedup_over_loop=t_loop / engine_s)
+            print(f"class-looped VJPs: {t_loop:.2f} s/patient; class-batched is {t_loop / engine_s:.2f}x faster",
+                  flush=True)
+        else:
+            note("class-looped comparison skipped (time budget or --vjp loop)")
         write()
 
         # reference strategy, subset timed and extrapolated
@@ -471,12 +567,12 @@ def main(argv: list[str] | None = None) -> int:
                                                n_classes=min(args.ref_classes, len(classes)),
                                                n_windows=min(args.ref_windows, n_windows))
         result.update(reference_s=ref_s, reference=ref_info, speedup_vs_reference=ref_s / engine_s,
-                      reference_extrapolated=True)
+                      fp32_speedup_vs_reference=ref_s / t_fp32, reference_extrapolated=True)
         print(f"reference (fp32, one window, one class backward at a time): {ref_s:.1f} s/patient, EXTRAPOLATED from "
               f"{ref_info['timed_classes']} classes x {ref_info['timed_windows']} windows x 1 sample "
               f"({ref_info['per_window_class_s'] * 1e3:.1f} ms per window-class) to {ref_info['extrapolated_units']} "
               f"window-class-sample units; prediction {ref_info['predict_s']:.2f} s timed in full")
-        print(f"speed-up of the engine over the reference: {ref_s / engine_s:.1f}x")
+        print(f"speed-up over the reference: engine bf16 {ref_s / engine_s:.1f}x, engine fp32 {ref_s / t_fp32:.1f}x")
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()

@@ -327,7 +327,7 @@ def window_gradients(
     ``x`` is (1, C_in, *S); returns maps (K, C_in, *S) for ``classes``, multiplied by ``scale``
     and added into ``out`` when given (so SmoothGrad samples and IG steps accumulate in place,
     with their weights folded into the seeds instead of an extra buffer), and counters of the
-    work done (forwards = windows run, vjps = class backward passes). Batching, autocast and the
+    work done (forwards = windows run, vjps = class VJPs per window, like forwards). Batching, autocast and the
     VJP mode come from ``geometry.window``.
     """
     if x.dim() != 2 + len(geometry.image_size) or x.shape[0] != 1:
@@ -385,7 +385,7 @@ def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeo
                 seed = seed_fn(classes[i], batch_slices, logits, out=scratch, scale=scale)  # type: ignore[call-arg]
                 assert seed is not None
                 _add(padded_maps, i, _vjp(logits, win, seed.to(logits.dtype), retain=j < len(todo) - 1), batch_slices)
-            counters["vjps"] += len(todo)
+            counters["vjps"] += len(todo) * len(batch_slices)
             continue
         seeds: list[torch.Tensor] = []
         present: list[int] = []
@@ -403,4 +403,4 @@ def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeo
         else:
             for j, i in enumerate(present):
                 _add(padded_maps, i, _vjp(logits, win, seeds[j], retain=j < len(present) - 1), batch_slices)
-        counters["vjps"] += len(present)
+        counters["vjps"] += len(present) * len(batch_slices)

@@ -200,8 +200,12 @@ def test_chunked_batched_and_plain_paths_agree(model, image):
     pred = prediction_of(model, image, roi, overlap)
     classes = _classes(pred)
     method = SmoothGrad(n_samples=2)
-    plain, _ = compute_maps(model, image, pred, classes, method, window=SlidingWindow(roi_size=roi, overlap=overlap,
-                                                                                      vjp="loop"))
+    plain, plain_work = compute_maps(model, image, pred, classes, method,
+                                     window=SlidingWindow(roi_size=roi, overlap=overlap, vjp="loop"))
+    n_windows = window_geometry(SHAPE, roi, overlap=overlap).n_windows
+    # hand count: the work is per window, whatever the batching (each class's mask may miss some windows)
+    assert plain_work["forwards"] == 2 * n_windows
+    assert 0 < plain_work["vjps"] <= 2 * n_windows * len(classes)
     variants = [
         (dict(), 1),
         (dict(window_batch=3), None),
@@ -210,8 +214,10 @@ def test_chunked_batched_and_plain_paths_agree(model, image):
     ]
     for options, chunk in variants:
         window = SlidingWindow(roi_size=roi, overlap=overlap, **options)
-        other, _ = compute_maps(model, image, pred, classes, method, window=window, class_chunk=chunk)
+        other, work = compute_maps(model, image, pred, classes, method, window=window, class_chunk=chunk)
         assert_rel_close(other, plain)
+        chunks = -(-len(classes) // (chunk or len(classes)))  # each class chunk runs the windows again
+        assert (work["forwards"], work["vjps"]) == (chunks * plain_work["forwards"], plain_work["vjps"]), options
 
 
 # (v) a fixed seed gives identical results --------------------------------------------------------
