@@ -130,10 +130,11 @@ def import_engine() -> types.SimpleNamespace:
              "compute_maps + roi_statistics are called directly)")
     from engine.aggregate import roi_statistics
     from engine.attribution.explain import compute_maps
-    from engine.attribution.gradients import SmoothGrad
+    from engine.attribution.gradients import Saliency, SmoothGrad
     from engine.attribution.sliding import SlidingWindow, stitched_forward, window_geometry
 
     return types.SimpleNamespace(compute_maps=compute_maps, roi_statistics=roi_statistics, SmoothGrad=SmoothGrad,
+                                 Saliency=Saliency,
                                  SlidingWindow=SlidingWindow, stitched_forward=stitched_forward,
                                  window_geometry=window_geometry)
 
@@ -235,7 +236,7 @@ def count_flops(model: torch.nn.Module, roi: tuple[int, ...], device: torch.devi
 
 
 def time_primitives(model, args, device, n_classes: int, fwd_flops: int, vjp_flops: int, peak: float | None,
-                    repeats: int = 3) -> dict[str, Any]:
+                    repeats: int = 3, layout: str = "contiguous") -> dict[str, Any]:
     """Forward and VJP throughput on one window batch in bf16 autocast, as the engine runs them.
 
     Times (median of ``repeats`` after one warm-up) the forward of ``window_batch`` windows with
@@ -244,7 +245,11 @@ def time_primitives(model, args, device, n_classes: int, fwd_flops: int, vjp_flo
     """
     wb = args.window_batch
     g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.rand((wb, 1, *args.roi), generator=g).to(device).requires_grad_(True)
+    from engine.attribution.sliding import prepare_model
+
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    prepare_model(model, fmt)
+    x = torch.rand((wb, 1, *args.roi), generator=g).to(device).contiguous(memory_format=fmt).requires_grad_(True)
 
     def forward() -> torch.Tensor:
         with torch.enable_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
@@ -267,7 +272,7 @@ def time_primitives(model, args, device, n_classes: int, fwd_flops: int, vjp_flo
     seeds = torch.zeros((n_classes, *logits.shape), device=device, dtype=logits.dtype)
     for c in range(n_classes):
         seeds[c, :, c] = 1.0 / logits[0, 0].numel()
-    res: dict[str, Any] = {"window_batch": wb, "classes": n_classes, "forward_s": t_fwd,
+    res: dict[str, Any] = {"layout": layout, "window_batch": wb, "classes": n_classes, "forward_s": t_fwd,
                            "forward_flops_per_s": wb * fwd_flops / t_fwd}
     try:
         t_b = timed(lambda: torch.autograd.grad(logits, x, seeds, retain_graph=True, is_grads_batched=True))
@@ -287,6 +292,78 @@ def time_primitives(model, args, device, n_classes: int, fwd_flops: int, vjp_flo
     return res
 
 
+def profile_kernels(model, args, device, layout: str, top: int = 12) -> list[dict[str, Any]]:
+    """The device kernels of one bf16 forward of a window batch and one class VJP, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.attribution.sliding import prepare_model
+
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    prepare_model(model, fmt)
+    x = torch.rand((args.window_batch, 1, *args.roi), device=device).contiguous(memory_format=fmt).requires_grad_(True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        with torch.enable_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            out = model(x)
+        seed = torch.zeros_like(out)
+        seed[:, 1] = 1.0
+        torch.autograd.grad(out, x, seed)
+        sync(device)
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, attr, 0) or getattr(e, "cuda_time_total", 0) or 0
+        if device.type == "cuda" and not getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            continue
+        rows.append({"name": e.key[:110], "ms": t / 1e3, "calls": e.count})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = r["ms"] / total
+    return rows[:top]
+
+
+def exactness_check(eng, device) -> dict[str, Any]:
+    """The engine's fp32 maps on this device against float64 (a small UNet, 17 classes, 3 windows).
+
+    Also one window's input gradient through plain PyTorch with TF32 on (its cuDNN default) and
+    off, to show what the engine's exact mode guards against. Errors are relative L2 norms.
+    """
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    # batch-norm in eval mode (an affine map): instance norm over near-constant channels of a random
+    # network amplifies float32 rounding ~1e3-fold, which would hide the TF32 effect this measures
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=17, channels=(16, 32, 64), strides=(2, 2),
+               num_res_units=1, norm="batch").to(device).eval()
+    shape, roi = (64, 48, 40), (48, 48, 40)
+    image, labels = synthetic_case(shape, 17, device, seed=1)
+    x = image[None].float()
+    classes = list(range(17))
+    window = eng.SlidingWindow(roi_size=roi, overlap=0.25, window_batch=2)
+    m32, _ = eng.compute_maps(net, x, labels, classes, eng.Saliency(), window=window)
+    m64, _ = eng.compute_maps(net.double(), x.double(), labels, classes, eng.Saliency(), window=window)
+    net.float()
+    rel = float((m32.double() - m64).norm() / m64.norm())
+    res: dict[str, Any] = {"engine_fp32_vs_fp64_rel": rel}
+    w = x[..., :roi[0], :roi[1], :roi[2]]
+    grads = {}
+    for name, tf32 in (("tf32_on", True), ("tf32_off", False), ("fp64", None)):
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        try:
+            mdl = net.double() if tf32 is None else net.float()
+            inp = (w.double() if tf32 is None else w.float()).clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(mdl(inp)[:, 1].sum(), inp)
+            grads[name] = g.double()
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+            net.float()
+    for name in ("tf32_on", "tf32_off"):
+        res[f"plain_pytorch_{name}_vs_fp64_rel"] = float((grads[name] - grads["fp64"]).norm() / grads["fp64"].norm())
+    return res
+
+
 # ----------------------------------------------------------------------------- engine
 
 
@@ -299,7 +376,7 @@ def run_engine(eng, model, image, labels, classes, args, device, *, bf16: bool, 
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     window = eng.SlidingWindow(roi_size=args.roi, overlap=args.overlap, window_batch=cfg["window_batch"],
-                               autocast=dtype, vjp=cfg["vjp"])
+                               autocast=dtype, vjp=cfg["vjp"], memory_format=cfg.get("memory_format", "auto"))
     geometry = window.geometry(x.shape[2:], device=device)
     eng.stitched_forward(model, x, window)  # the clean prediction
     maps, work = eng.compute_maps(
@@ -353,7 +430,8 @@ def engine_with_fallback(eng, model, image, labels, classes, args, device, cfg, 
 def run_reference_subset(model, image, labels, classes, args, device, n_classes: int, n_windows: int):
     """The reference strategy on a subset, extrapolated to all classes, windows and samples.
 
-    fp32, one window at a time, for each class in sequence: forward, backward with M_c·w/Ω.
+    fp32 (TF32 as PyTorch's defaults leave it), one window at a time, for each class in sequence:
+    forward, input gradient with the seed M_c·w/Ω. Warmed up first (cuDNN's autotuning is not timed).
     """
     from monai.data.utils import compute_importance_map, dense_patch_slices
     from monai.inferers import sliding_window_inference
@@ -369,6 +447,11 @@ def run_reference_subset(model, image, labels, classes, args, device, n_classes:
     omega = torch.zeros(size, device=device)
     for s in slices:
         omega[s] += w
+    # warm-up, untimed: cuDNN autotunes each new shape (batch 1, fp32) on first use, seconds on a GPU
+    win0 = x[(slice(None), slice(None), *slices[0])].clone().requires_grad_(True)
+    with torch.no_grad():
+        model(win0.detach())
+    torch.autograd.grad(model(win0)[0, 0].sum(), win0)
     # clean prediction, fp32, one window at a time (timed in full)
     sync(device)
     t0 = time.perf_counter()
@@ -393,8 +476,8 @@ def run_reference_subset(model, image, labels, classes, args, device, n_classes:
             out = model(win)
             seed = torch.zeros_like(out)
             seed[0, c] = mask * w / omega[s]
-            out.backward(seed)
-            acc[(slice(None), slice(None), *s)] += win.grad
+            (g,) = torch.autograd.grad(out, win, seed)  # the input's gradient only, as Captum takes it
+            acc[(slice(None), slice(None), *s)] += g
             units += 1
         acc_np = acc[0, 0].cpu().numpy()  # the reference aggregates on the host
     sync(device)
@@ -438,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vjp", default="batched", choices=["batched", "loop"])
     ap.add_argument("--ref-classes", type=int, default=2, help="classes timed for the reference (extrapolated)")
     ap.add_argument("--ref-windows", type=int, default=4, help="windows timed for the reference (extrapolated)")
+    ap.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                    help="layout of the model and window batches in the engine (auto: the engine's choice)")
+    ap.add_argument("--compare-vjp", default=None, choices=["batched", "loop"],
+                    help="also time the engine with this VJP mode (default: the other one)")
+    ap.add_argument("--skip-fp32", action="store_true", help="skip the fp32 engine run (and the bf16 fidelity)")
+    ap.add_argument("--profile", action="store_true", help="print the top device kernels of one forward + VJP")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop optional steps past this many seconds")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -492,23 +581,49 @@ def main(argv: list[str] | None = None) -> int:
         result.update(flops_forward=fwd_flops, flops_vjp=vjp_flops)
         print(f"FLOPs: one window forward {fwd_flops / 1e9:.1f} GFLOP, one input VJP {vjp_flops / 1e9:.1f} GFLOP")
 
+        budget_left = lambda frac: time.perf_counter() - t_start < args.budget_s * frac  # noqa: E731
+
+        # exactness of the fp32 engine on this device (small UNet, float64 reference)
         try:
-            prim = time_primitives(model, args, device, len(classes), fwd_flops, vjp_flops, peak)
-            result["primitives_bf16"] = prim
-            pct = (lambda k: f" ({100 * prim[k]:.1f}% of peak)" if k in prim else "")
-            print(f"one batch of {prim['window_batch']} windows, bf16: forward {prim['forward_s'] * 1e3:.1f} ms, "
-                  f"{prim['forward_flops_per_s'] / 1e12:.1f} TFLOP/s{pct('forward_mfu')}; {len(classes)} class VJPs "
-                  f"batched {prim.get('vjp_batched_s', float('nan')) * 1e3:.1f} ms, "
-                  f"{prim.get('vjp_batched_flops_per_s', float('nan')) / 1e12:.1f} TFLOP/s{pct('vjp_batched_mfu')}; "
-                  f"looped {prim['vjp_loop_s'] * 1e3:.1f} ms, {prim['vjp_loop_flops_per_s'] / 1e12:.1f} TFLOP/s"
-                  f"{pct('vjp_loop_mfu')}", flush=True)
-        except torch.OutOfMemoryError as exc:
-            note(f"primitive timing ran out of memory at window_batch {args.window_batch}: {str(exc)[:200]}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            ex = exactness_check(eng, device)
+            result["exactness"] = ex
+            print(f"exactness: engine fp32 maps vs float64 {ex['engine_fp32_vs_fp64_rel']:.1e} (relative L2); plain "
+                  f"PyTorch input gradient with TF32 on {ex['plain_pytorch_tf32_on_vs_fp64_rel']:.1e}, off "
+                  f"{ex['plain_pytorch_tf32_off_vs_fp64_rel']:.1e}", flush=True)
+        except Exception as exc:  # a figure lost, not the run
+            note(f"exactness check failed: {type(exc).__name__}: {str(exc)[:300]}")
         write()
 
-        cfg = {"window_batch": args.window_batch, "class_chunk": args.class_chunk, "vjp": args.vjp}
+        # forward and VJP throughput on one window batch, in both layouts
+        layouts = ["contiguous", "channels_last"] if device.type == "cuda" or not dry else ["contiguous"]
+        result["primitives_bf16"] = {}
+        for layout in layouts:
+            try:
+                prim = time_primitives(model, args, device, len(classes), fwd_flops, vjp_flops, peak, layout=layout)
+                result["primitives_bf16"][layout] = prim
+                pct = (lambda k: f" ({100 * prim[k]:.1f}% of peak)" if k in prim else "")  # noqa: E731
+                print(f"{layout}: one batch of {prim['window_batch']} windows, bf16: forward {prim['forward_s'] * 1e3:.1f} ms, "
+                      f"{prim['forward_flops_per_s'] / 1e12:.1f} TFLOP/s{pct('forward_mfu')}; {len(classes)} class VJPs "
+                      f"batched {prim.get('vjp_batched_s', float('nan')) * 1e3:.1f} ms, "
+                      f"{prim.get('vjp_batched_flops_per_s', float('nan')) / 1e12:.1f} TFLOP/s{pct('vjp_batched_mfu')}; "
+                      f"looped {prim['vjp_loop_s'] * 1e3:.1f} ms, {prim['vjp_loop_flops_per_s'] / 1e12:.1f} TFLOP/s"
+                      f"{pct('vjp_loop_mfu')}; peak {prim.get('peak_gib', 'n/a')} GiB", flush=True)
+            except torch.OutOfMemoryError as exc:
+                note(f"primitive timing ({layout}) ran out of memory at window_batch {args.window_batch}: {str(exc)[:200]}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            write()
+        if args.profile:
+            fmt_name = args.memory_format if args.memory_format != "auto" else "contiguous"
+            rows = profile_kernels(model, args, device, fmt_name)
+            result["profile"] = {"layout": fmt_name, "top_kernels": rows}
+            print(f"top device kernels, one bf16 forward of {args.window_batch} windows + one class VJP ({fmt_name}):")
+            for r in rows:
+                print(f"  {100 * r['share']:5.1f}%  {r['ms']:8.2f} ms  x{r['calls']:<4d} {r['name']}")
+            write()
+
+        cfg = {"window_batch": args.window_batch, "class_chunk": args.class_chunk, "vjp": args.vjp,
+               "memory_format": args.memory_format}
         # warm-up (cudnn autotuning, allocator) on a one-sample run, untimed
         engine_with_fallback(eng, model, image, labels, classes, args, device, cfg, bf16=True, samples=1)
         times, mass_bf16, work = [], None, {}
@@ -517,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       bf16=True, samples=args.samples)
             times.append(t)
             print(f"engine repeat {r + 1}: {t:.2f} s/patient", flush=True)
-            if time.perf_counter() - t_start > args.budget_s / 2 and r + 1 < args.repeats:
+            if not budget_left(0.35) and r + 1 < args.repeats:
                 note(f"stopped engine repeats after {r + 1} to stay within the time budget")
                 break
         times.sort()
@@ -532,47 +647,51 @@ def main(argv: list[str] | None = None) -> int:
               f"{achieved / 1e12:.2f} TFLOP/s achieved, model FLOP utilisation {util}", flush=True)
         write()
 
-        # bf16 fidelity against fp32 (same noise: same seed)
-        t_fp32, mass_fp32, work_fp32 = engine_with_fallback(eng, model, image, labels, classes, args, device, dict(cfg),
-                                                    bf16=False, samples=args.samples)
-        rho_all = spearman(mass_bf16, mass_fp32)
-        rho_abs = spearman(mass_bf16[:, 0], mass_fp32[:, 0])
-        per_class = [spearman(mass_bf16[k, 0], mass_fp32[k, 0]) for k in range(len(classes))]
-        per_class_sorted = sorted(per_class)
-        result.update(engine_fp32_s=t_fp32, spearman_bf16_vs_fp32=rho_all, spearman_abs_mass=rho_abs,
-                      spearman_abs_mass_min_per_class=min(per_class),
-                      spearman_abs_mass_median_per_class=per_class_sorted[len(per_class) // 2],
-                      bf16_speedup_over_fp32=t_fp32 / engine_s,
-                      engine_fp32_work=work_fp32, tf32={"matmul": torch.backends.cuda.matmul.allow_tf32,
-                                                "cudnn": torch.backends.cudnn.allow_tf32})
-        print(f"bf16 fidelity: Spearman of RoI mass vectors bf16 vs fp32 {rho_all:.4f} (abs mass {rho_abs:.4f}, "
-              f"per class median {per_class_sorted[len(per_class) // 2]:.4f}, worst {min(per_class):.4f}); engine in "
-              f"fp32 {t_fp32:.2f} s/patient, bf16 {t_fp32 / engine_s:.2f}x faster", flush=True)
-        write()
-
-        # class-batched against looped VJPs, the whole patient, same settings otherwise
-        if args.vjp == "batched" and time.perf_counter() - t_start < args.budget_s * 0.7:
-            loop_cfg = {**cfg, "vjp": "loop", "class_chunk": None}
-            t_loop, _, work_loop = engine_with_fallback(eng, model, image, labels, classes, args, device, loop_cfg,
-                                                        bf16=True, samples=args.samples)
-            result.update(engine_loop_s=t_loop, engine_loop_work=work_loop, batched_speedup_over_loop=t_loop / engine_s)
-            print(f"class-looped VJPs: {t_loop:.2f} s/patient; class-batched is {t_loop / engine_s:.2f}x faster",
-                  flush=True)
-        else:
-            note("class-looped comparison skipped (time budget or --vjp loop)")
-        write()
-
         # reference strategy, subset timed and extrapolated
         ref_s, ref_info = run_reference_subset(model, image, labels, classes, args, device,
                                                n_classes=min(args.ref_classes, len(classes)),
                                                n_windows=min(args.ref_windows, n_windows))
         result.update(reference_s=ref_s, reference=ref_info, speedup_vs_reference=ref_s / engine_s,
-                      fp32_speedup_vs_reference=ref_s / t_fp32, reference_extrapolated=True)
-        print(f"reference (fp32, one window, one class backward at a time): {ref_s:.1f} s/patient, EXTRAPOLATED from "
-              f"{ref_info['timed_classes']} classes x {ref_info['timed_windows']} windows x 1 sample "
+                      reference_extrapolated=True)
+        print(f"reference (fp32, one window, one class input gradient at a time): {ref_s:.1f} s/patient, EXTRAPOLATED "
+              f"from {ref_info['timed_classes']} classes x {ref_info['timed_windows']} windows x 1 sample "
               f"({ref_info['per_window_class_s'] * 1e3:.1f} ms per window-class) to {ref_info['extrapolated_units']} "
               f"window-class-sample units; prediction {ref_info['predict_s']:.2f} s timed in full")
-        print(f"speed-up over the reference: engine bf16 {ref_s / engine_s:.1f}x, engine fp32 {ref_s / t_fp32:.1f}x")
+        print(f"speed-up of the engine (bf16) over the reference: {ref_s / engine_s:.1f}x", flush=True)
+        write()
+
+        # the other VJP mode, the whole patient, same settings otherwise
+        other = args.compare_vjp or ("loop" if cfg["vjp"] == "batched" else "batched")
+        if other != cfg["vjp"] and budget_left(0.55):
+            other_cfg = {**cfg, "vjp": other, "class_chunk": None}
+            t_other, _, work_other = engine_with_fallback(eng, model, image, labels, classes, args, device, other_cfg,
+                                                          bf16=True, samples=args.samples)
+            loop_s, batched_s = (t_other, engine_s) if other == "loop" else (engine_s, t_other)
+            result.update(engine_other_vjp={"vjp": other, "s": t_other, "work": work_other, "config": other_cfg},
+                          batched_speedup_over_loop=loop_s / batched_s)
+            print(f"vjp={other}: {t_other:.2f} s/patient ({other_cfg}); class-batched / looped speed: "
+                  f"{loop_s / batched_s:.2f}x", flush=True)
+        else:
+            note("VJP-mode comparison skipped (time budget)")
+        write()
+
+        # fp32 (exact: TF32 off inside the engine) and bf16 fidelity against it (same noise: same seed)
+        if not args.skip_fp32 and budget_left(0.6):
+            t_fp32, mass_fp32, work_fp32 = engine_with_fallback(eng, model, image, labels, classes, args, device,
+                                                                dict(cfg), bf16=False, samples=args.samples)
+            rho_all = spearman(mass_bf16, mass_fp32)
+            rho_abs = spearman(mass_bf16[:, 0], mass_fp32[:, 0])
+            per_class = sorted(spearman(mass_bf16[k, 0], mass_fp32[k, 0]) for k in range(len(classes)))
+            result.update(engine_fp32_s=t_fp32, engine_fp32_work=work_fp32, spearman_bf16_vs_fp32=rho_all,
+                          spearman_abs_mass=rho_abs, spearman_abs_mass_min_per_class=per_class[0],
+                          spearman_abs_mass_median_per_class=per_class[len(per_class) // 2],
+                          bf16_speedup_over_fp32=t_fp32 / engine_s, fp32_speedup_vs_reference=ref_s / t_fp32)
+            print(f"bf16 fidelity: Spearman of RoI mass vectors bf16 vs fp32 {rho_all:.4f} (abs mass {rho_abs:.4f}, "
+                  f"per class median {per_class[len(per_class) // 2]:.4f}, worst {per_class[0]:.4f}); engine in exact "
+                  f"fp32 {t_fp32:.2f} s/patient (bf16 {t_fp32 / engine_s:.2f}x faster; fp32 {ref_s / t_fp32:.1f}x the "
+                  f"reference)", flush=True)
+        else:
+            note("fp32 run and bf16 fidelity skipped (--skip-fp32 or time budget)")
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()

@@ -20,8 +20,8 @@ are gradients of exactly what ``monai.inferers.sliding_window_inference`` return
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -252,11 +252,34 @@ def stitched_forward(model: torch.nn.Module, x: torch.Tensor, window: SlidingWin
     return torch.as_tensor(out).to(x.dtype)
 
 
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """float32 as IEEE float32 while the engine runs: TF32 off for cuDNN convolutions and CUDA
+    matrix products, the caller's settings restored after.
+
+    PyTorch runs cuDNN convolutions in TF32 by default (a 10-bit mantissa, ~1e-3 relative), so an
+    exact run on a GPU would not be exact without this; reduced-precision (autocast) runs leave the
+    settings as the user has them. The flags are CUDA's: on a CPU setting them changes nothing.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
-    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for None / float32."""
+    """``torch.autocast`` to ``dtype`` on ``device``; for None / float32, exact float32 (:func:`exact_fp32`)."""
     if dtype is None or dtype == torch.float32:
-        return nullcontext()
+        return exact_fp32()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _exact_if_fp32(dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """:func:`exact_fp32` for exact runs (covering their backward passes too), nothing under autocast."""
+    return exact_fp32() if dtype is None or dtype == torch.float32 else nullcontext()
 
 
 def resolve_vjp_mode(mode: VJPMode, device: torch.device) -> Literal["loop", "batched"]:
@@ -346,7 +369,7 @@ def window_gradients(
     # alone; engine.attribution.kernels); vmap-batched VJPs keep PyTorch's, which vmap can batch
     fast = resolve_kernels(geometry.window.kernels, x.device) and mode != "batched"
     # a channels-last model needs the instance-norm guard on any kernels (a PyTorch bug; see kernels)
-    with engine_kernels(model, fast, guard=fmt == torch.channels_last_3d):
+    with engine_kernels(model, fast, guard=fmt == torch.channels_last_3d), _exact_if_fp32(geometry.window.autocast):
         _window_passes(model, xp, geometry, classes, seed_fn, padded_maps, counters, mode=mode, fmt=fmt,
                        scale=scale)
     if padded_maps is not maps:

@@ -48,3 +48,45 @@ def test_bf16_maps_on_the_cpu_are_close_to_fp32_autograd_but_computed_in_bf16():
         rel = float((a - b).abs().max() / b.abs().max())
         assert rel > 1e-5, "bf16 maps equal the fp32 ones: autocast was not applied"
         assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.99
+
+
+class _RecordsTF32(torch.autograd.Function):
+    """Identity that records PyTorch's TF32 switches in its forward and in its backward."""
+
+    seen: list[tuple[str, bool, bool]] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        _RecordsTF32.seen.append(("forward", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _RecordsTF32.seen.append(("backward", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return g
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_unet(seed=1)
+
+    def forward(self, x):
+        return self.net(_RecordsTF32.apply(x))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_exact_runs_turn_tf32_off_in_forwards_and_backwards_and_restore_it(autocast, monkeypatch):
+    # PyTorch's default runs cuDNN convolutions in TF32 (~1e-3): exact fp32 maps on a GPU need it off
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    image = torch.rand((1, 1, *SHAPE), generator=torch.Generator().manual_seed(0))
+    model = _Recorder().eval()
+    _RecordsTF32.seen.clear()
+    compute_maps(model, image, torch.zeros(SHAPE, dtype=torch.long), [0], Saliency(),
+                 window=SlidingWindow(roi_size=(8, 6, 8), autocast=autocast))
+    phases = {p for p, *_ in _RecordsTF32.seen}
+    assert phases == {"forward", "backward"}
+    expected = (False, False) if autocast is None else (True, True)  # autocast runs keep the user's settings
+    assert {tuple(flags) for _, *flags in _RecordsTF32.seen} == {expected}
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # restored
