@@ -10,10 +10,11 @@ Prepared for a single-GPU machine that has PyTorch and nothing else of ours. It
 2. builds a SwinUNETR (feature_size 48, use_v2=True, 17 classes, random weights) with 96³ windows on
    a volume the size of a 1.5 mm chest CT (256 x 256 x 224), overlap 0.25;
 3. times per patient (a) the engine: clean stitched prediction, SmoothGrad maps of all 17 classes
-   with bf16 autocast, several windows per batch and class-batched VJPs, and its RoI statistics;
-   (b) the reference strategy: fp32, one window at a time, one class backward at a time with the
-   exact seed M_c·w/Ω, then one masked full-volume sum per (class, RoI) in numpy. The reference
-   is timed on a subset of classes and windows and extrapolated (the output says so);
+   with bf16 autocast, several windows per batch and looped class VJPs (vmap-batched ones are timed
+   too, for comparison), and its RoI statistics; (b) the reference strategy: fp32, one window at a
+   time, one class input gradient at a time with the exact seed M_c·w/Ω, then one masked
+   full-volume sum per (class, RoI) in numpy. The reference is warmed up, timed on a subset of
+   classes and windows and extrapolated (the output says so);
 4. counts FLOPs of one window forward and one input VJP with ``FlopCounterMode`` and reports the
    engine's model FLOP utilisation against the device's peak dense bf16 FLOP/s;
 5. measures bf16 fidelity: Spearman rank correlation of the RoI mass vectors, bf16 vs fp32.
@@ -518,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--window-batch", type=int, default=4)
     ap.add_argument("--class-chunk", type=int, default=None, help="classes per VJP batch (default all)")
-    ap.add_argument("--vjp", default="batched", choices=["batched", "loop"])
+    ap.add_argument("--vjp", default="loop", choices=["batched", "loop"],
+                    help="class VJPs looped (the engine's default) or vmap-batched")
     ap.add_argument("--ref-classes", type=int, default=2, help="classes timed for the reference (extrapolated)")
     ap.add_argument("--ref-windows", type=int, default=4, help="windows timed for the reference (extrapolated)")
     ap.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],

@@ -11,7 +11,7 @@ gaussian) and Ω the overlap weight. For a scalar S(Ẑ) the chain rule gives, p
 
 so the exact backward seed of window w is the target's seed G = ∂S/∂Ẑ multiplied by w/Ω on the
 window's voxels. ``window_gradients`` runs one forward per window batch and one vector-Jacobian
-product per class present in it (looped on CPUs, vmap-batched on GPUs), and scatters the input
+product per class present in it (looped over the classes; vmap-batched on request), and scatters the input
 gradients into per-class full-volume maps on the compute device.
 
 The geometry (padding, scan interval, window positions, importance map) is MONAI's, so the maps
@@ -283,13 +283,16 @@ def _exact_if_fp32(dtype: torch.dtype | None) -> AbstractContextManager[Any]:
 
 
 def resolve_vjp_mode(mode: VJPMode, device: torch.device) -> Literal["loop", "batched"]:
-    """``auto``: vmap-batched VJPs on accelerators, a loop with a retained graph on CPUs.
+    """``auto``: a loop over the classes with a retained graph, on every device.
 
-    On CPUs the batched path is measured to be slower than the loop (vmap over convolution
-    backward does not vectorise there); on GPUs batching fills the device.
+    The vmap-batched path (``is_grads_batched``) was measured slower everywhere: 2.5x on the CPU
+    (vmap over convolution backward does not vectorise there), and on an H200 with Swin UNETR at
+    96³ windows 0.88x the loop's speed at the patient level (0.66x channels-last) for 4.6x its
+    memory; 17 classes of 4 windows batched need over 139 GiB (BENCHMARKS.md). ``batched`` stays
+    available for models whose backward vmap does batch well.
     """
     if mode == "auto":
-        return "loop" if device.type == "cpu" else "batched"
+        return "loop"
     if mode not in ("loop", "batched"):
         raise ValueError(f"vjp must be 'auto', 'loop' or 'batched', got {mode!r}")
     return mode
@@ -300,7 +303,8 @@ def resolve_memory_format(fmt: MemoryFormat, device: torch.device, spatial_dims:
 
     ``auto``: ``channels_last_3d`` for 3-D volumes on CPUs, where oneDNN's 3-D convolutions and
     their backward run about 1.2-1.4x faster in it (measured on the demo UNet, BENCHMARKS.md);
-    elsewhere (GPUs, where the fp32 gain is not measured) the model keeps the layout it has.
+    elsewhere the model keeps the layout it has (on an H200, Swin UNETR's bf16 forward and VJPs
+    ran 0.85x as fast channels-last as contiguous, BENCHMARKS.md).
     The values computed are the same either way up to float rounding (the order of the
     reductions inside the kernels differs).
     """

@@ -300,3 +300,14 @@ def test_seeds_built_one_after_another_in_one_scratch_equal_fresh_ones(model, im
         assert torch.equal(reused, fresh[c] * 0.25)
         built += 1
     assert built >= 3
+
+
+def test_auto_vjp_mode_loops_over_the_classes_on_every_device():
+    # measured: vmap-batched VJPs slower than the loop on the CPU and on an H200, for 4.6x the memory
+    from engine.attribution.sliding import resolve_vjp_mode
+
+    for device in ("cpu", "cuda"):
+        assert resolve_vjp_mode("auto", torch.device(device)) == "loop"
+        assert resolve_vjp_mode("batched", torch.device(device)) == "batched"
+    with pytest.raises(ValueError, match="vjp"):
+        resolve_vjp_mode("vmap", torch.device("cpu"))  # type: ignore[arg-type]
