@@ -324,6 +324,42 @@ def profile_kernels(model, args, device, layout: str, top: int = 12) -> list[dic
     return rows[:top]
 
 
+def compile_trial(model, args, device, n_classes: int, reps: int = 3) -> dict[str, Any]:
+    """``torch.compile`` of the model: compile time, and one window batch's bf16 forward + looped class
+    VJPs (the engine's step) eager against compiled, median of ``reps`` after the first call."""
+    import copy
+
+    wb = args.window_batch
+    x = torch.rand((wb, 1, *args.roi), device=device).requires_grad_(True)
+    compiled = torch.compile(copy.deepcopy(model))
+
+    def step(m: torch.nn.Module) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.enable_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            out = m(x)
+        seed = torch.zeros_like(out)
+        for c in range(n_classes):
+            seed.zero_()
+            seed[:, c] = 1.0
+            torch.autograd.grad(out, x, seed, retain_graph=c < n_classes - 1)
+        sync(device)
+        return time.perf_counter() - t0
+
+    first = step(compiled)  # compiles the forward and the backward graph
+    step(model)
+    e_t, c_t = [], []
+    for _ in range(reps):
+        e_t.append(step(model))
+        c_t.append(step(compiled))
+    e_t.sort()
+    c_t.sort()
+    e, c = e_t[len(e_t) // 2], c_t[len(c_t) // 2]
+    saved = e - c
+    return {"window_batch": wb, "classes": n_classes, "compile_s": first - c, "eager_step_s": e,
+            "compiled_step_s": c, "speedup": e / c, "steps_to_pay_off": (first - c) / saved if saved > 0 else None}
+
+
 def exactness_check(eng, device) -> dict[str, Any]:
     """The engine's fp32 maps on this device against float64 (a small UNet, 17 classes, 3 windows).
 
@@ -529,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the engine with this VJP mode (default: the other one)")
     ap.add_argument("--skip-fp32", action="store_true", help="skip the fp32 engine run (and the bf16 fidelity)")
     ap.add_argument("--profile", action="store_true", help="print the top device kernels of one forward + VJP")
+    ap.add_argument("--compile", action="store_true",
+                    help="last, within the budget: torch.compile's compile time and speed on one window batch")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop optional steps past this many seconds")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -694,6 +732,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"reference)", flush=True)
         else:
             note("fp32 run and bf16 fidelity skipped (--skip-fp32 or time budget)")
+        write()
+
+        if args.compile and budget_left(0.75):
+            try:
+                ct = compile_trial(model, args, device, len(classes))
+                result["compile"] = ct
+                print(f"torch.compile: {ct['compile_s']:.1f} s to compile; one batch of {ct['window_batch']} windows, "
+                      f"forward + {ct['classes']} looped VJPs: eager {ct['eager_step_s']:.3f} s, compiled "
+                      f"{ct['compiled_step_s']:.3f} s ({ct['speedup']:.2f}x); pays off after "
+                      f"{ct['steps_to_pay_off']} batches", flush=True)
+            except Exception as exc:  # compile failures are a finding, not a lost run
+                note(f"torch.compile trial failed: {type(exc).__name__}: {str(exc)[:300]}")
+        elif args.compile:
+            note("torch.compile trial skipped (time budget)")
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
