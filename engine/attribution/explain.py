@@ -10,6 +10,7 @@ gets float64 inputs and maps); ``autocast`` in the window settings applies on to
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from engine.attribution.methods import make_method
 from engine.attribution.objectives import Objective, resolve_objective
 from engine.attribution.sliding import SlidingWindow, WindowGeometry, stitched_forward
 from engine.labels import resolve_class_names
+
+log = logging.getLogger(__name__)
 
 ClassRef = int | str
 
@@ -237,6 +240,22 @@ class Explainer:
             out["sigma_hu"] = sigma_abs * self.hu_per_unit
         return out
 
+    def smaller(self) -> Explainer | None:
+        """The next settings down when a volume does not fit in the device's memory, or None at the
+        bottom: vmap-batched VJPs → looped; then half the windows per batch, down to 1; then half the
+        classes per chunk (all → 8 → 4 → 2 → 1). Each step changes how much is held at once, never
+        what is computed (the maps are equal up to float rounding)."""
+        w = self.window
+        if w.vjp == "batched":
+            return replace(self, window=replace(w, vjp="loop"))
+        if w.window_batch > 1:
+            return replace(self, window=replace(w, window_batch=max(1, w.window_batch // 2)))
+        if self.class_chunk is None:
+            return replace(self, class_chunk=8)
+        if self.class_chunk > 1:
+            return replace(self, class_chunk=self.class_chunk // 2)
+        return None
+
     def explain(
         self,
         model: torch.nn.Module,
@@ -255,7 +274,51 @@ class Explainer:
         RoIs default to the predicted segments (named like the classes), plus ``joined_rois``
         (e.g. ``{"lung": (five lobes)}``); pass ``rois`` for custom RoIs. ``partition`` (a label
         map) replaces the predicted segments as the features of segment-based perturbation methods.
+
+        When the device runs out of memory (``torch.OutOfMemoryError``: a large volume on a GPU),
+        the volume is explained again under :meth:`smaller` settings, step by step, with a warning;
+        the settings that ran are in ``Explanation.options`` (``memory_steps`` counts the steps).
+        At the bottom the error says what to change.
         """
+        explainer, steps = self, 0
+        while True:
+            try:
+                out = explainer._explain(model, image, targets=targets, class_names=class_names, rois=rois,
+                                         joined_rois=joined_rois, partition=partition, return_maps=return_maps,
+                                         return_logits=return_logits)
+            except torch.OutOfMemoryError as exc:
+                smaller = explainer.smaller()
+                _release_memory()
+                if smaller is None:
+                    raise torch.OutOfMemoryError(
+                        f"the volume {tuple(image.shape)} does not fit in the device's memory even one window and "
+                        f"one class at a time (roi_size {tuple(explainer.window.roi_size)}): use autocast = 'bf16', "
+                        f"a smaller roi_size, or a device with more memory ({str(exc).splitlines()[0][:200]})"
+                    ) from exc
+                steps += 1
+                log.warning("out of device memory on a volume of shape %s with window_batch=%d, class_chunk=%s, "
+                            "vjp=%s; retrying with window_batch=%d, class_chunk=%s, vjp=%s", tuple(image.shape),
+                            explainer.window.window_batch, explainer.class_chunk, explainer.window.vjp,
+                            smaller.window.window_batch, smaller.class_chunk, smaller.window.vjp)
+                explainer = smaller
+                continue
+            if steps:
+                out.options.update(memory_steps=steps, class_chunk=explainer.class_chunk)
+            return out
+
+    def _explain(
+        self,
+        model: torch.nn.Module,
+        image: torch.Tensor,
+        *,
+        targets: Sequence[ClassRef] | None,
+        class_names: Sequence[str] | None,
+        rois: RoISet | None,
+        joined_rois: Mapping[str, Sequence[str]] | None,
+        partition: torch.Tensor | None,
+        return_maps: bool,
+        return_logits: bool,
+    ) -> Explanation:
         with eval_mode(model):
             clean = predict_clean(model, image, self.window, class_names=class_names, targets=targets,
                                   device=self.device)
@@ -307,6 +370,12 @@ class Explainer:
                 timings=timings,
                 work=work,
             )
+
+
+def _release_memory() -> None:
+    """Return the caching allocator's free blocks to the device before a retry with smaller settings."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def explain_volume(
