@@ -100,6 +100,8 @@ class PatientProcessor:
         stage.update({k: round(v, 4) for k, v in explanation.timings.items()})
         stage["compute"] = round(time.perf_counter() - t0, 4)
         stage.update({f"work_{k}": v for k, v in explanation.work.items()})
+        if explanation.options.get("memory_steps"):  # stepped down after running out of device memory
+            stage["memory_steps"] = explanation.options["memory_steps"]
         return PatientResult(
             patient_id=case.patient_id, importances=importances, predictions=predictions, worker=self.worker,
             seconds=sum(v for k, v in stage.items() if k in ("load", "compute")), timings=stage,
