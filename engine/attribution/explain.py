@@ -282,13 +282,14 @@ class Explainer:
         """
         explainer, steps = self, 0
         while True:
+            if steps:  # outside the except block: its traceback no longer holds the failed attempt's tensors
+                _release_memory()
             try:
                 out = explainer._explain(model, image, targets=targets, class_names=class_names, rois=rois,
                                          joined_rois=joined_rois, partition=partition, return_maps=return_maps,
                                          return_logits=return_logits)
             except torch.OutOfMemoryError as exc:
                 smaller = explainer.smaller()
-                _release_memory()
                 if smaller is None:
                     raise torch.OutOfMemoryError(
                         f"the volume {tuple(image.shape)} does not fit in the device's memory even one window and "
@@ -373,7 +374,11 @@ class Explainer:
 
 
 def _release_memory() -> None:
-    """Return the caching allocator's free blocks to the device before a retry with smaller settings."""
+    """Free what a failed attempt left (cycles included) and return the caching allocator's free
+    blocks to the device, before a retry with smaller settings."""
+    import gc
+
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
