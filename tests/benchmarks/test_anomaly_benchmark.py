@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+
+from tests.benchmarks.script import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("anomaly_detection", ROOT / "benchmarks" / "anomaly_detection.py")
@@ -80,11 +79,7 @@ def test_the_paper_mode_is_offered_on_masses_only():
 @pytest.mark.slow
 def test_a_quick_run_goes_through_the_engine_and_writes_every_figure(tmp_path):
     out = tmp_path / "q.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "anomaly_detection.py"), "--quick", "--cache", str(tmp_path / "c"),
-         "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    proc, r = run_benchmark("anomaly_detection.py", "--quick", "--cache", str(tmp_path / "c"), out=out, timeout=1200)
     assert r["features"]["patients"] == 8 and r["kinds"] == ["missing_rescale", "situs_inversus"]
     assert set(r["settings"]) == {"paper/mass", "forest/mass", "forest/prediction", "covariance/mass",
                                   "covariance/prediction", "neighbours/mass", "neighbours/prediction",

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.script import run_benchmark
 
 
 @pytest.mark.slow
 def test_bf16_cohort_benchmark_compares_both_runs(tmp_path):
     out = tmp_path / "bf16_cohort.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bf16_cohort.py"), "--patients", "5", "--workers", "1",
-         "--dir", str(tmp_path / "work"), "--json", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fig = json.loads(out.read_text())
+    proc, fig = run_benchmark("bf16_cohort.py", "--patients", "5", "--workers", "1", "--dir", str(tmp_path / "work"),
+                              out=out, cwd=tmp_path)
     assert fig["patients"] == 5 and fig["autocast"] == "bf16"
     assert fig["mass_pairs"] > 0 and -1.0 <= fig["mass_spearman_min"] <= fig["mass_spearman_median"] <= 1.0
     assert -1.0 <= fig["anomaly_spearman"] <= 1.0 and 0.0 <= fig["anomaly_top_k_overlap"] <= 1.0

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.script import run_benchmark
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                     reason="this CPU or PyTorch build has no oneDNN bf16 convolutions")
 def test_bf16_convolutions_runs_and_the_direct_gradient_is_pytorchs(tmp_path):
     out = tmp_path / "bf16_conv.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bf16_convolutions.py"), "--repeats", "1",
-                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fig = json.loads(out.read_text())
+    proc, fig = run_benchmark("bf16_convolutions.py", "--repeats", "1", out=out, timeout=600)
     assert [r["layer"] for r in fig["layers"]] == ["17->17 at 48^3", "16->17 at 48^3", "32->16 at 48^3",
                                                   "64->32 at 24^3"]
     for r in fig["layers"]:

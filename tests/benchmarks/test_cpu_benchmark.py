@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.script import run_benchmark
 
 
 def test_cpu_benchmark_tiny(tmp_path):
     out = tmp_path / "cpu.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attribution_cpu.py"), "--shape", "24", "20", "20",
-         "--repeats", "1", "--samples", "1", "--json", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, fig = run_benchmark("attribution_cpu.py", "--shape", "24", "20", "20", "--repeats", "1", "--samples", "1",
+                              out=out, timeout=1200)
     text = proc.stdout
     for phrase in ("seconds per patient", "engine/irreducible", "reference/engine", "forward equivalents",
                    "max relative error", "peak memory"):
         assert phrase in text, phrase
-    fig = json.loads(out.read_text())
     for key in ("engine_s", "irreducible_s", "reference_s", "engine_over_irreducible", "reference_over_engine",
                 "vjp_per_forward", "engine_forward_equivalents", "maps_max_rel_err", "memory"):
         assert key in fig, key

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.script import run_benchmark
 
 
 def test_gpu_script_dry_run_writes_figures(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attribution_gpu.py"), "--dry-run", "--skip-install", "--json", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fig = json.loads(out.read_text())
+    proc, fig = run_benchmark("attribution_gpu.py", "--dry-run", "--skip-install", out=out)
     assert fig["dry_run"] is True and "error" not in fig
     for key in ("engine_s", "reference_s", "speedup_vs_reference", "flops_forward", "flops_vjp",
                 "achieved_flops_per_s", "spearman_bf16_vs_fp32", "engine_work", "reference"):

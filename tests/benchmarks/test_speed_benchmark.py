@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.script import run_benchmark
 
 
 @pytest.mark.slow
 def test_speed_benchmark_reports_ratios_flops_and_exact_fp32_maps(tmp_path):
     out = tmp_path / "speed.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "attribution_speed.py"), "--repeats", "1", "--prim-reps", "1",
-         "--json", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, fig = run_benchmark("attribution_speed.py", "--repeats", "1", "--prim-reps", "1", out=out, timeout=1200)
     for phrase in ("Captum recipe / engine fp32", "bf16 speed-up over fp32", "of matmul", "load average"):
         assert phrase in proc.stdout, phrase
-    fig = json.loads(out.read_text())
     assert fig["classes"] > 1
     assert fig["maps_rel_err_fp32_vs_captum"] <= 1e-5
     for name in ("fp32_contiguous", "fp32_channels_last", "bf16_channels_last"):
