@@ -194,3 +194,17 @@ def test_a_misspelt_scorer_on_the_command_line_is_one_line_with_a_suggestion(
         db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["anomaly", "--run", RUN_ID, "--scorer", "neighbors", "--db", str(db)]) == 2
     assert "did you mean 'neighbours'" in _error(capsys)
+
+
+def test_auditing_a_bf16_run_says_borderline_tests_can_change(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an exact run gets no note
+    assert cli.main(["audit", "--run", RUN_ID, "--by", "sex", "--n-boot", "5", "--db", str(db)]) == 0
+    assert "autocast" not in capsys.readouterr().out
+    # the same run recorded as computed under bf16 autocast
+    with store.open_writer(db) as s:
+        config = s.run_info(RUN_ID)["config"] or {}
+        config["explainer"] = {**(config.get("explainer") or {}), "autocast": "bfloat16"}
+        s.con.execute("UPDATE runs SET config = ? WHERE run_id = ?", [json.dumps(config), RUN_ID])
+    assert cli.main(["audit", "--run", RUN_ID, "--by", "sex", "--n-boot", "5", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "computed under bfloat16 autocast" in out and "rerun the job without `autocast`" in out
