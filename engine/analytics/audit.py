@@ -531,3 +531,19 @@ def audit_run(
     audit_id = "audit-" + hashlib.sha1(json.dumps([run_id, used_model, params], default=str).encode()).hexdigest()[:10]
     source.write_audit(audit_id=audit_id, run_id=run_id, results=result, model_id=used_model, params=params)
     return audit_id, result, bool(scores.height)
+
+
+def precision_note(run_info: Mapping[str, Any]) -> str | None:
+    """A note for an audit of a run whose attributions were computed under autocast, else None.
+
+    Measured on the demo cohort (``benchmarks/bf16_cohort.py``): bf16 keeps the RoI masses and the
+    anomaly ranking but moves q-values near the threshold, so tests there can change sides.
+    """
+    config = run_info.get("config")
+    explainer = config.get("explainer") if isinstance(config, Mapping) else None
+    autocast = explainer.get("autocast") if isinstance(explainer, Mapping) else None
+    if not autocast:
+        return None
+    return (f"note: run {run_info.get('run_id')}'s attributions were computed under {autocast} autocast; tests with q "
+            "near the threshold can change sides in exact fp32 (7 of 1,450 on the demo cohort, BENCHMARKS.md). "
+            "For a published audit, rerun the job without `autocast`.")

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
-from typing import Any
 
 from engine.commands.query import add_db_argument, add_output_arguments, write_frame
 from engine.vocabulary import SIGNS
-
-
-def precision_note(run_info: Mapping[str, Any]) -> str | None:
-    """A note for an audit of a run whose attributions were computed under autocast, else None.
-
-    Measured on the demo cohort (``benchmarks/bf16_cohort.py``): bf16 keeps the RoI masses and the
-    anomaly ranking but moves q-values near the threshold, so tests there can change sides.
-    """
-    config = run_info.get("config")
-    explainer = config.get("explainer") if isinstance(config, Mapping) else None
-    autocast = explainer.get("autocast") if isinstance(explainer, Mapping) else None
-    if not autocast:
-        return None
-    return (f"note: run {run_info.get('run_id')}'s attributions were computed under {autocast} autocast; tests with q "
-            "near the threshold can change sides in exact fp32 (7 of 1,450 on the demo cohort, BENCHMARKS.md). "
-            "For a published audit, rerun the job without `autocast`.")
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -31,7 +13,7 @@ def handle(args: argparse.Namespace) -> int:
     import polars as pl
 
     from engine import store
-    from engine.analytics.audit import audit_run
+    from engine.analytics.audit import audit_run, precision_note
 
     columns = [c.strip() for c in args.by.split(",") if c.strip()]
     with store.open_writer(args.db) as s:

@@ -159,6 +159,7 @@ def _summary(s: store_mod.Store, run_id: str, info: Mapping[str, Any], patients:
         "started": started, "finished": finished, "wall seconds": report.get("seconds", duration),
         "model": json.dumps(config.get("model")) if config.get("model") else None,
         "method": attribution.get("method") or config.get("method"),
+        "precision": _precision(config),
         "store": str(s.path) + (" (live: a job is writing it)" if s.is_live else ""),
     }
     parts = ['<div class="kv">', "<div><h3>Run</h3>", kv_table({k: v for k, v in overview.items() if v is not None}),
@@ -419,13 +420,26 @@ def _scorer_sentence(model: Mapping[str, Any]) -> str:
     return f"<p>{text} The reasons are each patient's features furthest from the fit cohort (robust z-scores).</p>"
 
 
-def _audits(s: store_mod.Store, run_id: str) -> str:
+def _precision(config: Mapping[str, Any]) -> str | None:
+    """How the run's attributions were computed: its autocast dtype, exact fp32, or None when not recorded."""
+    explainer = config.get("explainer")
+    if not isinstance(explainer, Mapping):
+        return None
+    return f"{explainer['autocast']} autocast" if explainer.get("autocast") else "exact fp32"
+
+
+def _audits(s: store_mod.Store, run_id: str, info: Mapping[str, Any]) -> str:
+    from engine.analytics.audit import precision_note
+
     title = "Bias audits"
     df = s.audits(run_id)
     if df.height == 0:
         return section("audits", title, f'<p class="note">no audit stored for this run; run '
                        f"<code>agg2exp audit --run {_e(run_id)} --by COLUMNS</code> to add one</p>")
     parts = []
+    note = precision_note(info)
+    if note:
+        parts.append(f'<p class="warn">{_e(note.removeprefix("note: "))}</p>')
     cols = [c for c in ("rank", "column", "family", "target", "roi", "test", "groups", "n", "statistic", "p_value",
                         "q_value", "effect", "effect_size", "ci_low", "ci_high", "significant") if c in df.columns]
     for (audit_id,), part in df.group_by(["audit_id"], maintain_order=True):
@@ -495,7 +509,7 @@ def write_report(
             _distributions(imp, method, saved),
             _graph(imp, method, rid, graph_rule, opts, saved),
             _anomalies(s, rid, config, patients, top_k, saved, recompute=recompute_maps, device=device),
-            _audits(s, rid),
+            _audits(s, rid, info),
             _evaluation(s, rid),
         ]
     finally:

@@ -51,6 +51,7 @@ def build_small_store(root: Path, *, n_patients: int = N_PATIENTS, audit: bool =
     from engine import phantoms, store
     from engine.analytics import anomaly
     from engine.analytics.audit import audit as run_audit
+    from engine.job_setup import explainer_record
     from engine.jobs import JobSpec
     from engine.pipeline import Failure, PatientProcessor
 
@@ -73,7 +74,9 @@ def build_small_store(root: Path, *, n_patients: int = N_PATIENTS, audit: bool =
     processor = PatientProcessor(spec, worker_name="test")
     db = root / "agg2exp.duckdb"
     with store.open_writer(db) as w:
-        config = spec.to_dict() | {"class_names": list(processor.loaded.class_names)}
+        # as the runner records a run (engine.runtime.runner.run_job): the job, the classes, the resolved explainer
+        config = spec.to_dict() | {"class_names": list(processor.loaded.class_names),
+                                   "explainer": explainer_record(spec, processor.loaded)}
         w.create_run(RUN_ID, config=config, versions={"engine": "test"}, job_name=spec.name)
         w.register_patients(RUN_ID, full)
         for record in full.iter_rows(named=True):

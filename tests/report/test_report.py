@@ -57,6 +57,7 @@ def test_report_has_every_section_and_valid_images(small_run, tmp_path: Path,
     assert "No attribution overlays" not in anomalies  # maps were recomputed with the run's model
     assert "most anomalous" in anomalies
     assert "audit-test" in section_html(text, "audits")
+    assert "exact fp32" in summary and "autocast" not in section_html(text, "audits")  # how the maps were computed
     assert "cumulative" in section_html(text, "graph")
     assert "no evaluations stored" in section_html(text, "evaluation")
     assert (tmp_path / "figures" / "distributions.png").is_file()
@@ -182,3 +183,21 @@ def test_split_top_bottom_is_disjoint() -> None:
     assert split_top_bottom(scores, 1) == (["b"], ["a"])
     top, bottom = split_top_bottom(scores, 3)
     assert top == ["b", "c", "a"] and bottom == []
+
+
+def test_a_report_of_a_bf16_run_says_so_and_warns_at_its_audits(small_run, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from engine import store
+
+    db = tmp_path / "bf16.duckdb"
+    shutil.copy(small_run.db, db)
+    with store.open_writer(db) as s:
+        config = s.run_info(small_run.run_id)["config"]
+        config["explainer"] = {**config["explainer"], "autocast": "bfloat16"}
+        s.con.execute("UPDATE runs SET config = ? WHERE run_id = ?", [json.dumps(config), small_run.run_id])
+    text = Path(write_report(db, run_id=small_run.run_id, out_dir=tmp_path / "out", top_k=1)).read_text()
+    assert "bfloat16 autocast" in section_html(text, "summary")
+    audits = section_html(text, "audits")
+    assert 'class="warn"' in audits and "rerun the job without" in audits
