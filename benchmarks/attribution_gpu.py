@@ -236,6 +236,17 @@ def count_flops(model: torch.nn.Module, roi: tuple[int, ...], device: torch.devi
     return int(fwd), int(fc.get_total_flops())
 
 
+def window_batch(model, args, device, layout: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random batch of ``window_batch`` windows that requires grad, with the model and the batch in
+    ``layout`` ("contiguous" or "channels_last", the model's 5-D weights converted in place)."""
+    from engine.attribution.sliding import prepare_model
+
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    prepare_model(model, fmt)
+    x = torch.rand((args.window_batch, 1, *args.roi), generator=generator)
+    return x.to(device).contiguous(memory_format=fmt).requires_grad_(True)
+
+
 def time_primitives(model, args, device, n_classes: int, fwd_flops: int, vjp_flops: int, peak: float | None,
                     repeats: int = 3, layout: str = "contiguous") -> dict[str, Any]:
     """Forward and VJP throughput on one window batch in bf16 autocast, as the engine runs them.
@@ -245,12 +256,7 @@ def time_primitives(model, args, device, n_classes: int, fwd_flops: int, vjp_flo
     VJPs one class at a time; FLOP/s = counted model FLOPs / time, utilisation against ``peak``.
     """
     wb = args.window_batch
-    g = torch.Generator(device="cpu").manual_seed(1)
-    from engine.attribution.sliding import prepare_model
-
-    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
-    prepare_model(model, fmt)
-    x = torch.rand((wb, 1, *args.roi), generator=g).to(device).contiguous(memory_format=fmt).requires_grad_(True)
+    x = window_batch(model, args, device, layout, generator=torch.Generator(device="cpu").manual_seed(1))
 
     def forward() -> torch.Tensor:
         with torch.enable_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
@@ -297,11 +303,7 @@ def profile_kernels(model, args, device, layout: str, top: int = 12) -> list[dic
     """The device kernels of one bf16 forward of a window batch and one class VJP, by total time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from engine.attribution.sliding import prepare_model
-
-    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
-    prepare_model(model, fmt)
-    x = torch.rand((args.window_batch, 1, *args.roi), device=device).contiguous(memory_format=fmt).requires_grad_(True)
+    x = window_batch(model, args, device, layout)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         with torch.enable_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
@@ -366,6 +368,8 @@ def exactness_check(eng, device) -> dict[str, Any]:
     Also one window's input gradient through plain PyTorch with TF32 on (its cuDNN default) and
     off, to show what the engine's exact mode guards against. Errors are relative L2 norms.
     """
+    import copy
+
     from monai.networks.nets import UNet
 
     torch.manual_seed(0)
@@ -378,26 +382,26 @@ def exactness_check(eng, device) -> dict[str, Any]:
     x = image[None].float()
     classes = list(range(17))
     window = eng.SlidingWindow(roi_size=roi, overlap=0.25, window_batch=2)
+    net64 = copy.deepcopy(net).double()
     m32, _ = eng.compute_maps(net, x, labels, classes, eng.Saliency(), window=window)
-    m64, _ = eng.compute_maps(net.double(), x.double(), labels, classes, eng.Saliency(), window=window)
-    net.float()
-    rel = float((m32.double() - m64).norm() / m64.norm())
-    res: dict[str, Any] = {"engine_fp32_vs_fp64_rel": rel}
+    m64, _ = eng.compute_maps(net64, x.double(), labels, classes, eng.Saliency(), window=window)
+    res: dict[str, Any] = {"engine_fp32_vs_fp64_rel": float((m32.double() - m64).norm() / m64.norm())}
+
+    def input_gradient(model: torch.nn.Module, window_input: torch.Tensor) -> torch.Tensor:
+        inp = window_input.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(inp)[:, 1].sum(), inp)
+        return g.double()
+
     w = x[..., :roi[0], :roi[1], :roi[2]]
-    grads = {}
-    for name, tf32 in (("tf32_on", True), ("tf32_off", False), ("fp64", None)):
+    g64 = input_gradient(net64, w.double())
+    for name, tf32 in (("tf32_on", True), ("tf32_off", False)):
         saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            mdl = net.double() if tf32 is None else net.float()
-            inp = (w.double() if tf32 is None else w.float()).clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(mdl(inp)[:, 1].sum(), inp)
-            grads[name] = g.double()
+            g = input_gradient(net, w)
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-            net.float()
-    for name in ("tf32_on", "tf32_off"):
-        res[f"plain_pytorch_{name}_vs_fp64_rel"] = float((grads[name] - grads["fp64"]).norm() / grads["fp64"].norm())
+        res[f"plain_pytorch_{name}_vs_fp64_rel"] = float((g - g64).norm() / g64.norm())
     return res
 
 
