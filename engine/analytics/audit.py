@@ -533,15 +533,20 @@ def audit_run(
     return audit_id, result, bool(scores.height)
 
 
+def recorded_explainer(config: Any) -> Mapping[str, Any] | None:
+    """The resolved explainer settings a run's config records (``engine.runtime`` writes them), or
+    None for a run without them (an imported CSV)."""
+    explainer = config.get("explainer") if isinstance(config, Mapping) else None
+    return explainer if isinstance(explainer, Mapping) else None
+
+
 def precision_note(run_info: Mapping[str, Any]) -> str | None:
     """A note for an audit of a run whose attributions were computed under autocast, else None.
 
     Measured on the demo cohort (``benchmarks/bf16_cohort.py``): bf16 keeps the RoI masses and the
     anomaly ranking but moves q-values near the threshold, so tests there can change sides.
     """
-    config = run_info.get("config")
-    explainer = config.get("explainer") if isinstance(config, Mapping) else None
-    autocast = explainer.get("autocast") if isinstance(explainer, Mapping) else None
+    autocast = (recorded_explainer(run_info.get("config")) or {}).get("autocast")
     if not autocast:
         return None
     return (f"note: run {run_info.get('run_id')}'s attributions were computed under {autocast} autocast; tests with q "

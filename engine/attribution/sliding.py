@@ -270,16 +270,19 @@ def exact_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _is_exact(dtype: torch.dtype | None) -> bool:
+    """Whether an autocast setting means an exact run (none, or float32)."""
+    return dtype is None or dtype == torch.float32
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
     """``torch.autocast`` to ``dtype`` on ``device``; for None / float32, exact float32 (:func:`exact_fp32`)."""
-    if dtype is None or dtype == torch.float32:
-        return exact_fp32()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return exact_fp32() if _is_exact(dtype) else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _exact_if_fp32(dtype: torch.dtype | None) -> AbstractContextManager[Any]:
     """:func:`exact_fp32` for exact runs (covering their backward passes too), nothing under autocast."""
-    return exact_fp32() if dtype is None or dtype == torch.float32 else nullcontext()
+    return exact_fp32() if _is_exact(dtype) else nullcontext()
 
 
 def resolve_vjp_mode(mode: VJPMode, device: torch.device) -> Literal["loop", "batched"]:

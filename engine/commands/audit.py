@@ -21,10 +21,11 @@ def handle(args: argparse.Namespace) -> int:
             s, run_id=args.run, columns=columns, model_id=args.model, top_fraction=args.top_fraction,
             outlier_rule=args.outlier_rule, rois=args.rois, method=args.method, sign=args.sign, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
         )
+        run_id = s.require_run(args.run)
         if not has_scores:
             print(f"note: the run has no anomaly scores, so the outlier tests are skipped "
-                  f"(run `agg2exp anomaly --run {s.require_run(args.run)}` to add them)")
-        note = precision_note(s.run_info(s.require_run(args.run)))
+                  f"(run `agg2exp anomaly --run {run_id}` to add them)")
+        note = precision_note(s.run_info(run_id))
         if note:
             print(note)
     shown = result if args.all else result.filter(pl.col("rank") <= args.top)

@@ -422,8 +422,10 @@ def _scorer_sentence(model: Mapping[str, Any]) -> str:
 
 def _precision(config: Mapping[str, Any]) -> str | None:
     """How the run's attributions were computed: its autocast dtype, exact fp32, or None when not recorded."""
-    explainer = config.get("explainer")
-    if not isinstance(explainer, Mapping):
+    from engine.analytics.audit import recorded_explainer
+
+    explainer = recorded_explainer(config)
+    if explainer is None:
         return None
     return f"{explainer['autocast']} autocast" if explainer.get("autocast") else "exact fp32"
 
