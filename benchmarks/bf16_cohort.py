@@ -64,11 +64,10 @@ def run(spec: Any, db: Path, run_id: str, workers: int | None) -> dict[str, Any]
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
+    """ROC AUC of ``scores`` for the ``positive`` patients, or None when either group is empty."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(positive, scores)) if 0 < positive.sum() < len(positive) else None
 
 
 def main(argv: list[str] | None = None) -> int:
