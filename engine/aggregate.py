@@ -10,9 +10,11 @@ well-defined 0, only its mean is undefined. Dropping the row instead would make 
 guess, and each would guess differently (forests filling 0, the graph averaging over the patients
 that have the RoI, the audit leaving those patients out).
 
-All classes, signs and RoIs come out of one scatter pass on the device (a ``bincount`` over
-class-offset RoI labels), never a loop over voxels or a pass per (class, RoI) pair. Joined RoIs
-(e.g. ``lung`` = five lobes) are sums of their parts' sums and counts, so they cost nothing more.
+Each class's map takes two scatter passes on the device, one per sign (a float64 ``bincount``
+of max(a, 0) and of max(−a, 0) over the RoI labels, outside voxels in a bin of their own), never a
+loop over voxels or a pass per (class, RoI) pair; |a| = max(a, 0) + max(−a, 0), so the abs sums and
+every total come from those bins. Joined RoIs (e.g. ``lung`` = five lobes) are sums of their parts'
+sums and counts, so they cost nothing more.
 """
 
 from __future__ import annotations
@@ -78,33 +80,38 @@ class RoIStats:
         return self.sums / self.counts.to(self.sums.dtype)
 
 
-def phi(a: torch.Tensor) -> torch.Tensor:
-    """(3, *a.shape): |a|, its positive part and its negative part (as magnitudes)."""
-    return torch.stack([a.abs(), a.clamp_min(0), (-a).clamp_min(0)])
-
-
 def roi_statistics(maps: torch.Tensor, roi_labels: torch.Tensor, n_rois: int) -> RoIStats:
-    """One scatter pass: sums of φ(maps) per (class, sign, RoI), totals and RoI voxel counts.
+    """Sums of φ(maps) per (class, sign, RoI), whole-map totals and RoI voxel counts.
 
     ``maps`` is (K, *S) (attributions already summed over input channels); ``roi_labels`` is (*S)
     with values in [0, n_rois) or −1 for voxels outside every RoI.
+
+    Per class, two float64 ``bincount`` passes over the labels shifted by one (bin 0 collects the
+    voxels outside every RoI, so nothing is gathered first): one of max(a, 0), one of max(−a, 0).
+    The abs sums are their sum (each voxel adds to one of them), and the totals are the sums of
+    all bins. A NaN in a map makes all three signs of its RoI and the totals NaN, as it should.
     """
     if maps.shape[1:] != roi_labels.shape:
         raise ValueError(f"maps {tuple(maps.shape[1:])} and RoI labels {tuple(roi_labels.shape)} differ in shape")
     k = maps.shape[0]
-    labels = roi_labels.reshape(-1).long()
-    inside = labels >= 0
-    labels_in = labels[inside]
-    # One scatter per class for all RoIs and signs: label + sign * R indexes a (3 * R) histogram.
-    index = (labels_in[None, :] + torch.arange(3, device=maps.device)[:, None] * n_rois).reshape(-1)
+    bins = roi_labels.reshape(-1).long() + 1  # 0: outside every RoI; r + 1: RoI r
+    if bins.numel():
+        lo, hi = torch.aminmax(bins)
+        if int(lo) < 0 or int(hi) > n_rois:
+            raise ValueError(f"RoI labels must lie in [-1, {n_rois}) for {n_rois} RoI names, got values in "
+                             f"[{int(lo) - 1}, {int(hi) - 1}]; give one name per label")
+    n = n_rois + 1
     sums = torch.empty((k, 3, n_rois), dtype=torch.float64, device=maps.device)
     totals = torch.empty((k, 3), dtype=torch.float64, device=maps.device)
     flat = maps.reshape(k, -1)
     for c in range(k):
-        p = phi(flat[c].double())  # (3, N)
-        totals[c] = p.sum(dim=1)
-        sums[c] = torch.bincount(index, weights=p[:, inside].reshape(-1), minlength=3 * n_rois)[: 3 * n_rois].reshape(3, n_rois)
-    counts = torch.bincount(labels_in, minlength=n_rois)[:n_rois]
+        a = flat[c].double()
+        pos = torch.bincount(bins, weights=a.clamp_min(0), minlength=n)
+        neg = torch.bincount(bins, weights=a.neg().clamp_min_(0), minlength=n)  # a may be the caller's
+        signs = torch.stack([pos + neg, pos, neg])  # (3 signs, 1 + R bins)
+        totals[c] = signs.sum(dim=1)
+        sums[c] = signs[:, 1:]
+    counts = torch.bincount(bins, minlength=n)[1:]
     return RoIStats(sums=sums, totals=totals, counts=counts)
 
 

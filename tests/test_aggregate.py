@@ -88,6 +88,26 @@ def test_statistics_equal_a_numpy_loop():
                 assert float(stats.mean[k, s, r]) == pytest.approx(inside / (lab == r).sum(), rel=1e-12)
 
 
+def test_statistics_leave_float64_maps_alone_and_a_nan_reaches_every_sign_of_its_roi():
+    labels = torch.tensor([[[0, 0, 1, -1]]])
+    maps = torch.tensor([[[[1.0, -2.0, 3.0, -4.0]]], [[[float("nan"), 1.0, -1.0, 0.0]]]], dtype=torch.float64)
+    before = maps.clone()
+    stats = roi_statistics(maps, labels, 2)
+    assert torch.equal(maps[0], before[0]) and maps[1, 0, 0, 0].isnan()  # not negated in place
+    assert stats.sums[0].tolist() == [[3.0, 3.0], [1.0, 3.0], [2.0, 0.0]]  # abs / pos / neg x RoI 0, 1
+    assert stats.totals[0].tolist() == [10.0, 4.0, 6.0]  # includes the voxel outside every RoI
+    assert stats.sums[1, :, 0].isnan().all() and stats.totals[1].isnan().all()
+    assert stats.sums[1, :, 1].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_labels_outside_the_named_rois_are_refused():
+    maps = torch.ones((1, 1, 1, 3))
+    with pytest.raises(ValueError, match=r"\[-1, 2\).*one name per label"):
+        roi_statistics(maps, torch.tensor([[[0, 1, 2]]]), 2)
+    with pytest.raises(ValueError, match="got values in"):
+        roi_statistics(maps, torch.tensor([[[0, -2, 1]]]), 2)
+
+
 def test_bad_roi_sets_are_refused():
     with pytest.raises(ValueError, match="unique"):
         RoISet(torch.zeros((2, 2, 2), dtype=torch.long), ("a", "a"))
