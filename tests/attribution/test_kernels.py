@@ -314,6 +314,35 @@ def test_a_seed_on_few_channels_takes_the_input_gradient_from_those_alone(live):
         assert torch.equal(gx, torch.zeros_like(gx))
 
 
+@pytest.mark.parametrize("x_layout", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 1, 0, 1), (3, 1, 2, 2), ((3, 1, 5), 1, (1, 0, 2), 1),
+                                                            (3, 2, 1, 1), (3, 1, 3, 1)])
+def test_a_narrowed_gradient_comes_back_in_the_inputs_layout(x_layout, kernel, stride, padding, dilation):
+    """Into a contiguous input (a head after an instance norm), the narrowed input gradient is the
+    convolution of the flipped kernel, which returns the input's layout, so that it meets the other
+    branches' gradients without a transposing add. Where that identity does not hold (strides, a
+    padding wider than the kernel's reach) the transposed convolution runs. Either way the values
+    equal float64 autograd's."""
+    g = torch.Generator().manual_seed(9)
+    ks = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    w = torch.randn(17, 17, *ks, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 17, 12, 10, 9, generator=g).contiguous(memory_format=x_layout)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    xr = x.double().requires_grad_(True)
+    y_ref = F.conv3d(xr, w, **kw)
+    seed = torch.zeros(y_ref.shape)
+    seed[:, 4] = torch.randn(y_ref.shape[2:], generator=g)
+    (g_ref,) = torch.autograd.grad(y_ref, xr, seed.double())
+    xr = x.clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = F.conv3d(xr, w.float().contiguous(memory_format=CL), **kw)
+    (gx,) = torch.autograd.grad(y, xr, seed)
+    assert mode.sites.narrowed == 1
+    assert _rel(gx.double(), g_ref) < 1e-6
+    flipped = x_layout == torch.contiguous_format and stride == 1 and padding != 3
+    assert gx.is_contiguous() == flipped or x_layout == CL and gx.is_contiguous(memory_format=CL)
+
+
 def test_transposed_convolutions_narrow_too_and_dense_sites_are_checked_once():
     """A transposed convolution's weight indexes gy's channels on its second axis. A site whose
     gradient had all channels live is not checked again in the session (the check costs a pass over
