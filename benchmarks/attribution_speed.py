@@ -140,7 +140,7 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
             with FlopCounterMode(display=False) as fc, ctx():
                 out = model(x)
             counted["forward_flops" + tag] = fc.get_total_flops()
-            seed = torch.zeros_like(out)
+            seed = torch.zeros(out.shape, dtype=out.dtype)  # contiguous, as the engine builds its seeds
             seed[:, 1] = 1.0
             with FlopCounterMode(display=False) as fc:
                 torch.autograd.grad(out, x, seed, retain_graph=True)
