@@ -259,18 +259,19 @@ class _Conv3d(torch.autograd.Function):
         gy, w = _live_gradient(gy, w, site, 0)  # the weight's output channels are gy's
         if gy.shape[1] == 0:
             return (_zeros(x_shape, x_dtype, gy), *(None,) * 8)
+        narrowed_into_contiguous = gy.shape[1] < channels and ctx.x_layout == torch.contiguous_format
+        flipped_pad = _as_convolution(stride, padding, dilation, groups, w) if narrowed_into_contiguous else None
         if groups == 1 and x_shape[1] <= _FEW_CHANNELS and gy.numel() <= _FEW_CHANNELS_MAX_GRAD:
             # float32, whatever the autocast dtype: as fast, more precise, and the input's dtype
             gx = torch.ops.aten.slow_conv_transpose3d(gy.float(), w.float(), list(w.shape[2:]), None, stride,
                                                       padding, out_pad, dilation)
-        elif gy.shape[1] < channels and ctx.x_layout == torch.contiguous_format and _as_convolution(stride, padding,
-                                                                                                   dilation, groups, w):
+        elif flipped_pad is not None:
             # A narrowed gradient into a contiguous input (a head after a norm): the transposed
             # convolution as a convolution with the flipped kernel returns x's layout, so the
             # gradient meets the other branches' without a transposing add (BENCHMARKS.md)
             flipped = w.transpose(0, 1).flip(2, 3, 4).contiguous()
-            gx = torch.ops.mkldnn._convolution_pointwise(gy.contiguous(), flipped, None, _as_convolution(
-                stride, padding, dilation, groups, w), stride, dilation, groups, "none", [], None)
+            gx = torch.ops.mkldnn._convolution_pointwise(gy.contiguous(), flipped, None, flipped_pad, stride, dilation,
+                                                         groups, "none", [], None)
         else:
             gx = torch.ops.mkldnn._convolution_transpose_pointwise(gy, _dense(w), None, padding, out_pad, stride,
                                                                    dilation, groups, "none", [], None)
