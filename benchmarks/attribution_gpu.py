@@ -328,12 +328,18 @@ def profile_kernels(model, args, device, layout: str, top: int = 12) -> list[dic
 
 def compile_trial(model, args, device, n_classes: int, reps: int = 3) -> dict[str, Any]:
     """``torch.compile`` of the model: compile time, and one window batch's bf16 forward + looped class
-    VJPs (the engine's step) eager against compiled, median of ``reps`` after the first call."""
+    VJPs (the engine's step) eager against compiled, median of ``reps`` after the first call.
+
+    Both copies run with frozen parameters, as the engine attributes: a compiled backward built while
+    the weights require grad would also compute their gradients, work the engine never does."""
     import copy
 
     wb = args.window_batch
     x = torch.rand((wb, 1, *args.roi), device=device).requires_grad_(True)
-    compiled = torch.compile(copy.deepcopy(model))
+    eager, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    for p in (*eager.parameters(), *compiled_model.parameters()):
+        p.requires_grad_(False)
+    compiled = torch.compile(compiled_model)
 
     def step(m: torch.nn.Module) -> float:
         sync(device)
@@ -349,10 +355,10 @@ def compile_trial(model, args, device, n_classes: int, reps: int = 3) -> dict[st
         return time.perf_counter() - t0
 
     first = step(compiled)  # compiles the forward and the backward graph
-    step(model)
+    step(eager)
     e_t, c_t = [], []
     for _ in range(reps):
-        e_t.append(step(model))
+        e_t.append(step(eager))
         c_t.append(step(compiled))
     e_t.sort()
     c_t.sort()
