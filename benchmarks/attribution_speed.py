@@ -29,6 +29,7 @@ ratios measured within one run mean anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -55,6 +56,7 @@ from engine.attribution.kernels import engine_kernels  # noqa: E402
 from engine.labels import THORAX_CLASSES  # noqa: E402
 from engine.models import DEMO_ROI_SIZE, demo_model  # noqa: E402
 from engine.phantoms import make_phantom  # noqa: E402
+from engine.runtime.heap import keep_cpu_heap  # noqa: E402
 from engine.training import scale_hu  # noqa: E402
 
 
@@ -147,21 +149,26 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
             counted["vjp_flops" + tag] = fc.get_total_flops()
     if not fast:  # PyTorch's kernels run the model's FLOPs
         counted.update(forward_flops_run=counted["forward_flops"], vjp_flops_run=counted["vjp_flops"])
-    with engine_kernels(model, fast, guard=guard):
-        timed = _timed(model, x, seed, ctx, reps)
+    with engine_kernels(model, fast, guard=guard) as mode:
+        timed = _timed(model, x, seed, ctx, reps, mode if fast else None)
     f, v = timed["forward_s"], timed["vjp_s"]
     return {**counted, **timed, "forward_flop_s": counted["forward_flops_run"] / f,
             "vjp_flop_s": counted["vjp_flops_run"] / v, "vjp_model_flop_s": counted["vjp_flops"] / v}
 
 
-def _timed(model: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, ctx: Any, reps: int) -> dict[str, float]:
+def _timed(model: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, ctx: Any, reps: int,
+           mode: Any = None) -> dict[str, float]:
+    """Median forward and VJP times; with the engine's kernels (``mode``) told the seed's live channel,
+    as the engine tells them."""
     fwd_t, vjp_t = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         with ctx():
             out = model(x)
         t1 = time.perf_counter()
-        torch.autograd.grad(out, x, seed.to(out.dtype))
+        s = seed.to(out.dtype)
+        with mode.seed_channels(s, (1,)) if mode is not None else contextlib.nullcontext():
+            torch.autograd.grad(out, x, s)
         t2 = time.perf_counter()
         fwd_t.append(t1 - t0)
         vjp_t.append(t2 - t1)
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also try torch.compile (slow to compile)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    heap = keep_cpu_heap()  # as the engine's workers and the CLI set it (engine.runtime.heap)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     image = make_image(tuple(args.shape) if args.shape else None)
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "machine": {"nproc": os.cpu_count(), "cpu": platform.processor(), "torch": torch.__version__,
                     "threads": args.threads},
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_heap": heap.reason,
         "volume": list(image.shape[1:]), "roi": list(roi), "classes": len(classes), "repeats": args.repeats,
         "seconds": med, "seconds_all": times,
         "captum_over_engine_fp32": ratio("captum", "engine_fp32"),
@@ -308,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         c = result["compile"]
         print(f"torch.compile: {c['compile_s']:.1f} s to compile, forward+VJP {c['eager_step_s'] * 1e3:.0f} -> "
               f"{c['compiled_step_s'] * 1e3:.0f} ms ({c['speedup']:.2f}x), pays off after {c['steps_to_pay_off']} steps")
-    print(f"load average before {load_before[0]:.1f}, after {result['load_average_after'][0]:.1f} (shared machine)")
+    print(f"load average before {load_before[0]:.1f}, after {result['load_average_after'][0]:.1f} (shared machine); "
+          f"CPU heap: {heap.reason}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str))

@@ -32,6 +32,7 @@ from engine import phantoms  # noqa: E402
 from engine.attribution import SlidingWindow, explain_volume  # noqa: E402
 from engine.labels import THORAX_CLASSES  # noqa: E402
 from engine.models import DEMO_ROI_SIZE, demo_model  # noqa: E402
+from engine.runtime.heap import keep_cpu_heap  # noqa: E402
 from engine.training import scale_hu  # noqa: E402
 
 
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--anomaly", action="store_true", help="also compare the anomaly rankings of the patients")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    heap = keep_cpu_heap()  # as the engine's workers and the CLI set it (engine.runtime.heap)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     model = demo_model().module.to(args.device).eval()
@@ -96,7 +98,7 @@ def main() -> None:
            "fp32_s_per_patient": statistics.median(t32) if t32 else None,
            "bf16_s_per_patient": statistics.median(t16) if t16 else None,
            "bf16_speedup": statistics.median(a / b for a, b in zip(t32, t16)) if t32 else None,
-           "load_average_before": load_before, "load_average_after": os.getloadavg()}
+           "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_heap": heap.reason}
     print(f"bf16 vs fp32 RoI mass rankings over {out['pairs']} (patient, class) pairs on {args.device}: "
           f"Spearman median {out['median']:.4f} (goal >= 0.999), min {out['min']:.4f} (goal >= 0.99)")
     if t32:
@@ -111,7 +113,8 @@ def main() -> None:
         out["anomaly_top_k_overlap"] = len(top32 & top16) / k
         print(f"anomaly ranking of the patients: Spearman {out['anomaly_rank_spearman']:.3f}, top-{k} overlap "
               f"{out['anomaly_top_k_overlap']:.2f}")
-    print(f"load average before {load_before[0]:.1f}, after {out['load_average_after'][0]:.1f} (shared machine)")
+    print(f"load average before {load_before[0]:.1f}, after {out['load_average_after'][0]:.1f} (shared machine); "
+          f"CPU heap: {heap.reason}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -6,6 +6,9 @@ The public API, imported lazily so that ``import engine`` stays light:
 - ``open_store`` (``engine.store.open``): read-only access to a store, with Polars views.
 - ``run_job`` (``engine.runtime``): a job spec over a cohort on Ray, streamed into the store.
 - ``JobSpec`` (``engine.jobs``): job specifications.
+- ``keep_cpu_heap`` (``engine.runtime.heap``): glibc's malloc set to reuse window-sized buffers, as the
+  engine's workers and the ``agg2exp`` command set it (call once at the start of a process that explains
+  volumes on CPUs).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ _EXPORTS = {
     "open_store": ("engine.store", "open"),
     "run_job": ("engine.runtime", "run_job"),
     "JobSpec": ("engine.jobs", "JobSpec"),
+    "keep_cpu_heap": ("engine.runtime.heap", "keep_cpu_heap"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
+        from engine.runtime.heap import keep_cpu_heap
+
+        keep_cpu_heap()  # for the commands that compute in this process (engine.runtime.heap)
         # log lines are written above a progress bar instead of through it
         with logging_redirect_tqdm():
             return int(args.handler(args) or 0)

@@ -167,21 +167,39 @@ class _Sites:
     def __init__(self) -> None:
         self.dense: set[tuple[int, tuple[int, ...]]] = set()
         self.narrowed = 0  # backward calls that ran on the live channels only
+        self.hint: tuple[torch.Tensor, tuple[int, ...]] | None = None  # (seed, the channels it can be nonzero in)
+        self.weights: dict[Any, torch.Tensor] = {}  # narrowed weights, by site, channels, dim and dtype
+        self.flips: dict[Any, torch.Tensor] = {}  # flipped narrowed weights (they are in self.weights)
 
     def narrow(self, key: tuple[int, tuple[int, ...]], gy: torch.Tensor, w: torch.Tensor,
-               dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+               dim: int, hint: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``gy`` and ``w`` restricted to gy's live channels (``w``'s ``dim`` indexes them) when at
-        most half of them are live; else both unchanged, and the site is not checked again. The
-        narrowed weight is channels-last: oneDNN runs a one-channel transposed convolution 10-20x
-        slower on a contiguous weight."""
+        most half of them are live; else both unchanged, and the site is not checked again. ``hint``:
+        channels known to hold every nonzero of gy (the engine's class seed), which spares the check.
+        The narrowed weight is channels-last: oneDNN runs a one-channel transposed convolution 10-20x
+        slower on a contiguous weight; it is kept for the session, per site and channel set."""
         if key in self.dense:
             return gy, w
-        live = _live_channels(gy)
+        live = torch.tensor(hint, dtype=torch.long) if hint is not None else _live_channels(gy)
         if 2 * live.numel() > gy.shape[1]:
-            self.dense.add(key)
+            if hint is None:
+                self.dense.add(key)
             return gy, w
         self.narrowed += 1
-        return _select_channels(gy, live), w.index_select(dim, live).contiguous(memory_format=torch.channels_last_3d)
+        wkey = (key, tuple(live.tolist()), dim, w.dtype)
+        narrowed = self.weights.get(wkey)
+        if narrowed is None:
+            narrowed = self.weights[wkey] = w.index_select(dim, live).contiguous(memory_format=torch.channels_last_3d)
+        return _select_channels(gy, live), narrowed
+
+    def flipped(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (out, in, *k) as the kernel of its transposed convolution written as a convolution:
+        in and out swapped, every spatial axis reversed (kept for the session)."""
+        key = (w.data_ptr(), tuple(w.shape), w.dtype)
+        f = self.flips.get(key)
+        if f is None:
+            f = self.flips[key] = w.transpose(0, 1).flip(2, 3, 4).contiguous()
+        return f
 
 
 def _select_channels(gy: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -218,8 +236,11 @@ _Site = tuple[_Sites, tuple[int, tuple[int, ...]]] | None
 def _live_gradient(gy: torch.Tensor, w: torch.Tensor, site: _Site, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``gy`` dense in ``w``'s dtype, and both narrowed to gy's live channels where the site allows
     (``w``'s ``dim`` indexes gy's channels); gy may come back with no channel at all."""
-    gy = _dense(gy.to(w.dtype))
-    return (gy, w) if site is None else site[0].narrow(site[1], gy, w, dim)
+    if site is None:
+        return _dense(gy.to(w.dtype)), w
+    sites, key = site
+    hint = sites.hint[1] if sites.hint is not None and gy is sites.hint[0] else None  # the seed itself
+    return sites.narrow(key, _dense(gy.to(w.dtype)), w, dim, hint)
 
 
 def _as_convolution(stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -269,7 +290,7 @@ class _Conv3d(torch.autograd.Function):
             # A narrowed gradient into a contiguous input (a head after a norm): the transposed
             # convolution as a convolution with the flipped kernel returns x's layout, so the
             # gradient meets the other branches' without a transposing add (BENCHMARKS.md)
-            flipped = w.transpose(0, 1).flip(2, 3, 4).contiguous()
+            flipped = site[0].flipped(w) if site is not None else w.transpose(0, 1).flip(2, 3, 4).contiguous()
             gx = torch.ops.mkldnn._convolution_pointwise(gy.contiguous(), flipped, None, flipped_pad, stride, dilation,
                                                          groups, "none", [], None)
         else:
@@ -320,6 +341,7 @@ class _PReLU(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         y = torch.prelu(x, a)
         ctx.save_for_backward(x.to(y.dtype), a.to(y.dtype))  # the dtypes the forward computed in
+        ctx.slope = float(a.to(y.dtype)) if a.numel() == 1 else None  # read once per forward, not per VJP
         return y
 
     @staticmethod
@@ -328,8 +350,8 @@ class _PReLU(torch.autograd.Function):
             return None, None
         x, a = ctx.saved_tensors
         gy = gy.to(x.dtype).contiguous(memory_format=_layout_of(x))
-        if a.numel() == 1:
-            return torch.ops.aten.leaky_relu_backward(gy, x, a.item(), False), None
+        if ctx.slope is not None:
+            return torch.ops.aten.leaky_relu_backward(gy, x, ctx.slope, False), None
         slope = a.reshape(1, -1, *([1] * (x.dim() - 2)))  # one slope per channel
         return torch.where(x > 0, gy, gy * slope), None
 
@@ -369,6 +391,18 @@ class EngineKernels(TorchFunctionMode):
         self.prelu_calls = 0
         self.guarded = 0
         self.sites = _Sites()
+
+    @contextmanager
+    def seed_channels(self, seed: torch.Tensor, channels: Sequence[int] | None) -> Iterator[None]:
+        """Inside, a convolution whose output gradient is ``seed`` itself (the tensor passed to
+        ``autograd.grad``) takes ``channels`` as its live channels instead of checking them: the
+        caller vouches that seed is zero outside them (a superset is exact). None: no hint."""
+        ok = channels is not None and all(0 <= int(c) < seed.shape[1] for c in channels) and seed.dim() > 1
+        self.sites.hint = (seed, tuple(sorted({int(c) for c in channels}))) if ok and channels is not None else None
+        try:
+            yield
+        finally:
+            self.sites.hint = None
 
     def _site(self, w: torch.Tensor, groups: int) -> _Site:
         return (self.sites, (w.data_ptr(), tuple(w.shape))) if groups == 1 else None

@@ -189,5 +189,10 @@ class ObjectiveSeeds:
             flags = window_state(slices)[1]
             return c < flags.numel() and bool(flags[c])
 
+        def live_channels(c: int) -> tuple[int, ...] | None:
+            """The channels a seed of class ``c`` can be nonzero in: c alone, but every class for softmax."""
+            return None if kind == "softmax" else (c,)
+
         seed.present = present  # type: ignore[attr-defined]
+        seed.live_channels = live_channels  # type: ignore[attr-defined]
         return seed

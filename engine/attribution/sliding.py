@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from engine.attribution.kernels import KERNELS, Kernels, engine_kernels, resolve_kernels
+from engine.attribution.kernels import KERNELS, EngineKernels, Kernels, engine_kernels, resolve_kernels
 
 BlendMode = Literal["constant", "gaussian", "nnunet"]
 VJPMode = Literal["auto", "loop", "batched"]
@@ -40,7 +40,9 @@ MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 #: None when class k has no support in these windows. A builder may also have an attribute
 #: ``present(k, slices) -> bool`` and take ``out=`` (a scratch tensor shaped like the output,
 #: overwritten and returned; passed again, it holds the builder's last seed) and ``scale=`` (a factor
-#: folded into the seed): the CPU loop then builds one seed at a time in one buffer.
+#: folded into the seed): the CPU loop then builds one seed at a time in one buffer. And
+#: ``live_channels(k) -> tuple[int, ...] | None``: the channels a seed of class k can be nonzero in
+#: (None: any), which spares the engine's CPU kernels a pass over the seed to find them.
 SeedFn = Callable[[int, Sequence[tuple[slice, ...]], torch.Tensor], torch.Tensor | None]
 
 
@@ -376,9 +378,10 @@ def window_gradients(
     # alone; engine.attribution.kernels); vmap-batched VJPs keep PyTorch's, which vmap can batch
     fast = resolve_kernels(geometry.window.kernels, x.device) and mode != "batched"
     # a channels-last model needs the instance-norm guard on any kernels (a PyTorch bug; see kernels)
-    with engine_kernels(model, fast, guard=fmt == torch.channels_last_3d), _exact_if_fp32(geometry.window.autocast):
+    with engine_kernels(model, fast, guard=fmt == torch.channels_last_3d) as kernels, \
+            _exact_if_fp32(geometry.window.autocast):
         _window_passes(model, xp, geometry, classes, seed_fn, padded_maps, counters, mode=mode, fmt=fmt,
-                       scale=scale)
+                       scale=scale, kernels=kernels)
     if padded_maps is not maps:
         maps += geometry.crop(padded_maps)
     return maps, counters
@@ -386,9 +389,10 @@ def window_gradients(
 
 def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeometry, classes: Sequence[int],
                    seed_fn: SeedFn, padded_maps: torch.Tensor, counters: dict[str, int], *, mode: str,
-                   fmt: torch.memory_format | None, scale: float) -> None:
+                   fmt: torch.memory_format | None, scale: float, kernels: EngineKernels | None = None) -> None:
     """The forwards and VJPs of :func:`window_gradients`, window batch by window batch, added into
-    ``padded_maps`` (K, C_in, *padded) and counted in ``counters``."""
+    ``padded_maps`` (K, C_in, *padded) and counted in ``counters``; ``kernels``, the engine's CPU
+    kernels when they run, are told each seed's live channels where the seed builder knows them."""
     window_batch, autocast_dtype = geometry.window.window_batch, geometry.window.autocast
     for start in range(0, geometry.n_windows, window_batch):
         batch_slices = geometry.slices[start:start + window_batch]
@@ -411,10 +415,15 @@ def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeo
             # return contiguous tensors (MONAI's) without a transposing copy per VJP (~5% of the
             # demo UNet's attribution; the values are the same)
             scratch = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            live_fn = getattr(seed_fn, "live_channels", None)
             for j, i in enumerate(todo):
                 seed = seed_fn(classes[i], batch_slices, logits, out=scratch, scale=scale)  # type: ignore[call-arg]
                 assert seed is not None
-                _add(padded_maps, i, _vjp(logits, win, seed.to(logits.dtype), retain=j < len(todo) - 1), batch_slices)
+                seed = seed.to(logits.dtype)
+                live = live_fn(classes[i]) if live_fn is not None else None
+                with kernels.seed_channels(seed, live) if kernels is not None else nullcontext():
+                    g = _vjp(logits, win, seed, retain=j < len(todo) - 1)
+                _add(padded_maps, i, g, batch_slices)
             counters["vjps"] += len(todo) * len(batch_slices)
             continue
         seeds: list[torch.Tensor] = []

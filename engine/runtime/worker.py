@@ -46,7 +46,9 @@ class PatientWorker:
 
         from engine.jobs import JobSpec
         from engine.pipeline import PatientProcessor
+        from engine.runtime.heap import keep_cpu_heap
 
+        keep_cpu_heap()  # window-sized buffers reused, not faulted in afresh (engine.runtime.heap)
         # Exactly the CPUs the actor reserved: intra-op threads for compute (Ray already sets
         # OMP_NUM_THREADS to the reservation).
         torch.set_num_threads(self.threads)

@@ -398,6 +398,73 @@ def test_the_demo_unets_head_is_narrowed_and_its_maps_equal_pytorchs():
     assert mode.sites.narrowed == 3  # the head, once per class; every other site is dense
 
 
+def test_a_seed_hint_spares_the_check_and_gives_the_same_bits():
+    """The engine tells the kernels which channels its class seed can be nonzero in: a convolution whose
+    output gradient is that seed narrows to them without the pass over the seed, and the input
+    gradient is bitwise the one found by checking. A gradient that is not the seed tensor itself is
+    checked as before; a hint naming a channel the seed does not have is ignored."""
+    from unittest import mock
+
+    import engine.attribution.kernels as kernels
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(17, 17, 3, 3, 3, generator=g).contiguous(memory_format=CL)
+    x = torch.randn(1, 17, 12, 10, 9, generator=g).contiguous(memory_format=CL).requires_grad_(True)
+    seed = _one_class_seed((1, 17, 12, 10, 9), [4], g)
+    checks = []
+    real = kernels._live_channels
+
+    def counted(gy):
+        checks.append(gy.shape)
+        return real(gy)
+
+    with mock.patch.object(kernels, "_live_channels", counted), EngineKernels() as mode:
+        y = F.conv3d(x, w, padding=1)
+        (checked,) = torch.autograd.grad(y, x, seed, retain_graph=True)
+        assert len(checks) == 1 and mode.sites.narrowed == 1
+        with mode.seed_channels(seed, (4,)):
+            (hinted,) = torch.autograd.grad(y, x, seed, retain_graph=True)
+        assert len(checks) == 1 and mode.sites.narrowed == 2  # narrowed again, without a check
+        assert mode.sites.hint is None  # only inside the block
+        with mode.seed_channels(seed, (4,)):
+            torch.autograd.grad(y, x, seed.clone(), retain_graph=True)  # another tensor: checked
+        assert len(checks) == 2
+        with mode.seed_channels(seed, (4, 17)):  # 17 is not a channel of seed: no hint
+            torch.autograd.grad(y, x, seed, retain_graph=True)
+        assert len(checks) == 3
+    assert torch.equal(hinted, checked)
+
+
+def test_the_engines_class_seeds_are_zero_outside_the_channels_they_name():
+    """The seed builder's ``live_channels(c)`` is what the engine vouches for to the kernels: every
+    objective's seed of class c must be zero outside it, including when the scratch buffer held
+    another class's seed before (softmax seeds name none: they touch every channel)."""
+    from engine.attribution.objectives import OBJECTIVES, ObjectiveSeeds
+    from engine.models import demo_model
+
+    model = demo_model().module.eval()
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(1, 1, 30, 24, 24, generator=g)
+    geometry = SlidingWindow(roi_size=(24, 16, 16), overlap=0.25).geometry(image.shape[2:])
+    pred = torch.randint(0, 17, image.shape[2:], generator=g)
+    for kind in OBJECTIVES:
+        seeds = ObjectiveSeeds(kind, pred, geometry, model=model)
+        fn = seeds.seed_fn(image)
+        slices = geometry.slices[:1]
+        logits = torch.zeros((1, 17, *geometry.window.roi_size))
+        scratch = torch.empty_like(logits).fill_(7.0)  # garbage the first time, as the engine's is
+        for c in (3, 11, 3, 0):
+            seed = fn(c, slices, logits, out=scratch, scale=0.5)
+            live = fn.live_channels(c)
+            if kind == "softmax":
+                assert live is None
+                continue
+            assert live == (c,)
+            outside = torch.ones(17, dtype=torch.bool)
+            outside[list(live)] = False
+            assert seed[:, outside].abs().sum() == 0 and seed[:, c].abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- the instance-norm guard
 
 

@@ -1,0 +1,126 @@
+"""The CPU heap setting (``engine.runtime.heap``) against glibc's defaults, in fresh processes.
+
+glibc's malloc decides from a process's first allocations whether window-sized buffers are reused
+or faulted in afresh at every forward and VJP, so the engine's CPU attribution runs in one of two
+speeds for the life of a process. This script starts ``--rounds`` pairs of fresh processes, one
+with ``AGG2EXP_CPU_HEAP=default`` and one with the engine's setting (``keep``), alternating which
+goes first, and in each times ``--repeats`` calls of ``explain_volume`` on the demo UNet and the
+demo-size phantom (one thread, saliency and SmoothGrad with 6 samples, all classes), after one
+untimed call. It prints each process's median, the median and spread (max / min) over processes
+per setting, and the ratio of medians; the maps of both settings must be bitwise equal.
+
+    python benchmarks/cpu_heap.py --rounds 6 --json heap.json
+
+The load average is recorded: on a shared machine compare only figures from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = ("default", "keep")
+
+
+def child(method: str, repeats: int, maps_out: Path | None) -> None:
+    """One fresh process: the engine's heap setting as the environment says, then timed calls."""
+    from engine.runtime.heap import keep_cpu_heap
+
+    tuning = keep_cpu_heap()
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from attribution_speed import make_image
+
+    from engine.attribution import SlidingWindow, explain_volume
+    from engine.models import DEMO_ROI_SIZE, THORAX_CLASSES, demo_model
+
+    torch.set_num_threads(1)
+    model = demo_model().module.eval()
+    image = make_image(None)
+    window = SlidingWindow(roi_size=DEMO_ROI_SIZE, overlap=0.25)
+    options = {"n_samples": 6, "sigma": 0.1} if method == "smoothgrad" else {}
+
+    def call() -> tuple[float, object]:
+        t0 = time.perf_counter()
+        e = explain_volume(model, image, method=method, window=window, class_names=THORAX_CLASSES,
+                           return_maps=True, **options)
+        return time.perf_counter() - t0, e
+
+    call()
+    times = []
+    for _ in range(repeats):
+        t, e = call()
+        times.append(t)
+    if maps_out is not None:
+        torch.save(dict(e.maps), maps_out)  # type: ignore[attr-defined]
+    print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "times": times}))
+
+
+def run_child(setting: str, method: str, repeats: int, maps_out: Path | None) -> dict[str, object]:
+    env = {**os.environ, "AGG2EXP_CPU_HEAP": setting}
+    cmd = [sys.executable, __file__, "--_child", method, "--repeats", str(repeats)]
+    if maps_out is not None:
+        cmd += ["--_maps", str(maps_out)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=6, help="pairs of fresh processes per method")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per process")
+    ap.add_argument("--methods", default="saliency,smoothgrad")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--_child", dest="child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_maps", dest="maps", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.repeats, args.maps)
+        return 0
+    import torch
+
+    load_before = os.getloadavg()
+    result: dict[str, object] = {"rounds": args.rounds, "repeats": args.repeats, "load_average_before": load_before,
+                                 "python": sys.version.split()[0], "torch": torch.__version__, "methods": {}}
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpu_heap_{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for method in args.methods.split(","):
+        per: dict[str, list[float]] = {s: [] for s in SETTINGS}
+        reasons: dict[str, str] = {}
+        for r in range(args.rounds):
+            order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
+            for s in order:
+                maps = tmp / f"{method}_{s}.pt" if r == 0 else None
+                out = run_child(s, method, args.repeats, maps)
+                reasons[s] = str(out["reason"])
+                per[s].append(statistics.median(out["times"]))  # type: ignore[arg-type]
+                print(f"{method} round {r + 1} {s:7s}: {per[s][-1]:.3f} s per call", flush=True)
+        a, b = (torch.load(tmp / f"{method}_{s}.pt") for s in SETTINGS)
+        equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        med = {s: statistics.median(v) for s, v in per.items()}
+        spread = {s: max(v) / min(v) for s, v in per.items()}
+        result["methods"][method] = {  # type: ignore[index]
+            "per_process_s": per, "median_s": med, "spread_max_over_min": spread,
+            "default_over_keep": med["default"] / med["keep"], "maps_bitwise_equal": equal, "reasons": reasons,
+        }
+        print(f"{method}: median default {med['default']:.3f} s (spread {spread['default']:.2f}x), keep "
+              f"{med['keep']:.3f} s (spread {spread['keep']:.2f}x): default / keep = "
+              f"{med['default'] / med['keep']:.2f}; maps bitwise equal: {equal}", flush=True)
+    result["load_average_after"] = os.getloadavg()
+    print(f"load average before {load_before[0]:.1f}, after {result['load_average_after'][0]:.1f}")  # type: ignore[index]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The CPU heap of a process that runs the engine: glibc's malloc told to keep window-sized buffers.
+
+PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves a request above its
+*mmap threshold* with fresh pages from the kernel, and hands the top of its heap back once more
+than its *trim threshold* lies free there. Both start small (128 KiB) and rise only as large
+blocks are freed, so how a process's first few windows happen to allocate decides whether its
+window-sized buffers (0.3-20 MB: activations, gradients, seeds) are reused or faulted in afresh,
+page by page, at every forward and VJP. The engine's CPU attribution then runs in one of two modes
+that differ by up to 1.6x, fixed for the life of the process (BENCHMARKS.md, "The CPU heap").
+
+:func:`keep_cpu_heap` fixes both thresholds (``mallopt``): blocks below 32 MiB come from the heap
+and freed memory stays in the process up to 64 MiB at the heap's top, so the buffers of one
+window are reused by the next. Larger blocks (whole volumes, maps of a CT) are still mapped and
+returned to the system when freed. Setting only one of the two is worse than neither (setting
+either stops glibc's own adjustment, measured).
+
+The engine's workers call it when they start, and so does the ``agg2exp`` command; a library
+user may call it once at the start of a process. It does nothing (and says why) where the C
+library is not glibc, where the user has set glibc's own variables for these thresholds
+(``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_`` or
+their ``GLIBC_TUNABLES``: theirs win), or where ``AGG2EXP_CPU_HEAP=default`` asks for
+the C library's defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: ``mallopt`` parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+MIB = 1 << 20
+#: glibc's largest accepted mmap threshold on 64-bit systems (half its 64 MiB heap size).
+MMAP_THRESHOLD = 32 * MIB
+TRIM_THRESHOLD = 64 * MIB
+
+#: The environment variable that turns the tuning off (``default``) or on (``keep``, the default).
+ENV = "AGG2EXP_CPU_HEAP"
+_GLIBC_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_GLIBC_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold", "glibc.malloc.top_pad",
+                   "glibc.malloc.mmap_max")
+
+
+class HeapSettingError(UserError, ValueError):
+    """``AGG2EXP_CPU_HEAP`` or a threshold that cannot be used."""
+
+
+@dataclass(frozen=True)
+class HeapTuning:
+    """What :func:`keep_cpu_heap` did: ``applied``, or ``reason`` why not."""
+
+    applied: bool
+    reason: str
+    mmap_threshold: int | None = None
+    trim_threshold: int | None = None
+
+
+_done: HeapTuning | None = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None  # musl and others: no glibc malloc to tune
+    return libc
+
+
+def keep_cpu_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> HeapTuning:
+    """Fix glibc's mmap and trim thresholds for this process (once; later calls return the first
+    result). Never raises for the platform: it returns why it did nothing."""
+    global _done
+    if _done is not None:
+        return _done
+    choice = os.environ.get(ENV, "keep").strip().lower()
+    if choice not in ("keep", "default"):
+        raise HeapSettingError(f"{ENV} must be 'keep' or 'default', got {os.environ[ENV]!r}; unset it to keep "
+                               "the engine's heap settings")
+    if mmap_threshold <= 0 or trim_threshold <= 0:
+        raise HeapSettingError(f"thresholds must be positive, got mmap {mmap_threshold} and trim {trim_threshold}")
+    user = [v for v in _GLIBC_VARS if v in os.environ]
+    if any(t in os.environ.get("GLIBC_TUNABLES", "") for t in _GLIBC_TUNABLES):
+        user.append("GLIBC_TUNABLES")
+    libc = None if choice == "default" or user else _glibc()
+    if choice == "default":
+        _done = HeapTuning(False, f"{ENV}=default: the C library's own thresholds")
+    elif user:
+        _done = HeapTuning(False, f"left to the user's {', '.join(user)}")
+    elif libc is None:
+        _done = HeapTuning(False, "the C library is not glibc: nothing to tune")
+    else:
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        ok = libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+        ok = ok and libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+        _done = (HeapTuning(True, "glibc thresholds set", mmap_threshold, trim_threshold) if ok
+                 else HeapTuning(False, "glibc refused the thresholds (mallopt returned 0)"))
+    log.debug("CPU heap: %s", _done.reason)
+    return _done

@@ -1,0 +1,130 @@
+"""The CPU heap setting (engine.runtime.heap): glibc really serves and keeps window-sized blocks from
+its heap after it, every way of asking for the defaults is honoured, and bad settings are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from engine.errors import UserError
+from engine.runtime import heap
+
+glibc = pytest.mark.skipif(heap._glibc() is None, reason="the C library is not glibc (nothing to tune)")
+
+# A fresh process: optionally the engine's setting, then an 8 MiB malloc and free, reading glibc's
+# own accounting (mallinfo2) of mapped blocks and of the heap's size around them.
+_PROBE = textwrap.dedent("""
+    import ctypes, json, sys
+    from engine.runtime.heap import keep_cpu_heap
+    tuning = keep_cpu_heap() if sys.argv[1] == "keep" else None
+    libc = ctypes.CDLL(None)
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = Info
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2()
+    p = libc.malloc(8 << 20)
+    during = libc.mallinfo2()
+    ctypes.memset(p, 1, 8 << 20)
+    libc.free(p)
+    after = libc.mallinfo2()
+    print(json.dumps({"mapped": during.hblkhd - before.hblkhd, "heap_kept": after.arena - before.arena,
+                      "applied": None if tuning is None else tuning.applied}))
+""")
+
+
+def _probe(setting: str, env: dict[str, str] | None = None) -> dict[str, int]:
+    import json
+    import os
+
+    out = subprocess.run([sys.executable, "-c", _PROBE, setting], check=True, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """The module as in a new process (its result is kept per process)."""
+    monkeypatch.setattr(heap, "_done", None)
+    for var in (heap.ENV, *heap._GLIBC_VARS, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+@glibc
+def test_after_the_setting_an_8_mib_block_comes_from_the_heap_and_stays_there():
+    """glibc's defaults map a fresh process's 8 MiB block and unmap it on free; with the engine's
+    setting the block is carved from the heap, and the heap keeps the memory after the free, so the
+    next window's buffers find it without page faults."""
+    default = _probe("default", {heap.ENV: "default"})
+    kept = _probe("keep")
+    assert default["mapped"] >= 8 << 20 and default["heap_kept"] < 8 << 20
+    assert kept["applied"] is True
+    assert kept["mapped"] == 0 and kept["heap_kept"] >= 8 << 20
+
+
+@glibc
+def test_the_first_result_is_kept_and_applied_reports_the_thresholds(fresh):
+    first = heap.keep_cpu_heap()
+    assert first.applied and first.mmap_threshold == heap.MMAP_THRESHOLD and first.trim_threshold == heap.TRIM_THRESHOLD
+    fresh.setenv(heap.ENV, "default")
+    assert heap.keep_cpu_heap() is first  # once per process
+
+
+@pytest.mark.parametrize("env,reason", [
+    ({heap.ENV: "default"}, "AGG2EXP_CPU_HEAP=default"),
+    ({heap.ENV: " Default "}, "AGG2EXP_CPU_HEAP=default"),
+    ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "MALLOC_TRIM_THRESHOLD_"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}, "GLIBC_TUNABLES"),
+])
+def test_the_defaults_and_the_users_own_settings_win(fresh, env, reason):
+    calls = []
+    fresh.setattr(heap, "_glibc", lambda: calls.append(1))  # must not even be looked up
+    for k, v in env.items():
+        fresh.setenv(k, v)
+    t = heap.keep_cpu_heap()
+    assert not t.applied and reason in t.reason and not calls
+
+
+def test_an_unrelated_glibc_tunable_does_not_count_as_the_users_choice(fresh):
+    fresh.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    fresh.setattr(heap, "_glibc", lambda: None)
+    assert heap.keep_cpu_heap().reason == "the C library is not glibc: nothing to tune"
+
+
+def test_without_glibc_it_says_so(fresh):
+    fresh.setattr(heap, "_glibc", lambda: None)
+    t = heap.keep_cpu_heap()
+    assert not t.applied and "not glibc" in t.reason
+
+
+def test_a_bad_setting_is_one_line_that_says_what_to_do(fresh):
+    fresh.setenv(heap.ENV, "fast")
+    with pytest.raises(UserError, match=r"AGG2EXP_CPU_HEAP must be 'keep' or 'default', got 'fast'; unset it") as e:
+        heap.keep_cpu_heap()
+    assert "\n" not in str(e.value)
+    fresh.delenv(heap.ENV)
+    with pytest.raises(UserError, match="thresholds must be positive"):
+        heap.keep_cpu_heap(mmap_threshold=0)
+    assert heap._done is None  # nothing was set
+
+
+def test_the_command_line_sets_it_and_a_bad_setting_exits_2(fresh, capsys):
+    from engine import cli
+
+    calls = []
+    real = heap.keep_cpu_heap
+    fresh.setattr(heap, "keep_cpu_heap", lambda: calls.append(1) or real())
+    assert cli.main(["query", "list"]) == 0 and calls == [1]
+    fresh.setattr(heap, "_done", None)
+    fresh.setenv(heap.ENV, "fast")
+    assert cli.main(["query", "list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["agg2exp query: error: AGG2EXP_CPU_HEAP must be 'keep' or 'default', got 'fast'; unset it to "
+                   "keep the engine's heap settings"]
