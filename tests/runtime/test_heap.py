@@ -34,7 +34,7 @@ _PROBE = textwrap.dedent("""
     ctypes.memset(p, 1, 8 << 20)
     libc.free(p)
     after = libc.mallinfo2()
-    print(json.dumps({"mapped": during.hblkhd - before.hblkhd, "heap_kept": after.arena - before.arena,
+    print(json.dumps({"mapped": during.hblkhd - before.hblkhd, "heap_free_after": after.fordblks,
                       "applied": None if tuning is None else tuning.applied}))
 """)
 
@@ -64,9 +64,9 @@ def test_after_the_setting_an_8_mib_block_comes_from_the_heap_and_stays_there():
     next window's buffers find it without page faults."""
     default = _probe("default", {heap.ENV: "default"})
     kept = _probe("keep")
-    assert default["mapped"] >= 8 << 20 and default["heap_kept"] < 8 << 20
+    assert default["mapped"] >= 8 << 20  # its own mapping, returned to the system on free
     assert kept["applied"] is True
-    assert kept["mapped"] == 0 and kept["heap_kept"] >= 8 << 20
+    assert kept["mapped"] == 0 and kept["heap_free_after"] >= 8 << 20  # from the heap, and still held there
 
 
 @glibc
