@@ -57,6 +57,8 @@ from engine.models import DEMO_ROI_SIZE, DEMO_WEIGHTS, demo_model  # noqa: E402
 from engine.phantoms import make_phantom  # noqa: E402
 from engine.training import scale_hu  # noqa: E402
 
+from _common import write_json  # noqa: E402  (benchmarks/, the script's own folder)
+
 N_CLASSES = len(THORAX_CLASSES)
 SMALL_ROI = (16, 16, 16)
 
@@ -463,10 +465,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'n/a (1 class adds < 1 MB)' if r is None else f'{r:.2f}'} (goal <= 1.5); whole process "
               f"{mem['classes_1_maxrss_mb']:.0f} / {mem['classes_8_maxrss_mb']:.0f} / {mem['classes_17_maxrss_mb']:.0f} MB "
               f"(17/1 = {mem['ratio_17_vs_1_process']:.2f}), baseline process {mem['baseline_maxrss_mb']:.0f} MB")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

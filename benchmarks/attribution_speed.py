@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import platform
 import statistics
@@ -58,6 +57,8 @@ from engine.models import DEMO_ROI_SIZE, demo_model  # noqa: E402
 from engine.phantoms import make_phantom  # noqa: E402
 from engine.runtime.heap import keep_cpu_heap  # noqa: E402
 from engine.training import scale_hu  # noqa: E402
+
+from _common import write_json  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 @register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
@@ -318,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['compiled_step_s'] * 1e3:.0f} ms ({c['speedup']:.2f}x), pays off after {c['steps_to_pay_off']} steps")
     print(f"load average before {load_before[0]:.1f}, after {result['load_average_after'][0]:.1f} (shared machine); "
           f"CPU heap: {heap.reason}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import write_json  # benchmarks/, the script's own folder
+
 SETTINGS = ("default", "keep")
 
 
@@ -115,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{med['default'] / med['keep']:.2f}; maps bitwise equal: {equal}", flush=True)
     result["load_average_after"] = os.getloadavg()
     print(f"load average before {load_before[0]:.1f}, after {result['load_average_after'][0]:.1f}")  # type: ignore[index]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 
