@@ -5,8 +5,9 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves a reque
 than its *trim threshold* lies free there. Both start small (128 KiB) and rise only as large
 blocks are freed, so how a process's first few windows happen to allocate decides whether its
 window-sized buffers (0.3-20 MB: activations, gradients, seeds) are reused or faulted in afresh,
-page by page, at every forward and VJP. The engine's CPU attribution then runs in one of two modes
-that differ by up to 1.6x, fixed for the life of the process (BENCHMARKS.md, "The CPU heap").
+page by page, at every forward and VJP. Measured on the demo UNet in fresh processes (BENCHMARKS.md,
+"The CPU heap"): SmoothGrad ran 1.31x slower in every process, and saliency 1.5x slower in a third of
+them, a speed fixed for the life of the process. The maps are bitwise the same either way.
 
 :func:`keep_cpu_heap` fixes both thresholds (``mallopt``): blocks below 32 MiB come from the heap
 and freed memory stays in the process up to 64 MiB at the heap's top, so the buffers of one
