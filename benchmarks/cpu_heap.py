@@ -2,14 +2,17 @@
 
 glibc's malloc decides from a process's first allocations whether window-sized buffers are reused
 or faulted in afresh at every forward and VJP, so the engine's CPU attribution runs in one of two
-speeds for the life of a process. This script starts ``--rounds`` pairs of fresh processes, one
-with ``AGG2EXP_CPU_HEAP=default`` and one with the engine's setting (``keep``), alternating which
-goes first, and in each times ``--repeats`` calls of ``explain_volume`` on the demo UNet and the
-demo-size phantom (one thread, saliency and SmoothGrad with 6 samples, all classes), after one
-untimed call. It prints each process's median, the median and spread (max / min) over processes
-per setting, and the ratio of medians; the maps of both settings must be bitwise equal.
+speeds for the life of a process. This script starts ``--rounds`` rounds of fresh processes, one
+per ``AGG2EXP_CPU_HEAP`` setting (``--settings``, the first the baseline: ``default`` and the
+engine's ``keep``), alternating their order, and in each times ``--repeats`` calls of
+``explain_volume`` on the demo UNet (one thread, saliency and SmoothGrad with 6 samples, all
+classes; the demo-size phantom and window unless ``--shape`` / ``--roi``), after one untimed call.
+It prints each process's median and peak RSS, the median and spread (max / min) over processes
+per setting, and the baseline's median over each setting's; the maps must be bitwise equal.
 
     python benchmarks/cpu_heap.py --rounds 6 --json heap.json
+    python benchmarks/cpu_heap.py --rounds 3 --methods saliency --settings default,keep,keep-all \\
+        --shape 96 96 96 --roi 96 96 96 --json heap96.json
 
 The load average is recorded: on a shared machine compare only figures from the same run.
 """
@@ -30,7 +33,8 @@ from _common import write_json  # benchmarks/, the script's own folder
 SETTINGS = ("default", "keep")
 
 
-def child(method: str, repeats: int, maps_out: Path | None) -> None:
+def child(method: str, repeats: int, maps_out: Path | None, shape: tuple[int, ...] | None,
+          roi: tuple[int, ...] | None) -> None:
     """One fresh process: the engine's heap setting as the environment says, then timed calls."""
     from engine.runtime.heap import keep_cpu_heap
 
@@ -45,8 +49,8 @@ def child(method: str, repeats: int, maps_out: Path | None) -> None:
 
     torch.set_num_threads(1)
     model = demo_model().module.eval()
-    image = make_image(None)
-    window = SlidingWindow(roi_size=DEMO_ROI_SIZE, overlap=0.25)
+    image = make_image(shape)
+    window = SlidingWindow(roi_size=roi or DEMO_ROI_SIZE, overlap=0.25)
     options = {"n_samples": 6, "sigma": 0.1} if method == "smoothgrad" else {}
 
     def call() -> tuple[float, object]:
@@ -62,59 +66,83 @@ def child(method: str, repeats: int, maps_out: Path | None) -> None:
         times.append(t)
     if maps_out is not None:
         torch.save(dict(e.maps), maps_out)  # type: ignore[attr-defined]
-    print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "times": times}))
+    import resource
+
+    print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "times": times,
+                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run_child(setting: str, method: str, repeats: int, maps_out: Path | None) -> dict[str, object]:
+def run_child(setting: str, method: str, repeats: int, maps_out: Path | None, shape: list[int] | None,
+              roi: list[int] | None) -> dict[str, object]:
     env = {**os.environ, "AGG2EXP_CPU_HEAP": setting}
     cmd = [sys.executable, __file__, "--_child", method, "--repeats", str(repeats)]
     if maps_out is not None:
         cmd += ["--_maps", str(maps_out)]
+    if shape:
+        cmd += ["--shape", *map(str, shape)]
+    if roi:
+        cmd += ["--roi", *map(str, roi)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=6, help="pairs of fresh processes per method")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds of fresh processes (one per setting) per method")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per process")
     ap.add_argument("--methods", default="saliency,smoothgrad")
+    ap.add_argument("--settings", default="default,keep", help="AGG2EXP_CPU_HEAP values; the first is the baseline")
+    ap.add_argument("--shape", type=int, nargs=3, default=None, help="volume size (default: the demo phantom's)")
+    ap.add_argument("--roi", type=int, nargs=3, default=None, help="window size (default: the demo's)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--_child", dest="child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_maps", dest="maps", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.repeats, args.maps)
+        child(args.child, args.repeats, args.maps, tuple(args.shape) if args.shape else None,
+              tuple(args.roi) if args.roi else None)
         return 0
     import torch
 
+    settings = tuple(x.strip() for x in args.settings.split(","))
+    base = settings[0]
     load_before = os.getloadavg()
     result: dict[str, object] = {"rounds": args.rounds, "repeats": args.repeats, "load_average_before": load_before,
+                                 "settings": settings, "shape": args.shape, "roi": args.roi,
                                  "python": sys.version.split()[0], "torch": torch.__version__, "methods": {}}
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpu_heap_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
-        per: dict[str, list[float]] = {s: [] for s in SETTINGS}
+        per: dict[str, list[float]] = {s: [] for s in settings}
+        rss: dict[str, list[float]] = {s: [] for s in settings}
         reasons: dict[str, str] = {}
         for r in range(args.rounds):
-            order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
+            order = settings if r % 2 == 0 else settings[::-1]
             for s in order:
                 maps = tmp / f"{method}_{s}.pt" if r == 0 else None
-                out = run_child(s, method, args.repeats, maps)
+                out = run_child(s, method, args.repeats, maps, args.shape, args.roi)
                 reasons[s] = str(out["reason"])
                 per[s].append(statistics.median(out["times"]))  # type: ignore[arg-type]
-                print(f"{method} round {r + 1} {s:7s}: {per[s][-1]:.3f} s per call", flush=True)
-        a, b = (torch.load(tmp / f"{method}_{s}.pt") for s in SETTINGS)
-        equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                rss[s].append(float(out["max_rss_mb"]))  # type: ignore[arg-type]
+                print(f"{method} round {r + 1} {s:8s}: {per[s][-1]:.3f} s per call, peak RSS {rss[s][-1]:.0f} MB",
+                      flush=True)
+        ref = torch.load(tmp / f"{method}_{base}.pt")
+        equal = {}
+        for s in settings:
+            other = torch.load(tmp / f"{method}_{s}.pt")
+            equal[s] = ref.keys() == other.keys() and all(torch.equal(ref[k], other[k]) for k in ref)
         med = {s: statistics.median(v) for s, v in per.items()}
         spread = {s: max(v) / min(v) for s, v in per.items()}
+        over = {s: med[base] / med[s] for s in settings}
         result["methods"][method] = {  # type: ignore[index]
-            "per_process_s": per, "median_s": med, "spread_max_over_min": spread,
-            "default_over_keep": med["default"] / med["keep"], "maps_bitwise_equal": equal, "reasons": reasons,
+            "per_process_s": per, "median_s": med, "spread_max_over_min": spread, "baseline": base,
+            "baseline_over": over, "default_over_keep": over.get("keep"), "peak_rss_mb": rss,
+            "maps_bitwise_equal": all(equal.values()), "reasons": reasons,
         }
-        print(f"{method}: median default {med['default']:.3f} s (spread {spread['default']:.2f}x), keep "
-              f"{med['keep']:.3f} s (spread {spread['keep']:.2f}x): default / keep = "
-              f"{med['default'] / med['keep']:.2f}; maps bitwise equal: {equal}", flush=True)
+        for s in settings:
+            print(f"{method} {s:8s}: median {med[s]:.3f} s (spread {spread[s]:.2f}x), peak RSS median "
+                  f"{statistics.median(rss[s]):.0f} MB; {base} / {s} = {over[s]:.2f}", flush=True)
+        print(f"{method}: maps bitwise equal across settings: {all(equal.values())}", flush=True)
     result["load_average_after"] = os.getloadavg()
     print(f"load average before {load_before[0]:.1f}, after {result['load_average_after'][0]:.1f}")  # type: ignore[index]
     write_json(args.json, result)

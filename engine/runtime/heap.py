@@ -15,6 +15,12 @@ window are reused by the next. Larger blocks (whole volumes, maps of a CT) are s
 returned to the system when freed. Setting only one of the two is worse than neither (setting
 either stops glibc's own adjustment, measured).
 
+Windows whose tensors pass 32 MiB (glibc's largest mmap threshold; e.g. a 17-channel activation of a
+96^3 window) are still mapped and faulted in at every use. ``keep-all`` (``AGG2EXP_CPU_HEAP=keep-all``)
+maps no block at all and keeps up to 1 GiB free at the heap's top: on the demo UNet at 96^3 windows
+saliency ran 1.78x faster, with a 27% higher peak memory (BENCHMARKS.md). It is opt-in for that
+price. On a cluster, set the variable where the workers start (every node, or Ray's ``runtime_env``).
+
 The engine's workers call it when they start, and so does the ``agg2exp`` command; a library
 user may call it once at the start of a process. It does nothing (and says why) where the C
 library is not glibc, where the user has set glibc's own variables for these thresholds
@@ -38,13 +44,18 @@ log = logging.getLogger(__name__)
 #: ``mallopt`` parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 MIB = 1 << 20
 #: glibc's largest accepted mmap threshold on 64-bit systems (half its 64 MiB heap size).
 MMAP_THRESHOLD = 32 * MIB
 TRIM_THRESHOLD = 64 * MIB
+#: ``keep-all``: what the heap keeps free at its top when no block is mapped.
+ALL_TRIM_THRESHOLD = 1024 * MIB
+#: The accepted modes (``AGG2EXP_CPU_HEAP``, or :func:`keep_cpu_heap`'s ``mode``).
+MODES = ("keep", "keep-all", "default")
 
-#: The environment variable that turns the tuning off (``default``) or on (``keep``, the default).
+#: The environment variable that chooses the mode: ``keep`` (the default), ``keep-all`` or ``default``.
 ENV = "AGG2EXP_CPU_HEAP"
 _GLIBC_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _GLIBC_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold", "glibc.malloc.top_pad",
@@ -63,6 +74,7 @@ class HeapTuning:
     reason: str
     mmap_threshold: int | None = None
     trim_threshold: int | None = None
+    mmap_max: int | None = None  # 0 under keep-all: no block is mapped
 
 
 _done: HeapTuning | None = None
@@ -80,18 +92,26 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def keep_cpu_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> HeapTuning:
-    """Fix glibc's mmap and trim thresholds for this process (once; later calls return the first
-    result). Never raises for the platform: it returns why it did nothing."""
+def keep_cpu_heap(mode: str | None = None, *, mmap_threshold: int = MMAP_THRESHOLD,
+                  trim_threshold: int | None = None) -> HeapTuning:
+    """Set glibc's heap for this process (once; later calls return the first result). ``mode``:
+    ``keep`` (the default: blocks below ``mmap_threshold`` from the heap, ``trim_threshold`` 64 MiB),
+    ``keep-all`` (every block from the heap, none mapped, 1 GiB kept free at the top: for windows whose
+    tensors pass 32 MiB, e.g. 96^3 and larger, at the price of a higher peak memory) or ``default``;
+    None reads ``AGG2EXP_CPU_HEAP`` (``keep`` when unset). Never raises for the platform: it returns
+    why it did nothing."""
     global _done
     if _done is not None:
         return _done
-    choice = os.environ.get(ENV, "keep").strip().lower()
-    if choice not in ("keep", "default"):
-        raise HeapSettingError(f"{ENV} must be 'keep' or 'default', got {os.environ[ENV]!r}; unset it to keep "
+    raw = os.environ.get(ENV, "keep") if mode is None else mode
+    choice = str(raw).strip().lower()
+    if choice not in MODES:
+        source = f"{ENV}" if mode is None else "mode"
+        raise HeapSettingError(f"{source} must be 'keep', 'keep-all' or 'default', got {raw!r}; unset it to keep "
                                "the engine's heap settings")
-    if mmap_threshold <= 0 or trim_threshold <= 0:
-        raise HeapSettingError(f"thresholds must be positive, got mmap {mmap_threshold} and trim {trim_threshold}")
+    trim = (ALL_TRIM_THRESHOLD if choice == "keep-all" else TRIM_THRESHOLD) if trim_threshold is None else trim_threshold
+    if mmap_threshold <= 0 or trim <= 0:
+        raise HeapSettingError(f"thresholds must be positive, got mmap {mmap_threshold} and trim {trim}")
     user = [v for v in _GLIBC_VARS if v in os.environ]
     if any(t in os.environ.get("GLIBC_TUNABLES", "") for t in _GLIBC_TUNABLES):
         user.append("GLIBC_TUNABLES")
@@ -106,8 +126,11 @@ def keep_cpu_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TR
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.mallopt.restype = ctypes.c_int
         ok = libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
-        ok = ok and libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold)) == 1
-        _done = (HeapTuning(True, "glibc thresholds set", mmap_threshold, trim_threshold) if ok
+        ok = ok and libc.mallopt(M_TRIM_THRESHOLD, int(trim)) == 1
+        mmap_max = 0 if choice == "keep-all" else None
+        ok = ok and (mmap_max is None or libc.mallopt(M_MMAP_MAX, mmap_max) == 1)
+        what = "glibc thresholds set" + (", no block mapped" if mmap_max == 0 else "")
+        _done = (HeapTuning(True, what, mmap_threshold, trim, mmap_max) if ok
                  else HeapTuning(False, "glibc refused the thresholds (mallopt returned 0)"))
     log.debug("CPU heap: %s", _done.reason)
     return _done

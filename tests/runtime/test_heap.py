@@ -19,7 +19,8 @@ glibc = pytest.mark.skipif(heap._glibc() is None, reason="the C library is not g
 _PROBE = textwrap.dedent("""
     import ctypes, json, sys
     from engine.runtime.heap import keep_cpu_heap
-    tuning = keep_cpu_heap() if sys.argv[1] == "keep" else None
+    tuning = keep_cpu_heap(sys.argv[1]) if sys.argv[1] != "none" else None
+    size = int(sys.argv[2]) << 20
     libc = ctypes.CDLL(None)
     class Info(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -29,9 +30,9 @@ _PROBE = textwrap.dedent("""
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     before = libc.mallinfo2()
-    p = libc.malloc(8 << 20)
+    p = libc.malloc(size)
     during = libc.mallinfo2()
-    ctypes.memset(p, 1, 8 << 20)
+    ctypes.memset(p, 1, size)
     libc.free(p)
     after = libc.mallinfo2()
     print(json.dumps({"mapped": during.hblkhd - before.hblkhd, "heap_free_after": after.fordblks,
@@ -39,12 +40,13 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(setting: str, env: dict[str, str] | None = None) -> dict[str, int]:
+def _probe(setting: str, mib: int = 8) -> dict[str, int]:
     import json
     import os
 
-    out = subprocess.run([sys.executable, "-c", _PROBE, setting], check=True, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}).stdout
+    env = {k: v for k, v in os.environ.items() if k != heap.ENV}
+    out = subprocess.run([sys.executable, "-c", _PROBE, setting, str(mib)], check=True, capture_output=True,
+                         text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -62,7 +64,7 @@ def test_after_the_setting_an_8_mib_block_comes_from_the_heap_and_stays_there():
     """glibc's defaults map a fresh process's 8 MiB block and unmap it on free; with the engine's
     setting the block is carved from the heap, and the heap keeps the memory after the free, so the
     next window's buffers find it without page faults."""
-    default = _probe("default", {heap.ENV: "default"})
+    default = _probe("none")
     kept = _probe("keep")
     assert default["mapped"] >= 8 << 20  # its own mapping, returned to the system on free
     assert kept["applied"] is True
@@ -70,9 +72,21 @@ def test_after_the_setting_an_8_mib_block_comes_from_the_heap_and_stays_there():
 
 
 @glibc
+def test_keep_all_serves_even_a_64_mib_block_from_the_heap():
+    """Above 32 MiB (glibc's largest mmap threshold) ``keep`` still maps a block and returns it on free;
+    ``keep-all`` maps none, and the heap holds the freed block for the next window."""
+    kept = _probe("keep", 64)
+    assert kept["applied"] is True and kept["mapped"] >= 64 << 20
+    every = _probe("keep-all", 64)
+    assert every["applied"] is True
+    assert every["mapped"] == 0 and every["heap_free_after"] >= 64 << 20
+
+
+@glibc
 def test_the_first_result_is_kept_and_applied_reports_the_thresholds(fresh):
     first = heap.keep_cpu_heap()
     assert first.applied and first.mmap_threshold == heap.MMAP_THRESHOLD and first.trim_threshold == heap.TRIM_THRESHOLD
+    assert first.mmap_max is None  # blocks above the threshold are still mapped
     fresh.setenv(heap.ENV, "default")
     assert heap.keep_cpu_heap() is first  # once per process
 
@@ -106,9 +120,12 @@ def test_without_glibc_it_says_so(fresh):
 
 def test_a_bad_setting_is_one_line_that_says_what_to_do(fresh):
     fresh.setenv(heap.ENV, "fast")
-    with pytest.raises(UserError, match=r"AGG2EXP_CPU_HEAP must be 'keep' or 'default', got 'fast'; unset it") as e:
+    with pytest.raises(UserError, match=r"AGG2EXP_CPU_HEAP must be 'keep', 'keep-all' or 'default', got 'fast'; "
+                                        r"unset it") as e:
         heap.keep_cpu_heap()
     assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"mode must be 'keep', 'keep-all' or 'default', got 'all'"):
+        heap.keep_cpu_heap("all")
     fresh.delenv(heap.ENV)
     with pytest.raises(UserError, match="thresholds must be positive"):
         heap.keep_cpu_heap(mmap_threshold=0)
@@ -126,5 +143,5 @@ def test_the_command_line_sets_it_and_a_bad_setting_exits_2(fresh, capsys):
     fresh.setenv(heap.ENV, "fast")
     assert cli.main(["query", "list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["agg2exp query: error: AGG2EXP_CPU_HEAP must be 'keep' or 'default', got 'fast'; unset it to "
-                   "keep the engine's heap settings"]
+    assert err == ["agg2exp query: error: AGG2EXP_CPU_HEAP must be 'keep', 'keep-all' or 'default', got 'fast'; "
+                   "unset it to keep the engine's heap settings"]
