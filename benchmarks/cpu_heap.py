@@ -11,6 +11,7 @@ It prints each process's median and peak RSS, the median and spread (max / min) 
 per setting, and the baseline's median over each setting's; the maps must be bitwise equal.
 
     python benchmarks/cpu_heap.py --rounds 6 --json heap.json
+    python benchmarks/cpu_heap.py --growth 60 --settings keep,keep-all --json growth.json
     python benchmarks/cpu_heap.py --rounds 3 --methods saliency --settings default,keep,keep-all \\
         --shape 96 96 96 --roi 96 96 96 --json heap96.json
 
@@ -72,6 +73,41 @@ def child(method: str, repeats: int, maps_out: Path | None, shape: tuple[int, ..
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def growth_child(calls: int, seed: int) -> None:
+    """One fresh process: ``calls`` saliency volumes of varying sizes (each axis 48-112 voxels, seeded),
+    with the demo's windows, recording the resident memory after each (does the heap keep growing?)."""
+    from engine.runtime.heap import keep_cpu_heap
+
+    tuning = keep_cpu_heap()
+    import random
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from attribution_speed import make_image
+
+    from engine.attribution import SlidingWindow, explain_volume
+    from engine.models import DEMO_ROI_SIZE, THORAX_CLASSES, demo_model
+
+    torch.set_num_threads(1)
+    model = demo_model().module.eval()
+    window = SlidingWindow(roi_size=DEMO_ROI_SIZE, overlap=0.25)
+    rng = random.Random(seed)
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss, times, shapes = [], [], []
+    for _ in range(calls):
+        shape = tuple(rng.randrange(48, 113, 8) for _ in range(3))
+        image = make_image(shape)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        explain_volume(model, image, method="saliency", window=window, targets=[1, 2, 8], class_names=THORAX_CLASSES)
+        times.append(time.perf_counter() - t0)
+        shapes.append(shape)
+        with open("/proc/self/statm") as f:
+            rss.append(int(f.read().split()[1]) * page / 2**20)
+    print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "rss_mb": rss, "times": times,
+                      "shapes": shapes}))
+
+
 def run_child(setting: str, method: str, repeats: int, maps_out: Path | None, shape: list[int] | None,
               roi: list[int] | None) -> dict[str, object]:
     env = {**os.environ, "AGG2EXP_CPU_HEAP": setting}
@@ -86,6 +122,32 @@ def run_child(setting: str, method: str, repeats: int, maps_out: Path | None, sh
     return json.loads(out.strip().splitlines()[-1])
 
 
+def growth(args: argparse.Namespace) -> int:
+    """``--growth N``: resident memory over N varying volumes, one fresh process per setting."""
+    settings = tuple(x.strip() for x in args.settings.split(","))
+    load_before = os.getloadavg()
+    result: dict[str, object] = {"growth_calls": args.growth, "settings": settings, "load_average_before": load_before,
+                                 "runs": {}}
+    for s in settings:
+        env = {**os.environ, "AGG2EXP_CPU_HEAP": s}
+        out = subprocess.run([sys.executable, __file__, "--_growth", str(args.growth)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        run = json.loads(out.strip().splitlines()[-1])
+        rss = run["rss_mb"]
+        half = len(rss) // 2
+        summary = {"rss_after_first_10_mb": rss[min(9, len(rss) - 1)], "rss_max_mb": max(rss), "rss_end_mb": rss[-1],
+                   "rss_max_first_half_mb": max(rss[:half] or rss), "rss_max_second_half_mb": max(rss[half:]),
+                   "total_s": sum(run["times"]), "reason": run["reason"]}
+        result["runs"][s] = {**summary, "rss_mb": rss, "times": run["times"]}  # type: ignore[index]
+        print(f"{s:8s}: {args.growth} volumes in {summary['total_s']:.0f} s; resident memory after 10 "
+              f"{summary['rss_after_first_10_mb']:.0f} MB, peak in the first half {summary['rss_max_first_half_mb']:.0f} MB, "
+              f"in the second half {summary['rss_max_second_half_mb']:.0f} MB, at the end {summary['rss_end_mb']:.0f} MB",
+              flush=True)
+    result["load_average_after"] = os.getloadavg()
+    write_json(args.json, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=6, help="rounds of fresh processes (one per setting) per method")
@@ -94,10 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", default="default,keep", help="AGG2EXP_CPU_HEAP values; the first is the baseline")
     ap.add_argument("--shape", type=int, nargs=3, default=None, help="volume size (default: the demo phantom's)")
     ap.add_argument("--roi", type=int, nargs=3, default=None, help="window size (default: the demo's)")
+    ap.add_argument("--growth", type=int, default=0, metavar="N",
+                    help="instead: one process per setting explains N volumes of varying sizes and records its "
+                         "resident memory after each (heap growth over a long run)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--_growth", dest="growth_child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--_child", dest="child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_maps", dest="maps", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.growth_child:
+        growth_child(args.growth_child, seed=0)
+        return 0
+    if args.growth:
+        return growth(args)
     if args.child:
         child(args.child, args.repeats, args.maps, tuple(args.shape) if args.shape else None,
               tuple(args.roi) if args.roi else None)

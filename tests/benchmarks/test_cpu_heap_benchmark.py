@@ -21,3 +21,15 @@ def test_heap_benchmark_compares_both_settings_in_fresh_processes(tmp_path):
                             "keep": "glibc thresholds set"}
     assert len(s["per_process_s"]["default"]) == len(s["per_process_s"]["keep"]) == 1
     assert s["default_over_keep"] > 0
+
+
+@pytest.mark.slow
+def test_heap_growth_mode_records_resident_memory_after_every_volume(tmp_path):
+    out = tmp_path / "growth.json"
+    proc, fig = run_benchmark("cpu_heap.py", "--growth", "2", "--settings", "keep,keep-all", out=out, timeout=600)
+    assert "resident memory after" in proc.stdout
+    for setting in ("keep", "keep-all"):
+        run = fig["runs"][setting]
+        assert len(run["rss_mb"]) == len(run["times"]) == 2 and all(m > 0 for m in run["rss_mb"])
+        assert run["rss_max_mb"] >= run["rss_end_mb"] > 0
+    assert fig["runs"]["keep-all"]["reason"] == "glibc thresholds set, no block mapped"
