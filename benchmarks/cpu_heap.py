@@ -28,30 +28,38 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import write_json  # benchmarks/, the script's own folder
 
-SETTINGS = ("default", "keep")
-
-
-def child(method: str, repeats: int, maps_out: Path | None, shape: tuple[int, ...] | None,
-          roi: tuple[int, ...] | None) -> None:
-    """One fresh process: the engine's heap setting as the environment says, then timed calls."""
+def _engine(roi: tuple[int, ...] | None) -> tuple[Any, Any, Any, Any]:
+    """A fresh process's set-up, shared by both children: the heap setting as the environment says
+    (before anything allocates), then the demo UNet on one thread and the window; returns the
+    setting's result, the model, the window and ``explain_volume``."""
     from engine.runtime.heap import keep_cpu_heap
 
     tuning = keep_cpu_heap()
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from attribution_speed import make_image
-
     from engine.attribution import SlidingWindow, explain_volume
-    from engine.models import DEMO_ROI_SIZE, THORAX_CLASSES, demo_model
+    from engine.models import DEMO_ROI_SIZE, demo_model
 
     torch.set_num_threads(1)
-    model = demo_model().module.eval()
+    return tuning, demo_model().module.eval(), SlidingWindow(roi_size=roi or DEMO_ROI_SIZE, overlap=0.25), explain_volume
+
+
+def child(method: str, repeats: int, maps_out: Path | None, shape: tuple[int, ...] | None,
+          roi: tuple[int, ...] | None) -> None:
+    """One fresh process: the engine's heap setting as the environment says, then timed calls."""
+    tuning, model, window, explain_volume = _engine(roi)
+    import resource
+
+    import torch
+    from attribution_speed import make_image
+
+    from engine.models import THORAX_CLASSES
+
     image = make_image(shape)
-    window = SlidingWindow(roi_size=roi or DEMO_ROI_SIZE, overlap=0.25)
     options = {"n_samples": 6, "sigma": 0.1} if method == "smoothgrad" else {}
 
     def call() -> tuple[float, object]:
@@ -67,8 +75,6 @@ def child(method: str, repeats: int, maps_out: Path | None, shape: tuple[int, ..
         times.append(t)
     if maps_out is not None:
         torch.save(dict(e.maps), maps_out)  # type: ignore[attr-defined]
-    import resource
-
     print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "times": times,
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -76,22 +82,13 @@ def child(method: str, repeats: int, maps_out: Path | None, shape: tuple[int, ..
 def growth_child(calls: int, seed: int) -> None:
     """One fresh process: ``calls`` saliency volumes of varying sizes (each axis 48-112 voxels, seeded),
     with the demo's windows, recording the resident memory after each (does the heap keep growing?)."""
-    from engine.runtime.heap import keep_cpu_heap
-
-    tuning = keep_cpu_heap()
+    tuning, model, window, explain_volume = _engine(None)
     import random
 
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from attribution_speed import make_image
 
-    from engine.attribution import SlidingWindow, explain_volume
-    from engine.models import DEMO_ROI_SIZE, THORAX_CLASSES, demo_model
+    from engine.models import THORAX_CLASSES
 
-    torch.set_num_threads(1)
-    model = demo_model().module.eval()
-    window = SlidingWindow(roi_size=DEMO_ROI_SIZE, overlap=0.25)
     rng = random.Random(seed)
     page = os.sysconf("SC_PAGE_SIZE")
     rss, times, shapes = [], [], []
@@ -99,13 +96,14 @@ def growth_child(calls: int, seed: int) -> None:
         shape = tuple(rng.randrange(48, 113, 8) for _ in range(3))
         image = make_image(shape)  # type: ignore[arg-type]
         t0 = time.perf_counter()
-        explain_volume(model, image, method="saliency", window=window, targets=[1, 2, 8], class_names=THORAX_CLASSES)
+        explain_volume(model, image, method="saliency", window=window, targets=[1, 2, 8],
+                       class_names=THORAX_CLASSES)
         times.append(time.perf_counter() - t0)
         shapes.append(shape)
         with open("/proc/self/statm") as f:
             rss.append(int(f.read().split()[1]) * page / 2**20)
-    print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "rss_mb": rss, "times": times,
-                      "shapes": shapes}))
+    print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "rss_mb": rss,
+                      "times": times, "shapes": shapes}))
 
 
 def run_child(setting: str, method: str, repeats: int, maps_out: Path | None, shape: list[int] | None,
