@@ -290,9 +290,9 @@ class _Conv3d(torch.autograd.Function):
             # A narrowed gradient into a contiguous input (a head after a norm): the transposed
             # convolution as a convolution with the flipped kernel returns x's layout, so the
             # gradient meets the other branches' without a transposing add (BENCHMARKS.md)
-            flipped = site[0].flipped(w) if site is not None else w.transpose(0, 1).flip(2, 3, 4).contiguous()
-            gx = torch.ops.mkldnn._convolution_pointwise(gy.contiguous(), flipped, None, flipped_pad, stride, dilation,
-                                                         groups, "none", [], None)
+            assert site is not None  # narrowed: only a site narrows
+            gx = torch.ops.mkldnn._convolution_pointwise(gy.contiguous(), site[0].flipped(w), None, flipped_pad, stride,
+                                                         dilation, groups, "none", [], None)
         else:
             gx = torch.ops.mkldnn._convolution_transpose_pointwise(gy, _dense(w), None, padding, out_pad, stride,
                                                                    dilation, groups, "none", [], None)
@@ -397,7 +397,7 @@ class EngineKernels(TorchFunctionMode):
         """Inside, a convolution whose output gradient is ``seed`` itself (the tensor passed to
         ``autograd.grad``) takes ``channels`` as its live channels instead of checking them: the
         caller vouches that seed is zero outside them (a superset is exact). None: no hint."""
-        ok = channels is not None and all(0 <= int(c) < seed.shape[1] for c in channels) and seed.dim() > 1
+        ok = channels is not None and seed.dim() > 1 and all(0 <= int(c) < seed.shape[1] for c in channels)
         self.sites.hint = (seed, tuple(sorted({int(c) for c in channels}))) if ok and channels is not None else None
         try:
             yield

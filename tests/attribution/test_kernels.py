@@ -432,6 +432,8 @@ def test_a_seed_hint_spares_the_check_and_gives_the_same_bits():
         with mode.seed_channels(seed, (4, 17)):  # 17 is not a channel of seed: no hint
             torch.autograd.grad(y, x, seed, retain_graph=True)
         assert len(checks) == 3
+        with mode.seed_channels(torch.zeros(3), (0,)):  # a tensor without a channel axis: no hint
+            assert mode.sites.hint is None
     assert torch.equal(hinted, checked)
 
 
