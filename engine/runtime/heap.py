@@ -106,9 +106,9 @@ def keep_cpu_heap(mode: str | None = None, *, mmap_threshold: int = MMAP_THRESHO
     raw = os.environ.get(ENV, "keep") if mode is None else mode
     choice = str(raw).strip().lower()
     if choice not in MODES:
-        source = f"{ENV}" if mode is None else "mode"
-        raise HeapSettingError(f"{source} must be 'keep', 'keep-all' or 'default', got {raw!r}; unset it to keep "
-                               "the engine's heap settings")
+        advice = "unset it to keep the engine's heap settings" if mode is None else "pass one of them, or None to read " + ENV
+        raise HeapSettingError(f"{ENV if mode is None else 'mode'} must be 'keep', 'keep-all' or 'default', "
+                               f"got {raw!r}; {advice}")
     trim = (ALL_TRIM_THRESHOLD if choice == "keep-all" else TRIM_THRESHOLD) if trim_threshold is None else trim_threshold
     if mmap_threshold <= 0 or trim <= 0:
         raise HeapSettingError(f"thresholds must be positive, got mmap {mmap_threshold} and trim {trim}")
@@ -117,7 +117,8 @@ def keep_cpu_heap(mode: str | None = None, *, mmap_threshold: int = MMAP_THRESHO
         user.append("GLIBC_TUNABLES")
     libc = None if choice == "default" or user else _glibc()
     if choice == "default":
-        _done = HeapTuning(False, f"{ENV}=default: the C library's own thresholds")
+        _done = HeapTuning(False, f"{ENV + '=default' if mode is None else 'mode default'}: the C library's own "
+                                  "thresholds")
     elif user:
         _done = HeapTuning(False, f"left to the user's {', '.join(user)}")
     elif libc is None:
