@@ -143,8 +143,7 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
             with FlopCounterMode(display=False) as fc, ctx():
                 out = model(x)
             counted["forward_flops" + tag] = fc.get_total_flops()
-            seed = torch.zeros(out.shape, dtype=out.dtype)  # contiguous, as the engine builds its seeds
-            seed[:, 1] = 1.0
+            seed = class_seed(out)
             with FlopCounterMode(display=False) as fc:
                 torch.autograd.grad(out, x, seed, retain_graph=True)
             counted["vjp_flops" + tag] = fc.get_total_flops()
@@ -155,6 +154,13 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
     f, v = timed["forward_s"], timed["vjp_s"]
     return {**counted, **timed, "forward_flop_s": counted["forward_flops_run"] / f,
             "vjp_flop_s": counted["vjp_flops_run"] / v, "vjp_model_flop_s": counted["vjp_flops"] / v}
+
+
+def class_seed(out: torch.Tensor) -> torch.Tensor:
+    """Class 1's seed for logits ``out``: ones on its channel, contiguous, as the engine builds its seeds."""
+    seed = torch.zeros(out.shape, dtype=out.dtype)
+    seed[:, 1] = 1.0
+    return seed
 
 
 def _timed(model: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, ctx: Any, reps: int,
@@ -193,17 +199,17 @@ def compile_trial(model: torch.nn.Module, roi: tuple[int, ...], reps: int) -> di
     compiled = torch.compile(compiled_model)
     x = torch.rand((1, 1, *roi)).contiguous(memory_format=fmt).requires_grad_(True)
 
-    def step(m: torch.nn.Module) -> float:
+    def step(m: torch.nn.Module, mode: Any = None) -> float:
         t0 = time.perf_counter()
         out = m(x)
-        seed = torch.zeros(out.shape, dtype=out.dtype)  # contiguous, as the engine builds its seeds
-        seed[:, 1] = 1.0
-        torch.autograd.grad(out, x, seed)
+        seed = class_seed(out)
+        with mode.seed_channels(seed, (1,)) if mode is not None else contextlib.nullcontext():
+            torch.autograd.grad(out, x, seed)
         return time.perf_counter() - t0
 
     def engine_step() -> float:
-        with engine_kernels(eager, True, guard=True):  # not around the compiled model: its graph is fixed
-            return step(eager)
+        with engine_kernels(eager, True, guard=True) as mode:  # not around the compiled model: its graph is fixed
+            return step(eager, mode)
 
     first = step(compiled)  # includes compiling the forward and the backward graph
     engine_step()
