@@ -12,6 +12,8 @@ per setting, and the baseline's median over each setting's; the maps must be bit
 
     python benchmarks/cpu_heap.py --rounds 6 --json heap.json
     python benchmarks/cpu_heap.py --growth 60 --settings keep,keep-all --json growth.json
+    python benchmarks/cpu_heap.py --growth 1000 --settings keep,keep-all --roi 96 96 96 --classes 1 \\
+        --json growth96.json
     python benchmarks/cpu_heap.py --rounds 3 --methods saliency --settings default,keep,keep-all \\
         --shape 96 96 96 --roi 96 96 96 --json heap96.json
 
@@ -79,10 +81,11 @@ def child(method: str, repeats: int, maps_out: Path | None, shape: tuple[int, ..
                       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def growth_child(calls: int, seed: int) -> None:
-    """One fresh process: ``calls`` saliency volumes of varying sizes (each axis 48-112 voxels, seeded),
-    with the demo's windows, recording the resident memory after each (does the heap keep growing?)."""
-    tuning, model, window, explain_volume = _engine(None)
+def growth_child(calls: int, seed: int, roi: tuple[int, ...] | None, targets: list[int]) -> None:
+    """One fresh process: ``calls`` saliency volumes of varying sizes (seeded; each axis 48-112 voxels
+    with the demo's windows, else from the window's side to 5/3 of it), recording the resident memory
+    after each (does the heap keep growing?)."""
+    tuning, model, window, explain_volume = _engine(roi)
     import random
 
     from attribution_speed import make_image
@@ -91,17 +94,20 @@ def growth_child(calls: int, seed: int) -> None:
 
     rng = random.Random(seed)
     page = os.sysconf("SC_PAGE_SIZE")
+    ranges = [(48, 113)] * 3 if roi is None else [(r, r + 2 * r // 3 + 1) for r in roi]
     rss, times, shapes = [], [], []
-    for _ in range(calls):
-        shape = tuple(rng.randrange(48, 113, 8) for _ in range(3))
+    for i in range(calls):
+        shape = tuple(rng.randrange(lo, hi, 8) for lo, hi in ranges)
         image = make_image(shape)  # type: ignore[arg-type]
         t0 = time.perf_counter()
-        explain_volume(model, image, method="saliency", window=window, targets=[1, 2, 8],
+        explain_volume(model, image, method="saliency", window=window, targets=targets,
                        class_names=THORAX_CLASSES)
         times.append(time.perf_counter() - t0)
         shapes.append(shape)
         with open("/proc/self/statm") as f:
             rss.append(int(f.read().split()[1]) * page / 2**20)
+        if (i + 1) % max(1, calls // 20) == 0:  # progress on stderr; the result is stdout's last line
+            print(f"{i + 1}/{calls} volumes, {sum(times):.0f} s, resident {rss[-1]:.0f} MB", file=sys.stderr, flush=True)
     print(json.dumps({"applied": tuning.applied, "reason": tuning.reason, "rss_mb": rss,
                       "times": times, "shapes": shapes}))
 
@@ -120,27 +126,43 @@ def run_child(setting: str, method: str, repeats: int, maps_out: Path | None, sh
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _blocks(values: list[float], n: int, fn: Any) -> list[float]:
+    """``fn`` of each of ``n`` consecutive blocks of ``values`` (the last takes the remainder)."""
+    size = max(1, len(values) // n)
+    return [fn(values[i:i + size]) for i in range(0, size * (len(values) // size), size)]
+
+
 def growth(args: argparse.Namespace) -> int:
-    """``--growth N``: resident memory over N varying volumes, one fresh process per setting."""
+    """``--growth N``: resident memory over N varying volumes, one fresh process per setting (run side
+    by side: each is one thread)."""
     settings = tuple(x.strip() for x in args.settings.split(","))
     load_before = os.getloadavg()
     result: dict[str, object] = {"growth_calls": args.growth, "settings": settings, "load_average_before": load_before,
-                                 "runs": {}}
-    for s in settings:
-        env = {**os.environ, "AGG2EXP_CPU_HEAP": s}
-        out = subprocess.run([sys.executable, __file__, "--_growth", str(args.growth)], env=env, check=True,
-                             capture_output=True, text=True).stdout
+                                 "roi": args.roi, "classes": args.classes, "runs": {}}
+    cmd = [sys.executable, __file__, "--_growth", str(args.growth), "--classes", args.classes]
+    if args.roi:
+        cmd += ["--roi", *map(str, args.roi)]
+    procs = {s: subprocess.Popen(cmd, env={**os.environ, "AGG2EXP_CPU_HEAP": s}, stdout=subprocess.PIPE, text=True)
+             for s in settings}
+    for s, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"the {s} process failed (exit {proc.returncode}); see its output above")
         run = json.loads(out.strip().splitlines()[-1])
         rss = run["rss_mb"]
         half = len(rss) // 2
         summary = {"rss_after_first_10_mb": rss[min(9, len(rss) - 1)], "rss_max_mb": max(rss), "rss_end_mb": rss[-1],
                    "rss_max_first_half_mb": max(rss[:half] or rss), "rss_max_second_half_mb": max(rss[half:]),
+                   "rss_max_per_tenth_mb": _blocks(rss, 10, max),
+                   "median_s_per_tenth": _blocks(run["times"], 10, statistics.median),
                    "total_s": sum(run["times"]), "reason": run["reason"]}
         result["runs"][s] = {**summary, "rss_mb": rss, "times": run["times"]}  # type: ignore[index]
         print(f"{s:8s}: {args.growth} volumes in {summary['total_s']:.0f} s; resident memory after 10 "
               f"{summary['rss_after_first_10_mb']:.0f} MB, peak in the first half {summary['rss_max_first_half_mb']:.0f} MB, "
               f"in the second half {summary['rss_max_second_half_mb']:.0f} MB, at the end {summary['rss_end_mb']:.0f} MB",
               flush=True)
+        print(f"{'':8s}  peak per tenth (MB): {' '.join(f'{m:.0f}' for m in summary['rss_max_per_tenth_mb'])}; "
+              f"median s/volume per tenth: {' '.join(f'{t:.2f}' for t in summary['median_s_per_tenth'])}", flush=True)
     result["load_average_after"] = os.getloadavg()
     write_json(args.json, result)
     return 0
@@ -157,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--growth", type=int, default=0, metavar="N",
                     help="instead: one process per setting explains N volumes of varying sizes and records its "
                          "resident memory after each (heap growth over a long run)")
+    ap.add_argument("--classes", default="1,2,8", help="--growth: the classes explained per volume")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--_growth", dest="growth_child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--_child", dest="child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_maps", dest="maps", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.growth_child:
-        growth_child(args.growth_child, seed=0)
+        growth_child(args.growth_child, seed=0, roi=tuple(args.roi) if args.roi else None,
+                     targets=[int(c) for c in args.classes.split(",")])
         return 0
     if args.growth:
         return growth(args)

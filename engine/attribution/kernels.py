@@ -170,6 +170,7 @@ class _Sites:
         self.hint: tuple[torch.Tensor, tuple[int, ...]] | None = None  # (seed, the channels it can be nonzero in)
         self.weights: dict[Any, torch.Tensor] = {}  # narrowed weights, by site, channels, dim and dtype
         self.flips: dict[Any, torch.Tensor] = {}  # flipped narrowed weights (they are in self.weights)
+        self.indices: dict[tuple[int, ...], torch.Tensor] = {}  # hinted channel sets as index tensors
 
     def narrow(self, key: tuple[int, tuple[int, ...]], gy: torch.Tensor, w: torch.Tensor,
                dim: int, hint: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,17 +181,28 @@ class _Sites:
         slower on a contiguous weight; it is kept for the session, per site and channel set."""
         if key in self.dense:
             return gy, w
-        live = torch.tensor(hint, dtype=torch.long) if hint is not None else _live_channels(gy)
-        if 2 * live.numel() > gy.shape[1]:
+        if hint is not None:
+            channels, live = hint, self._index(hint)
+        else:
+            live = _live_channels(gy)
+            channels = tuple(live.tolist())
+        if 2 * len(channels) > gy.shape[1]:
             if hint is None:
                 self.dense.add(key)
             return gy, w
         self.narrowed += 1
-        wkey = (key, tuple(live.tolist()), dim, w.dtype)
+        wkey = (key, channels, dim, w.dtype)
         narrowed = self.weights.get(wkey)
         if narrowed is None:
             narrowed = self.weights[wkey] = w.index_select(dim, live).contiguous(memory_format=torch.channels_last_3d)
-        return _select_channels(gy, live), narrowed
+        return _select_channels(gy, live, channels), narrowed
+
+    def _index(self, channels: tuple[int, ...]) -> torch.Tensor:
+        """``channels`` as an index tensor (kept: a hint names the same channels for every site)."""
+        t = self.indices.get(channels)
+        if t is None:
+            t = self.indices[channels] = torch.tensor(channels, dtype=torch.long)
+        return t
 
     def flipped(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` (out, in, *k) as the kernel of its transposed convolution written as a convolution:
@@ -202,13 +214,18 @@ class _Sites:
         return f
 
 
-def _select_channels(gy: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """``gy.index_select(1, live)`` in gy's layout. On a channels-last tensor ``index_select`` first
-    copies the whole tensor to contiguous (1.0 ms for the demo head's 17 x 48 x 40 x 40); gathering
-    the channels as slices reads only them (0.06 ms for one)."""
-    if _layout_of(gy) != torch.channels_last_3d or live.numel() == 0:
+def _select_channels(gy: torch.Tensor, live: torch.Tensor, channels: tuple[int, ...]) -> torch.Tensor:
+    """``gy.index_select(1, live)`` (``channels``: the same indices as ints) in gy's layout. On a
+    channels-last tensor ``index_select`` first copies the whole tensor to contiguous (1.0 ms for the
+    demo head's 17 x 48 x 40 x 40); gathering the channels as slices reads only them (0.06 ms for one).
+    One channel of a contiguous tensor is a contiguous slice already."""
+    if not channels:
         return gy.index_select(1, live)
-    return torch.cat([gy[:, i:i + 1] for i in live.tolist()], 1).contiguous(memory_format=torch.channels_last_3d)
+    if len(channels) == 1 and gy.is_contiguous():
+        return gy[:, channels[0]:channels[0] + 1]
+    if _layout_of(gy) != torch.channels_last_3d:
+        return gy.index_select(1, live)
+    return torch.cat([gy[:, i:i + 1] for i in channels], 1).contiguous(memory_format=torch.channels_last_3d)
 
 
 def _live_channels(gy: torch.Tensor) -> torch.Tensor:
@@ -261,26 +278,27 @@ class _Conv3d(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: list[int],
                 padding: list[int], dilation: list[int], groups: int, dtype: torch.dtype, site: _Site) -> torch.Tensor:
         w = w.to(dtype)
-        ctx.save_for_backward(w)
-        ctx.conv = (stride, padding, dilation, groups, tuple(x.shape), x.dtype, site)
-        ctx.x_layout = _layout_of(x)
-        return torch.ops.mkldnn._convolution_pointwise(_dense(x.to(dtype)), _dense(w), None if b is None else b.to(dtype),
-                                                       padding, stride, dilation, groups, "none", [], None)
+        y = torch.ops.mkldnn._convolution_pointwise(_dense(x.to(dtype)), _dense(w), None if b is None else b.to(dtype),
+                                                    padding, stride, dilation, groups, "none", [], None)
+        # Everything the backward needs is known here, once per forward; the backward runs once per
+        # class. The weight is frozen (a parameter, or its cast for autocast), so it is held as is
+        # rather than through save_for_backward's version checks.
+        # The output padding that makes the transposed convolution return x's size:
+        out_pad = [x.shape[2 + i] - ((y.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                     + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(3)]
+        ctx.conv = (w, stride, padding, dilation, groups, out_pad, tuple(x.shape), x.dtype, _layout_of(x), site)
+        return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
-        (w,) = ctx.saved_tensors
-        stride, padding, dilation, groups, x_shape, x_dtype, site = ctx.conv
-        # the output padding that makes the transposed convolution return x's size
-        out_pad = [x_shape[2 + i] - ((gy.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
-                                     + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(3)]
+        w, stride, padding, dilation, groups, out_pad, x_shape, x_dtype, x_layout, site = ctx.conv
         channels = w.shape[0]
         gy, w = _live_gradient(gy, w, site, 0)  # the weight's output channels are gy's
         if gy.shape[1] == 0:
             return (_zeros(x_shape, x_dtype, gy), *(None,) * 8)
-        narrowed_into_contiguous = gy.shape[1] < channels and ctx.x_layout == torch.contiguous_format
+        narrowed_into_contiguous = gy.shape[1] < channels and x_layout == torch.contiguous_format
         flipped_pad = _as_convolution(stride, padding, dilation, groups, w) if narrowed_into_contiguous else None
         if groups == 1 and x_shape[1] <= _FEW_CHANNELS and gy.numel() <= _FEW_CHANNELS_MAX_GRAD:
             # float32, whatever the autocast dtype: as fast, more precise, and the input's dtype
@@ -307,8 +325,7 @@ class _ConvTranspose3d(torch.autograd.Function):
                 padding: list[int], output_padding: list[int], groups: int, dilation: list[int], dtype: torch.dtype,
                 site: _Site) -> torch.Tensor:
         w = w.to(dtype)
-        ctx.save_for_backward(w)
-        ctx.conv = (stride, padding, dilation, groups, tuple(x.shape), x.dtype, site)
+        ctx.conv = (w, stride, padding, dilation, groups, tuple(x.shape), x.dtype, site)  # frozen: held as is
         return torch.ops.mkldnn._convolution_transpose_pointwise(_dense(x.to(dtype)), _dense(w),
                                                                  None if b is None else b.to(dtype), padding,
                                                                  output_padding, stride, dilation, groups, "none", [],
@@ -318,8 +335,7 @@ class _ConvTranspose3d(torch.autograd.Function):
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return (None,) * 10
-        (w,) = ctx.saved_tensors
-        stride, padding, dilation, groups, x_shape, x_dtype, site = ctx.conv
+        w, stride, padding, dilation, groups, x_shape, x_dtype, site = ctx.conv
         gy, w = _live_gradient(gy, w, site, 1)  # a transposed convolution's weight is (in, out, *k)
         if gy.shape[1] == 0:
             return (_zeros(x_shape, x_dtype, gy), *(None,) * 9)
@@ -361,6 +377,119 @@ def _prelu_eligible(x: Any, a: Any) -> bool:
             and a.is_floating_point() and (a.numel() == 1 or a.numel() == x.shape[1]))
 
 
+#: Instance norms of channels-last tensors with at least this many elements per sample run in the
+#: engine's own channels-last kernel; smaller ones (where its few extra operations cost more than the
+#: transposing copies they save) keep PyTorch's, under the guard.
+_NORM_MIN_ELEMENTS = 1 << 16
+#: The longest row of a channels-last plane viewed as rows of whole channel groups (see ``_period``).
+_NORM_ROW = 2048
+
+
+def _period(spatial: int, channels: int) -> int:
+    """The largest k with k * channels <= _NORM_ROW that divides ``spatial``: a channels-last sample
+    (spatial x channels, channels innermost) is viewed as spatial / k rows of k * channels, and a
+    per-channel vector tiled k times broadcasts over whole rows. With rows of ``channels`` elements
+    (17 on the demo UNet) PyTorch's elementwise kernels barely vectorise; rows of ~2,000 do."""
+    return max(d for d in range(1, max(1, _NORM_ROW // channels) + 1) if spatial % d == 0)
+
+
+def _rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    """A channels-last (N, C, *S) tensor as the view (N, S / k, k * C)."""
+    return t.permute(0, *range(2, t.dim()), 1).reshape(t.shape[0], -1, k * t.shape[1])
+
+
+def _tiled(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-(sample, channel) vectors (..., N, C) tiled to broadcast over ``_rows``' rows: (..., N, 1, k * C)."""
+    *lead, n, c = v.shape
+    return v.unsqueeze(-2).expand(*lead, n, k, c).reshape(*lead, n, 1, k * c)
+
+
+class _InstanceNorm(torch.autograd.Function):
+    """Instance norm of a channels-last tensor, kept channels-last through forward and backward.
+
+    PyTorch's CPU instance norm copies a channels-last input to contiguous and returns a contiguous
+    output; the convolutions around it run channels-last, so every forward and every VJP paid
+    transposing copies of the full-resolution activations and gradients (on the demo UNet's head,
+    1.5 ms per VJP into the up-convolution's backward alone: oneDNN reorders a contiguous gradient
+    first). Here statistics and the normalisation run on the channels-last tensor (``_period``), and
+    the backward, ``rstd * gamma * (g - mean(g) - x_hat * mean(g * x_hat))`` per sample and
+    channel, returns a channels-last gradient. The weight and bias are frozen (input gradients only).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+        n, c = x.shape[:2]
+        k = _period(x[0, 0].numel(), c)
+        # PyTorch's own forward, bitwise (instance_norm is this batch norm of the (1, N * C, *S) view),
+        # so predictions and everything downstream see the values they always saw; its output is
+        # copied to channels-last once per forward instead of the gradient once per VJP
+        w = None if weight is None else weight.to(x.dtype).repeat(n)
+        b = None if bias is None else bias.to(x.dtype).repeat(n)
+        out, _, invstd = torch.native_batch_norm(x.contiguous().view(1, n * c, *x.shape[2:]), w, b, None, None,
+                                                 True, 0.0, eps)
+        y = out.view(x.shape).contiguous(memory_format=torch.channels_last_3d)
+        rstd = invstd.view(n, c)
+        gamma = torch.ones(c, dtype=x.dtype) if weight is None else weight.to(x.dtype)
+        if weight is None and bias is None:
+            x_hat = y
+        else:  # the normalised input, for the backward
+            mean = x.mean(dim=tuple(range(2, x.dim())))
+            x_hat = torch.empty_like(y)
+            torch.addcmul(_tiled(-mean * rstd, k), _rows(x, k), _tiled(rstd, k), out=_rows(x_hat, k))
+        ctx.save_for_backward(x_hat)
+        scale = rstd * gamma  # per (sample, channel): the gradient's scale
+        ctx.norm = (k, scale, _tiled(scale, k))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (x_hat,) = ctx.saved_tensors
+        k, scale, tiled_scale = ctx.norm
+        n, c = x_hat.shape[:2]
+        g = g.to(x_hat.dtype).contiguous(memory_format=torch.channels_last_3d)
+        gr, xr = _rows(g, k), _rows(x_hat, k)
+        # the means of g and of g * x_hat per (sample, channel), times -scale: (2, N, C)
+        sums = torch.stack((gr.sum(1), (gr * xr).sum(1))).view(2, n, k, c).sum(2)
+        coef = _tiled(sums.mul_(scale).div_(-(gr.shape[1] * k)), k)
+        gx = torch.empty_like(x_hat)
+        out = _rows(gx, k)
+        torch.addcmul(coef[0], xr, coef[1], out=out)
+        out.addcmul_(gr, tiled_scale)
+        return gx, None, None, None
+
+
+#: The arguments of ``torch.nn.functional.instance_norm`` and of ``torch.instance_norm`` (ATen's order).
+_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+_ATEN_NORM_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps",
+                   "cudnn_enabled")
+
+
+def _norm_eligible(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, Any, float] | None:
+    """(input, weight, bias, eps) when an ``instance_norm`` call can run in :class:`_InstanceNorm`:
+    a large float32 channels-last 5-D input on the CPU, statistics of the input itself (no running
+    statistics), frozen affine parameters, no autocast; else None."""
+    a = _bind(_ATEN_NORM_ARGS if func is torch.instance_norm else _NORM_ARGS, args, kwargs)
+    if a is None:
+        return None
+    x, w, b = a["input"], a["weight"], a["bias"]
+    if not (isinstance(x, torch.Tensor) and _plain_cpu(x) and x.dim() == 5 and x.dtype == torch.float32
+            and _layout_of(x) == torch.channels_last_3d and x[0].numel() >= _NORM_MIN_ELEMENTS):
+        return None
+    if a["running_mean"] is not None or a["running_var"] is not None or a["use_input_stats"] is False:
+        return None
+    for t in (w, b):
+        if t is not None and not (_plain_cpu(t) and t.dim() == 1 and t.numel() == x.shape[1] and not t.requires_grad
+                                  and t.is_floating_point()):
+            return None
+    if torch.is_autocast_enabled("cpu"):
+        return None
+    eps = 1e-5 if a["eps"] is None else a["eps"]
+    return (x, w, b, float(eps)) if isinstance(eps, (int, float)) else None
+
+
 class _GradInLayout(torch.autograd.Function):
     """A copy of an instance norm's output whose backward passes the gradient on in that output's layout."""
 
@@ -390,6 +519,10 @@ class EngineKernels(TorchFunctionMode):
         self.calls = 0
         self.prelu_calls = 0
         self.guarded = 0
+        self.norm_calls = 0
+        #: The memory layout of the last instance norm's output (None: no norm ran yet): a class seed
+        #: that meets the model's activations through a residual (MONAI's UNet head) is best built in it.
+        self.norm_layout: torch.memory_format | None = None
         self.sites = _Sites()
 
     @contextmanager
@@ -411,7 +544,14 @@ class EngineKernels(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.instance_norm or func is torch.instance_norm:
+            routed = _norm_eligible(func, args, kwargs) if self.fast else None
+            if routed is not None:
+                self.norm_calls += 1
+                self.norm_layout = torch.channels_last_3d
+                return _InstanceNorm.apply(*routed)
             out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                self.norm_layout = _layout_of(out)
             if self.guard and isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
                 self.guarded += 1
                 return _GradInLayout.apply(out)

@@ -411,10 +411,12 @@ def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeo
             # One class at a time: its seed is built in a scratch buffer shared by the batch's
             # classes, its VJP taken and added in before the next class (one seed alive, not K).
             todo = [i for i, c in enumerate(classes) if present_fn(c, batch_slices)]
-            # contiguous whatever the logits' layout: the gradient then reaches a head whose norms
-            # return contiguous tensors (MONAI's) without a transposing copy per VJP (~5% of the
-            # demo UNet's attribution; the values are the same)
-            scratch = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            # In the layout of the model's normalised activations (contiguous unless the engine's
+            # channels-last instance norm ran): through a residual head (MONAI's UNet) the seed meets
+            # them, and a seed in another layout costs a transposing add per VJP (~5% of the demo
+            # UNet's attribution; the values are the same)
+            layout = kernels.norm_layout if kernels is not None and kernels.norm_layout else torch.contiguous_format
+            scratch = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=layout)
             live_fn = getattr(seed_fn, "live_channels", None)
             for j, i in enumerate(todo):
                 seed = seed_fn(classes[i], batch_slices, logits, out=scratch, scale=scale)  # type: ignore[call-arg]

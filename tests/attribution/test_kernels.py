@@ -577,3 +577,108 @@ def test_few_channel_input_gradients_take_the_kernel_the_rule_names_and_equal_au
     assert calls == (["slow_conv_transpose3d"] * 2 if im2col else [])
     assert runs[0].dtype == torch.float32 and torch.equal(runs[0], runs[1])
     assert _rel(runs[0], g_ref) < (1e-2 if autocast else 1e-5)
+
+
+# ----------------------------------------------------------------------------- the channels-last instance norm
+
+
+def _norm_input(n: int, c: int, size: tuple[int, ...], seed: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, c, *size, generator=g) * 3 + 1.5).contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("n,c,size", [(1, 17, (24, 20, 20)), (2, 3, (41, 43, 37)), (1, 2, (64, 40, 32))])
+@pytest.mark.parametrize("seed_layout", [CL, torch.contiguous_format])
+def test_channels_last_instance_norm_is_pytorchs_forward_and_the_float64_gradient(affine, n, c, size, seed_layout):
+    """Large channels-last norms run in the engine's kernel: the forward is PyTorch's, bit for bit, and
+    channels-last; the input gradient matches float64 autograd (prime sizes: rows of one channel group)."""
+    x = _norm_input(n, c, size)
+    g = torch.Generator().manual_seed(6)
+    w, b = (torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)) if affine else (None, None)
+    seed = torch.randn(x.shape, generator=g).contiguous(memory_format=seed_layout)
+    y_ref = F.instance_norm(x, weight=w, bias=b)
+    xd = x.double().contiguous().requires_grad_(True)
+    yd = F.instance_norm(xd, weight=None if w is None else w.double(), bias=None if b is None else b.double())
+    (g64,) = torch.autograd.grad(yd, xd, seed.double().contiguous())  # contiguous: PyTorch's bug (above)
+    xr = x.detach().clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = F.instance_norm(xr, weight=w, bias=b)
+    assert mode.norm_calls == 1 and mode.guarded == 0 and mode.norm_layout == CL
+    assert y.is_contiguous(memory_format=CL) and torch.equal(y.detach(), y_ref)
+    (gx,) = torch.autograd.grad(y, xr, seed)
+    assert gx.is_contiguous(memory_format=CL)
+    assert _rel(gx.double(), g64) < 1e-5
+    # the module form (InstanceNorm3d with frozen affine parameters) takes the same route
+    norm = torch.nn.InstanceNorm3d(c, affine=affine)
+    if affine:
+        norm.weight.data.copy_(w)
+        norm.bias.data.copy_(b)
+    with engine_kernels(norm, True) as mode:
+        assert torch.equal(norm(xr).detach(), y_ref)
+    assert mode.norm_calls == 1
+
+
+def test_instance_norms_the_engine_kernel_does_not_take_keep_pytorchs():
+    """Contiguous or small inputs, running statistics, trainable weights, autocast, float64 and the
+    kernels switched off all run PyTorch's instance norm (under the guard where it applies)."""
+    big = _norm_input(1, 8, (24, 20, 20))
+    small = _norm_input(1, 8, (12, 10, 10))
+    stats = dict(running_mean=torch.zeros(8), running_var=torch.ones(8), use_input_stats=False)
+    cases = [
+        (big.contiguous(), {}, {}),
+        (small, {}, {}),
+        (big, stats, {}),
+        (big, dict(weight=torch.ones(8, requires_grad=True)), {}),
+        (big.double(), {}, {}),
+        (big, {}, {"autocast": True}),
+        (big, {}, {"fast": False}),
+    ]
+    for x, kw, how in cases:
+        xr = x.detach().clone().requires_grad_(True)
+        with EngineKernels(fast=how.get("fast", True)) as mode, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=how.get("autocast", False)):
+            y = F.instance_norm(xr, **kw)
+        assert mode.norm_calls == 0, (tuple(x.shape), x.dtype, kw, how)
+        ref = F.instance_norm(x, **{k: v.detach() if torch.is_tensor(v) else v for k, v in kw.items()})
+        assert torch.equal(y.detach(), ref.to(y.dtype))
+        assert mode.norm_layout == torch.contiguous_format
+
+
+def test_aten_instance_norm_binds_its_own_argument_order():
+    """``torch.instance_norm`` takes (input, weight, bias, running_mean, running_var, ...): a weight
+    passed positionally there is a weight, not a running mean."""
+    x = _norm_input(1, 4, (32, 24, 24))
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    ref = torch.instance_norm(x, w, b, None, None, True, 0.1, 1e-5, False)
+    with EngineKernels() as mode:
+        y = torch.instance_norm(x, w, b, None, None, True, 0.1, 1e-5, False)
+    assert mode.norm_calls == 1 and torch.equal(y, ref)
+
+
+def test_the_engine_builds_class_seeds_in_the_layout_of_the_models_norms(monkeypatch):
+    """On the demo UNet (channels-last norms in the engine's kernel) the class seeds are channels-last,
+    so the head's residual meets them without a transposing add; with PyTorch's kernels they stay
+    contiguous (its norms return contiguous tensors). The maps agree either way."""
+    from engine.models import demo_model
+
+    seen: list[torch.memory_format] = []
+    original = EngineKernels.seed_channels
+
+    def spy(self, seed, channels):
+        seen.append(CL if seed.is_contiguous(memory_format=CL) and not seed.is_contiguous() else torch.contiguous_format)
+        return original(self, seed, channels)
+
+    monkeypatch.setattr(EngineKernels, "seed_channels", spy)
+    model = demo_model().module.eval()
+    image = torch.rand(1, 24, 16, 16)
+    classes = ["c%d" % i for i in range(17)]
+    maps = {}
+    for kernels in ("engine", "torch"):
+        seen.clear()
+        window = SlidingWindow(roi_size=(24, 16, 16), kernels=kernels)
+        maps[kernels] = explain_volume(model, image, method="saliency", window=window, targets=[2, 7],
+                                       class_names=classes, return_maps=True).maps
+        assert seen and set(seen) == {CL if kernels == "engine" else torch.contiguous_format}, kernels
+    for name in maps["torch"]:
+        assert _rel(maps["engine"][name], maps["torch"][name]) < 1e-5
