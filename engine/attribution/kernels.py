@@ -24,6 +24,10 @@ Three places where PyTorch's CPU defaults cost the engine most of its time, meas
   Into a contiguous input (a head after an instance norm) a stride-1 narrowed gradient is taken as
   the convolution of the flipped kernel, as fast and bitwise the same here, because it returns the
   input's layout: the class seed's identity branch then meets it without a transposing add.
+* **Dead voxels.** A class seed is also zero outside the class's voxels, so a narrowed output
+  gradient is taken on the box around its nonzero voxels when that box holds at most half of them:
+  the transposed convolution of the box alone, written into exact zeros. On the demo phantom the
+  boxes of 16 of the 17 classes hold 1-19% of the window (BENCHMARKS.md).
 * **Input gradients into an image's few channels.** oneDNN's transposed convolution to one output
   channel is poorly vectorised: on the demo UNet's first layers (8 -> 1 channel, stride 2) it takes
   1.1-1.4 ms where PyTorch's im2col kernel takes 0.3 ms, but from ~9e5 gradient elements (8 x 48^3)
@@ -179,6 +183,7 @@ class _Sites:
     def __init__(self) -> None:
         self.dense: set[tuple[int, tuple[int, ...]]] = set()
         self.narrowed = 0  # backward calls that ran on the live channels only
+        self.boxed = 0  # narrowed calls that ran on the box around the gradient's nonzero voxels
         self.hint: tuple[torch.Tensor, tuple[int, ...]] | None = None  # (seed, the channels it can be nonzero in)
         self.weights: dict[Any, torch.Tensor] = {}  # narrowed weights, by site, channels, dim and dtype
         self.flips: dict[Any, torch.Tensor] = {}  # flipped narrowed weights (they are in self.weights)
@@ -252,9 +257,9 @@ def _live_channels(gy: torch.Tensor) -> torch.Tensor:
     return total.ne(0).nonzero().flatten()
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-    """The input gradient when no output channel is live: exact zeros, in ``like``'s layout."""
-    return torch.zeros(shape, dtype=dtype).contiguous(memory_format=_layout_of(like))
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, layout: torch.memory_format) -> torch.Tensor:
+    """The input gradient when no output channel or voxel is live: exact zeros, in ``layout``."""
+    return torch.empty(shape, dtype=dtype, memory_format=layout).zero_()
 
 
 #: Where a routed convolution's backward may narrow its output gradient: the session's sites and the
@@ -270,6 +275,60 @@ def _live_gradient(gy: torch.Tensor, w: torch.Tensor, site: _Site, dim: int) -> 
     sites, key = site
     hint = sites.hint[1] if sites.hint is not None and gy is sites.hint[0] else None  # the seed itself
     return sites.narrow(key, _dense(gy.to(w.dtype)), w, dim, hint)
+
+
+#: A narrowed input gradient is taken on the box around its output gradient's nonzero voxels when the
+#: box holds at most this share of them (the rest of the input gradient is exact zeros).
+_BOX_SHARE = 0.5
+
+
+def _nonzero_box(gy: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per spatial axis of ``gy`` (N, C, D, H, W), the first and last index holding a nonzero value in
+    any sample or channel (NaN and inf count: ``amax`` propagates NaN); None when gy is all zeros.
+    Float maxima, not boolean ``any``: PyTorch's boolean reductions are ~8x slower here."""
+    a = gy[0, 0].abs() if gy.shape[0] * gy.shape[1] == 1 else gy.abs().amax(dim=(0, 1))
+    d, h, w = a.shape
+    flat = a.reshape(d, h * w)
+    plane = flat.amax(0).view(h, w)  # the maximum over depth
+    box = []
+    for profile in (flat.amax(1), plane.amax(1), plane.amax(0)):
+        hit = profile.ne(0).nonzero()
+        if hit.numel() == 0:
+            return None
+        box.append((int(hit[0]), int(hit[-1])))
+    return box
+
+
+def _box_pays(box: list[tuple[int, int]], size: Sequence[int]) -> bool:
+    inside = 1
+    for (lo, hi) in box:
+        inside *= hi - lo + 1
+    total = 1
+    for n in size:
+        total *= n
+    return inside <= _BOX_SHARE * total
+
+
+def _boxed_input_gradient(gy: torch.Tensor, w: torch.Tensor, box: list[tuple[int, int]], stride: list[int],
+                          padding: list[int], dilation: list[int], x_shape: tuple[int, ...],
+                          x_layout: torch.memory_format) -> torch.Tensor:
+    """The input gradient of a convolution (groups 1) whose output gradient ``gy`` is zero outside
+    ``box``: the transposed convolution of the box alone, without padding, reaches input voxels
+    ``lo * s - p`` to ``hi * s - p + d * (k - 1)`` on each axis; those inside the input are written
+    into exact zeros. The dropped terms are products with zeros, as with dead channels."""
+    crop = gy[(slice(None), slice(None), *(slice(lo, hi + 1) for lo, hi in box))]
+    crop = crop.contiguous(memory_format=_layout_of(gy) if gy.shape[1] > 1 else torch.contiguous_format)
+    part = torch.ops.mkldnn._convolution_transpose_pointwise(crop, _dense(w), None, [0, 0, 0], [0, 0, 0], stride,
+                                                            dilation, 1, "none", [], None)
+    gx = torch.empty(x_shape, dtype=part.dtype, memory_format=x_layout).zero_()
+    src, dst = [slice(None), slice(None)], [slice(None), slice(None)]
+    for i, (lo, _) in enumerate(box):
+        start = lo * stride[i] - padding[i]  # the input voxel of part's first voxel on this axis
+        a, b = max(0, start), min(x_shape[2 + i], start + part.shape[2 + i])
+        src.append(slice(a - start, b - start))
+        dst.append(slice(a, b))
+    gx[tuple(dst)] = part[tuple(src)]
+    return gx
 
 
 def _as_convolution(stride: list[int], padding: list[int], dilation: list[int], groups: int,
@@ -309,7 +368,17 @@ class _Conv3d(torch.autograd.Function):
         channels = w.shape[0]
         gy, w = _live_gradient(gy, w, site, 0)  # the weight's output channels are gy's
         if gy.shape[1] == 0:
-            return (_zeros(x_shape, x_dtype, gy), *(None,) * 8)
+            return (_zeros(x_shape, x_dtype, x_layout), *(None,) * 8)
+        if gy.shape[1] < channels and groups == 1 and x_shape[1] > _FEW_CHANNELS:
+            # a narrowed gradient (a class seed at the head) is zero outside the class's voxels too
+            box = _nonzero_box(gy)
+            if box is None:
+                return (_zeros(x_shape, x_dtype, x_layout), *(None,) * 8)
+            if _box_pays(box, gy.shape[2:]):
+                assert site is not None  # narrowed: only a site narrows
+                site[0].boxed += 1
+                gx = _boxed_input_gradient(gy, w, box, stride, padding, dilation, x_shape, x_layout)
+                return gx.to(x_dtype), None, None, None, None, None, None, None, None
         narrowed_into_contiguous = gy.shape[1] < channels and x_layout == torch.contiguous_format
         flipped_pad = _as_convolution(stride, padding, dilation, groups, w) if narrowed_into_contiguous else None
         if groups == 1 and x_shape[1] <= _FEW_CHANNELS and gy.numel() <= _FEW_CHANNELS_MAX_GRAD:
@@ -350,7 +419,7 @@ class _ConvTranspose3d(torch.autograd.Function):
         w, stride, padding, dilation, groups, x_shape, x_dtype, site = ctx.conv
         gy, w = _live_gradient(gy, w, site, 1)  # a transposed convolution's weight is (in, out, *k)
         if gy.shape[1] == 0:
-            return (_zeros(x_shape, x_dtype, gy), *(None,) * 9)
+            return (_zeros(x_shape, x_dtype, _layout_of(gy)), *(None,) * 9)
         gx = torch.ops.mkldnn._convolution_pointwise(gy, _dense(w), None, padding, stride, dilation, groups,
                                                      "none", [], None)
         return gx.to(x_dtype), None, None, None, None, None, None, None, None, None

@@ -682,3 +682,55 @@ def test_the_engine_builds_class_seeds_in_the_layout_of_the_models_norms(monkeyp
         assert seen and set(seen) == {CL if kernels == "engine" else torch.contiguous_format}, kernels
     for name in maps["torch"]:
         assert _rel(maps["engine"][name], maps["torch"][name]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- dead voxels
+
+
+@pytest.mark.parametrize("x_layout", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 1, 0, 1), (3, 1, 2, 2),
+                                                            ((3, 1, 5), 1, (1, 0, 2), 1), (3, 2, 1, 1)])
+@pytest.mark.parametrize("where", ["inside", "low corner", "high corner", "one voxel"])
+def test_a_narrowed_gradient_on_few_voxels_is_taken_on_their_box(x_layout, kernel, stride, padding, dilation, where):
+    """A class seed is zero outside its class's voxels: the input gradient is the transposed convolution
+    of the box around them, written into zeros, clipped where the box's reach leaves the input; equal
+    to float64 autograd's and in the input's layout."""
+    g = torch.Generator().manual_seed(11)
+    ks = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    w = torch.randn(17, 17, *ks, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 17, 14, 12, 11, generator=g).contiguous(memory_format=x_layout)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    xr = x.double().requires_grad_(True)
+    y_ref = F.conv3d(xr, w, **kw)
+    size = y_ref.shape[2:]
+    box = {"inside": [(1, 3), (2, 4), (1, 2)], "low corner": [(0, 2), (0, 1), (0, 2)],
+           "high corner": [(n - 3, n - 1) for n in size], "one voxel": [(2, 2), (1, 1), (1, 1)]}[where]
+    seed = torch.zeros(y_ref.shape)
+    region = (0, 4, *(slice(lo, hi + 1) for lo, hi in box))
+    seed[region] = torch.randn(seed[region].shape, generator=g)
+    (g_ref,) = torch.autograd.grad(y_ref, xr, seed.double())
+    xr = x.clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = F.conv3d(xr, w.float().contiguous(memory_format=CL), **kw)
+    (gx,) = torch.autograd.grad(y, xr, seed)
+    assert mode.sites.narrowed == 1 and mode.sites.boxed == 1
+    assert _rel(gx.double(), g_ref) < 1e-6
+    assert gx.is_contiguous(memory_format=x_layout)
+
+
+def test_a_box_over_most_voxels_runs_dense_and_an_empty_live_channel_gives_zeros():
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(17, 17, 3, 3, 3, generator=g).contiguous(memory_format=CL)
+    x = torch.randn(1, 17, 12, 10, 9, generator=g).contiguous(memory_format=CL)
+    wide = torch.zeros(1, 17, 12, 10, 9)
+    wide[0, 2, 1:11, 1:9, 1:8] = torch.randn(10, 8, 7, generator=g)  # the box holds 52% of the voxels
+    _, g_ref = _reference(F.conv3d, x, wide, weight=w, padding=1)
+    xr = x.clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = F.conv3d(xr, w, padding=1)
+        (gx,) = torch.autograd.grad(y, xr, wide, retain_graph=True)
+        assert mode.sites.narrowed == 1 and mode.sites.boxed == 0 and _rel(gx, g_ref) < 1e-5
+        empty = torch.zeros(y.shape)
+        with mode.seed_channels(empty, (2,)):  # the hint names a channel that holds no nonzero voxel
+            (gx,) = torch.autograd.grad(y, xr, empty)
+    assert torch.equal(gx, torch.zeros_like(gx)) and gx.is_contiguous(memory_format=CL)
