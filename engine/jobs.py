@@ -136,6 +136,11 @@ class AttributionSpec:
         return {}
 
 
+#: ``[runtime] cpu_heap`` values: ``engine.runtime.heap.MODES`` (spelled out here: the job spec
+#: imports nothing from the runtime; a test holds the two equal).
+CPU_HEAP_MODES = ("keep", "keep-all", "default")
+
+
 @section("runtime")
 class RuntimeSpec:
     """How the cohort is spread: Ray actors, GPUs per actor, patients in flight."""
@@ -149,6 +154,9 @@ class RuntimeSpec:
     device: str = "auto"  # auto, cpu, cuda
     worker_timeout_s: float = 120.0  # no worker placed or answering this long: the run stops (exit 3)
     patient_timeout_s: float = 3600.0  # one patient loading or computing this long: its worker is killed
+    # the CPU heap of every worker (engine.runtime.heap): keep, keep-all or default; None: each node's
+    # AGG2EXP_CPU_HEAP, else keep
+    cpu_heap: str | None = None
 
     def __post_init__(self) -> None:
         if not self.worker_timeout_s > 0:
@@ -163,6 +171,9 @@ class RuntimeSpec:
             raise JobSpecError("[runtime] in_flight, threads_per_worker and max_attempts must be at least 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise JobSpecError(f"[runtime] device must be auto, cpu or cuda, got {self.device!r}")
+        if self.cpu_heap is not None and self.cpu_heap not in CPU_HEAP_MODES:
+            raise JobSpecError(f"[runtime] cpu_heap must be 'keep', 'keep-all' or 'default', got {self.cpu_heap!r}; "
+                               "leave it out to use each node's AGG2EXP_CPU_HEAP")
 
 
 @section("anomaly")

@@ -92,6 +92,7 @@ def test_every_section_keeps_its_defaults() -> None:
         ("anomaly", {"feature_set": "mass+predictions"}, "(did you mean 'mass+prediction'?)"),
         ("anomaly", {"scorer": "paper", "feature_set": "prediction"}, "feature_set 'mass' only"),
         ("anomaly", {"top_k_reasons": "3"}, "[anomaly] top_k_reasons: must be an integer, got '3'"),
+        ("runtime", {"cpu_heap": "all"}, "[runtime] cpu_heap must be 'keep', 'keep-all' or 'default', got 'all'"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_table_and_key(section, values, expected) -> None:
@@ -133,6 +134,7 @@ def test_the_published_schema_is_current_and_accepts_every_shipped_job() -> None
 def test_the_fingerprint_ignores_runtime_placement_but_not_the_method() -> None:
     a = JobSpec.from_dict(MINIMAL)
     assert a.fingerprint() == JobSpec.from_dict(_with("runtime", workers=4)).fingerprint()
+    assert a.fingerprint() == JobSpec.from_dict(_with("runtime", cpu_heap="keep-all")).fingerprint()
     assert a.fingerprint() != JobSpec.from_dict(_with("attribution", method="saliency")).fingerprint()
     # writing a default out does not change it
     assert a.fingerprint() == JobSpec.from_dict(_with("attribution", sigma=0.1)).fingerprint()
@@ -145,3 +147,12 @@ def test_the_anomaly_table_defaults_to_the_benchmarks_setting_and_takes_the_pape
     assert (spec.anomaly.scorer, spec.anomaly.feature_set, spec.anomaly.top_k_reasons) == ("paper", None, 5)
     default = AnomalySpec()
     assert default.scorer == DEFAULT_SETTING[0] and default.feature_set is None
+
+
+def test_the_cpu_heap_modes_are_the_heaps() -> None:
+    """The job spec spells the modes out (it imports nothing from the runtime): they must stay the heap's."""
+    from engine.jobs import CPU_HEAP_MODES
+    from engine.runtime.heap import MODES
+
+    assert CPU_HEAP_MODES == MODES
+    assert JobSpec.from_dict(_with("runtime", cpu_heap="keep-all")).runtime.cpu_heap == "keep-all"

@@ -103,7 +103,7 @@ class _Actor:
 
     def record(self) -> dict[str, Any]:
         keys = ("worker", "pid", "node_id", "node_ip", "device", "gpu_ids", "cuda_visible_devices",
-                "torch_threads", "assigned_resources")
+                "torch_threads", "cpu_heap", "assigned_resources")
         return {"index": self.index, **{k: self.info.get(k) for k in keys},
                 "requested_at": _utc(self.created_at), "started_at": _utc(self.placed_at),
                 "ready_at": _utc(self.ready_at),

@@ -38,6 +38,7 @@ class PatientWorker:
         self.threads, self.index = max(1, threads), index
         self.name = f"worker-{index}@{socket.gethostname()}:{os.getpid()}"
         self.processor: Any = None
+        self.heap: Any = None  # the HeapTuning of this process (setup)
         self._device_lock = threading.Lock()
 
     def setup(self) -> dict[str, Any]:
@@ -48,11 +49,13 @@ class PatientWorker:
         from engine.pipeline import PatientProcessor
         from engine.runtime.heap import keep_cpu_heap
 
-        keep_cpu_heap()  # window-sized buffers reused, not faulted in afresh (engine.runtime.heap)
+        spec, base_dir = self._args
+        # window-sized buffers reused, not faulted in afresh (engine.runtime.heap), before anything
+        # allocates; the job's [runtime] cpu_heap where it names one, else this node's AGG2EXP_CPU_HEAP
+        self.heap = keep_cpu_heap((spec.get("runtime") or {}).get("cpu_heap"))
         # Exactly the CPUs the actor reserved: intra-op threads for compute (Ray already sets
         # OMP_NUM_THREADS to the reservation).
         torch.set_num_threads(self.threads)
-        spec, base_dir = self._args
         self.processor = PatientProcessor(JobSpec.from_dict(spec, base_dir=base_dir), worker_name=self.name)
         return self.info()
 
@@ -73,7 +76,8 @@ class PatientWorker:
         import torch
 
         dev = self.processor.device
-        out = self.ping() | {"device": str(dev), "torch_threads": torch.get_num_threads()}
+        out = self.ping() | {"device": str(dev), "torch_threads": torch.get_num_threads(),
+                             "cpu_heap": self.heap.reason if self.heap is not None else None}
         if dev.type == "cuda":
             out["device_name"] = torch.cuda.get_device_name(dev)
         return out

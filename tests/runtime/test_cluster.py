@@ -114,7 +114,7 @@ def test_losing_the_only_worker_node_stops_the_run_in_time_and_a_rerun_resumes(
 def test_one_actor_per_declared_gpu_across_nodes_each_with_its_own_device_and_cpus(tmp_path, cluster, cohort_manifest):
     for _ in range(2):
         cluster.add_node(num_cpus=4, num_gpus=2, **NODE)  # GPUs as resources: Ray sets CUDA_VISIBLE_DEVICES
-    spec = _spec(cohort_manifest, threads_per_worker=2)
+    spec = _spec(cohort_manifest, threads_per_worker=2, cpu_heap="keep-all")  # the job's heap, on every node
     summary = run_job(spec, db=tmp_path / "gpu.duckdb", run_id="gpu", address=cluster.address, progress=False)
     assert summary.exit_code == 0
     placed = [a for a in summary.report["actors"] if a["started_at"]]
@@ -127,6 +127,10 @@ def test_one_actor_per_declared_gpu_across_nodes_each_with_its_own_device_and_cp
         by_node.setdefault(a["node_id"], set()).add(a["cuda_visible_devices"])
     assert sorted(map(sorted, by_node.values())) == [["0", "1"], ["0", "1"]]
     assert all(a["torch_threads"] == 2 for a in summary.report["actors"] if a["ready_at"])
+    from engine.runtime import heap
+
+    tuned = "glibc thresholds set, no block mapped" if heap._glibc() else "the C library is not glibc: nothing to tune"
+    assert all(a["cpu_heap"] == tuned for a in summary.report["actors"] if a["ready_at"])
 
 
 def _copies(tmp_path: Path, cohort: pl.DataFrame, reference_rows: pl.DataFrame, n: int) -> tuple[Path, pl.DataFrame]:
