@@ -233,6 +233,32 @@ def compile_trial(model: torch.nn.Module, roi: tuple[int, ...], reps: int) -> di
             "steps_to_pay_off": (first - c) / saved if saved > 0 else None}
 
 
+def primitives_only(model: torch.nn.Module, roi: tuple[int, ...], args: argparse.Namespace, heap: str,
+                    load_before: tuple[float, float, float]) -> int:
+    """``--primitives-only``: the engine's forward and class VJP (fp32, then bf16) at ``roi`` against
+    this process's matmul rates."""
+    g = 1e9
+    mm32, mm16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    prim = {"fp32_channels_last": primitives(model, roi, torch.channels_last_3d, None, args.prim_reps, fast=True),
+            "bf16_channels_last": primitives(model, roi, torch.channels_last_3d, torch.bfloat16, args.prim_reps,
+                                             fast=True)}
+    print(f"matmul: fp32 {mm32 / g:.0f} GFLOP/s, bf16 {mm16 / g:.0f} GFLOP/s; the engine's forward and VJP at a "
+          f"{' x '.join(map(str, roi))} window:")
+    for name, p in prim.items():
+        peak = mm16 if name.startswith("bf16") else mm32
+        p["forward_of_matmul"], p["vjp_of_matmul"] = p["forward_flop_s"] / peak, p["vjp_flop_s"] / peak
+        print(f"{name}: forward {p['forward_flops_run'] / g:.2f} GFLOP in {p['forward_s'] * 1e3:.1f} ms "
+              f"({100 * p['forward_of_matmul']:.0f}% of matmul); VJP {p['vjp_flops_run'] / g:.2f} GFLOP in "
+              f"{p['vjp_s'] * 1e3:.1f} ms ({100 * p['vjp_of_matmul']:.0f}%)")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (shared machine); CPU heap: {heap}")
+    write_json(args.json, {"primitives_roi": list(roi), "matmul_fp32_flop_s": mm32, "matmul_bf16_flop_s": mm16,
+                           "primitives": prim, "load_average_before": load_before, "load_average_after": load_after,
+                           "cpu_heap": heap, "torch": torch.__version__, "threads": args.threads,
+                           "goals": {"of_matmul_fp32": 0.30}})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -244,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the window of the forward/VJP primitives (default: the demo's, 48 x 40 x 40; the "
                          "issue's goal is worded at 48 48 48)")
     ap.add_argument("--compile", action="store_true", help="also try torch.compile (slow to compile)")
+    ap.add_argument("--primitives-only", action="store_true",
+                    help="only the engine's fp32 and bf16 forward/VJP primitives against the matmul rate, in a "
+                         "fresh process (no Captum or whole-volume runs before them)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     heap = keep_cpu_heap()  # as the engine's workers and the CLI set it (engine.runtime.heap)
@@ -252,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     image = make_image(tuple(args.shape) if args.shape else None)
     roi = DEMO_ROI_SIZE
     loaded = demo_model().module.eval()
+    if args.primitives_only:
+        return primitives_only(loaded, tuple(args.prim_roi) if args.prim_roi else roi, args, heap.reason, load_before)
     ref_model = copy.deepcopy(loaded)  # stays in the layout it was loaded in, as a Captum user's model
     eng_model = copy.deepcopy(loaded)
     with torch.no_grad():
