@@ -127,9 +127,10 @@ def run_child(setting: str, method: str, repeats: int, maps_out: Path | None, sh
 
 
 def _blocks(values: list[float], n: int, fn: Any) -> list[float]:
-    """``fn`` of each of ``n`` consecutive blocks of ``values`` (the last takes the remainder)."""
-    size = max(1, len(values) // n)
-    return [fn(values[i:i + size]) for i in range(0, size * (len(values) // size), size)]
+    """``fn`` of each of ``n`` consecutive blocks of ``values`` as equal as they can be (fewer when
+    there are fewer values)."""
+    n = min(n, len(values))
+    return [fn(values[i * len(values) // n:(i + 1) * len(values) // n]) for i in range(n)]
 
 
 def growth(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ restored afterwards) and enters :class:`EngineKernels` when :func:`resolve_kerne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
@@ -300,13 +301,8 @@ def _nonzero_box(gy: torch.Tensor) -> list[tuple[int, int]] | None:
 
 
 def _box_pays(box: list[tuple[int, int]], size: Sequence[int]) -> bool:
-    inside = 1
-    for (lo, hi) in box:
-        inside *= hi - lo + 1
-    total = 1
-    for n in size:
-        total *= n
-    return inside <= _BOX_SHARE * total
+    """Whether ``box`` holds at most ``_BOX_SHARE`` of the voxels of ``size``."""
+    return math.prod(hi - lo + 1 for lo, hi in box) <= _BOX_SHARE * math.prod(size)
 
 
 def _boxed_input_gradient(gy: torch.Tensor, w: torch.Tensor, box: list[tuple[int, int]], stride: list[int],
@@ -492,9 +488,10 @@ class _InstanceNorm(torch.autograd.Function):
     output; the convolutions around it run channels-last, so every forward and every VJP paid
     transposing copies of the full-resolution activations and gradients (on the demo UNet's head,
     1.5 ms per VJP into the up-convolution's backward alone: oneDNN reorders a contiguous gradient
-    first). Here statistics and the normalisation run on the channels-last tensor (``_period``), and
-    the backward, ``rstd * gamma * (g - mean(g) - x_hat * mean(g * x_hat))`` per sample and
-    channel, returns a channels-last gradient. The weight and bias are frozen (input gradients only).
+    first). Here the forward is PyTorch's, bit for bit, its output copied to channels-last once per
+    forward; the backward, ``rstd * gamma * (g - mean(g) - x_hat * mean(g * x_hat))`` per sample and
+    channel, runs on the channels-last gradient viewed as rows of whole channel groups (``_period``)
+    and returns a channels-last gradient. The weight and bias are frozen (input gradients only).
     """
 
     @staticmethod

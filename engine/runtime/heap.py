@@ -18,8 +18,8 @@ either stops glibc's own adjustment, measured).
 Windows whose tensors pass 32 MiB (glibc's largest mmap threshold; e.g. a 17-channel activation of a
 96^3 window) are still mapped and faulted in at every use. ``keep-all`` (``AGG2EXP_CPU_HEAP=keep-all``)
 maps no block at all and keeps up to 1 GiB free at the heap's top: on the demo UNet at 96^3 windows
-saliency ran 2.16x faster, with an 18% higher peak memory on one 96^3 volume and up to 2.4x the
-resident memory between larger ones (BENCHMARKS.md). It is opt-in for that price. On a cluster, a
+saliency ran 2.16x faster, with an 18% higher peak memory on one 96^3 volume, and about 2.5x the
+resident memory over a run of larger volumes (1.9 GB against 0.7-0.8 GB; BENCHMARKS.md). It is opt-in for that price. On a cluster, a
 job's ``[runtime] cpu_heap`` sets it for every worker; else set the variable where the workers start.
 
 The engine's workers call it when they start, and so does the ``agg2exp`` command; a library

@@ -314,6 +314,16 @@ def test_a_seed_on_few_channels_takes_the_input_gradient_from_those_alone(live):
         assert torch.equal(gx, torch.zeros_like(gx))
 
 
+def _float64_head(g: torch.Generator, kernel, x_layout, size: tuple[int, ...], **kw):
+    """A 17 -> 17 convolution's float64 weight, a float32 input in ``x_layout``, and the float64
+    forward on it (the input that requires grad, and the output), for the narrowed-gradient tests."""
+    ks = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    w = torch.randn(17, 17, *ks, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 17, *size, generator=g).contiguous(memory_format=x_layout)
+    xr = x.double().requires_grad_(True)
+    return w, x, xr, F.conv3d(xr, w, **kw)
+
+
 @pytest.mark.parametrize("x_layout", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 1, 0, 1), (3, 1, 2, 2), ((3, 1, 5), 1, (1, 0, 2), 1),
                                                             (3, 2, 1, 1), (3, 1, 3, 1)])
@@ -324,12 +334,8 @@ def test_a_narrowed_gradient_comes_back_in_the_inputs_layout(x_layout, kernel, s
     padding wider than the kernel's reach) the transposed convolution runs. Either way the values
     equal float64 autograd's."""
     g = torch.Generator().manual_seed(9)
-    ks = (kernel,) * 3 if isinstance(kernel, int) else kernel
-    w = torch.randn(17, 17, *ks, generator=g, dtype=torch.float64)
-    x = torch.randn(1, 17, 12, 10, 9, generator=g).contiguous(memory_format=x_layout)
     kw = dict(stride=stride, padding=padding, dilation=dilation)
-    xr = x.double().requires_grad_(True)
-    y_ref = F.conv3d(xr, w, **kw)
+    w, x, xr, y_ref = _float64_head(g, kernel, x_layout, (12, 10, 9), **kw)
     seed = torch.zeros(y_ref.shape)
     seed[:, 4] = torch.randn(y_ref.shape[2:], generator=g)
     (g_ref,) = torch.autograd.grad(y_ref, xr, seed.double())
@@ -696,12 +702,8 @@ def test_a_narrowed_gradient_on_few_voxels_is_taken_on_their_box(x_layout, kerne
     of the box around them, written into zeros, clipped where the box's reach leaves the input; equal
     to float64 autograd's and in the input's layout."""
     g = torch.Generator().manual_seed(11)
-    ks = (kernel,) * 3 if isinstance(kernel, int) else kernel
-    w = torch.randn(17, 17, *ks, generator=g, dtype=torch.float64)
-    x = torch.randn(1, 17, 14, 12, 11, generator=g).contiguous(memory_format=x_layout)
     kw = dict(stride=stride, padding=padding, dilation=dilation)
-    xr = x.double().requires_grad_(True)
-    y_ref = F.conv3d(xr, w, **kw)
+    w, x, xr, y_ref = _float64_head(g, kernel, x_layout, (14, 12, 11), **kw)
     size = y_ref.shape[2:]
     box = {"inside": [(1, 3), (2, 4), (1, 2)], "low corner": [(0, 2), (0, 1), (0, 2)],
            "high corner": [(n - 3, n - 1) for n in size], "one voxel": [(2, 2), (1, 1), (1, 1)]}[where]
