@@ -518,7 +518,9 @@ class _InstanceNorm(torch.autograd.Function):
         ctx.save_for_backward(x_hat)
         scale = rstd * gamma  # per (sample, channel): the gradient's scale
         ctx.norm = (k, scale, _tiled(scale, k))
-        return y
+        # the model may modify the output in place (``out += residual`` in MONAI's UnetResBlock, Swin
+        # UNETR's decoder): the saved x_hat must not be it
+        return y.clone() if x_hat is y else y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:

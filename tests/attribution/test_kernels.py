@@ -736,3 +736,30 @@ def test_a_box_over_most_voxels_runs_dense_and_an_empty_live_channel_gives_zeros
         with mode.seed_channels(empty, (2,)):  # the hint names a channel that holds no nonzero voxel
             (gx,) = torch.autograd.grad(y, xr, empty)
     assert torch.equal(gx, torch.zeros_like(gx)) and gx.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_a_channels_last_norm_whose_output_the_model_modifies_in_place(affine):
+    """MONAI's UnetResBlock (DynUNet, Swin UNETR's decoder) adds its residual into the norm's output in
+    place: the engine's norm must not have saved that tensor, and the gradient is autograd's."""
+    g = torch.Generator().manual_seed(13)
+    x = _norm_input(1, 8, (24, 20, 20))
+    r = torch.randn(x.shape, generator=g).contiguous(memory_format=CL)
+    w, b = (torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)) if affine else (None, None)
+    seed = torch.randn(x.shape, generator=g).contiguous(memory_format=CL)
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        y = F.instance_norm(t, weight=w, bias=b)
+        y += r * t  # in place, and through t again
+        return F.leaky_relu(y, 0.01)
+
+    xd = x.double().contiguous().requires_grad_(True)
+    w64, b64 = (None, None) if w is None else (w.double(), b.double())
+    yd = F.leaky_relu(F.instance_norm(xd, weight=w64, bias=b64) + r.double() * xd, 0.01)
+    (g64,) = torch.autograd.grad(yd, xd, seed.double().contiguous())
+    xr = x.detach().clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        y = block(xr)
+    (gx,) = torch.autograd.grad(y, xr, seed)
+    assert mode.norm_calls == 1
+    assert _rel(gx.double(), g64) < 1e-5
