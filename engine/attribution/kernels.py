@@ -41,7 +41,8 @@ Three places where PyTorch's CPU defaults cost the engine most of its time, meas
   gradient before the up-convolution's backward (1.5 ms of a 14 ms VJP on the demo UNet). A float32
   channels-last norm of at least 2^16 elements per sample, on the input's own statistics with
   frozen or no affine parameters, runs PyTorch's forward bit for bit and copies its output to
-  channels-last, once per forward. Its backward, ``rstd * gamma * (g - mean(g) - x_hat *
+  channels-last, once per forward (a copy of it goes to the model, which may modify it in place,
+  where the backward keeps it). Its backward, ``rstd * gamma * (g - mean(g) - x_hat *
   mean(g * x_hat))``, runs on the channels-last gradient viewed as rows of whole channel groups
   (``_period``), where PyTorch's elementwise kernels vectorise, and returns a channels-last
   gradient. It is as close to float64 as PyTorch's own (tested). :attr:`EngineKernels.norm_layout`
