@@ -157,21 +157,22 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
     if not fast:  # PyTorch's kernels run the model's FLOPs
         counted.update(forward_flops_run=counted["forward_flops"], vjp_flops_run=counted["vjp_flops"])
     with engine_kernels(model, fast, guard=guard) as mode:
-        timed = _timed(model, x, seed, ctx, reps, mode if fast else None)
+        timed = _timed(model, x, ctx, reps, mode if fast else None)
     f, v = timed["forward_s"], timed["vjp_s"]
     return {**counted, **timed, "forward_flop_s": counted["forward_flops_run"] / f,
             "vjp_flop_s": counted["vjp_flops_run"] / v, "vjp_model_flop_s": counted["vjp_flops"] / v}
 
 
-def class_seed(out: torch.Tensor) -> torch.Tensor:
-    """Class 1's seed for logits ``out``: ones on its channel, contiguous, as the engine builds its seeds."""
-    seed = torch.zeros(out.shape, dtype=out.dtype)
+def class_seed(out: torch.Tensor, mode: Any = None) -> torch.Tensor:
+    """Class 1's seed for logits ``out``: ones on its channel, in the layout the engine builds its seeds
+    in (the norms' layout the engine's kernels ``mode`` saw; contiguous without them)."""
+    layout = mode.norm_layout if mode is not None and mode.norm_layout is not None else torch.contiguous_format
+    seed = torch.zeros(out.shape, dtype=out.dtype).contiguous(memory_format=layout)
     seed[:, 1] = 1.0
     return seed
 
 
-def _timed(model: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, ctx: Any, reps: int,
-           mode: Any = None) -> dict[str, float]:
+def _timed(model: torch.nn.Module, x: torch.Tensor, ctx: Any, reps: int, mode: Any = None) -> dict[str, float]:
     """Median forward and VJP times; with the engine's kernels (``mode``) told the seed's live channel,
     as the engine tells them."""
     fwd_t, vjp_t = [], []
@@ -180,9 +181,7 @@ def _timed(model: torch.nn.Module, x: torch.Tensor, seed: torch.Tensor, ctx: Any
         with ctx():
             out = model(x)
         fwd_t.append(time.perf_counter() - t0)
-        s = seed.to(out.dtype)  # the seed is built before its VJP, as the engine builds it: not timed
-        if mode is not None and mode.norm_layout is not None:  # the engine's scratch layout
-            s = s.contiguous(memory_format=mode.norm_layout)
+        s = class_seed(out, mode)  # built before its VJP, as the engine builds it: not timed
         t1 = time.perf_counter()
         with mode.seed_channels(s, (1,)) if mode is not None else contextlib.nullcontext():
             torch.autograd.grad(out, x, s)
@@ -210,9 +209,7 @@ def compile_trial(model: torch.nn.Module, roi: tuple[int, ...], reps: int) -> di
     def step(m: torch.nn.Module, mode: Any = None) -> float:
         t0 = time.perf_counter()
         out = m(x)
-        seed = class_seed(out)
-        if mode is not None and mode.norm_layout is not None:  # the engine's scratch layout
-            seed = seed.contiguous(memory_format=mode.norm_layout)
+        seed = class_seed(out, mode)
         with mode.seed_channels(seed, (1,)) if mode is not None else contextlib.nullcontext():
             torch.autograd.grad(out, x, seed)
         return time.perf_counter() - t0
@@ -233,6 +230,22 @@ def compile_trial(model: torch.nn.Module, roi: tuple[int, ...], reps: int) -> di
             "steps_to_pay_off": (first - c) / saved if saved > 0 else None}
 
 
+def add_utilisation(prim: dict[str, dict[str, float]], mm32: float, mm16: float) -> None:
+    """Each primitive's share of this process's matmul rate (bf16 against bf16's), added in place."""
+    for name, p in prim.items():
+        peak = mm16 if name.startswith("bf16") else mm32
+        p["forward_of_matmul"], p["vjp_of_matmul"] = p["forward_flop_s"] / peak, p["vjp_flop_s"] / peak
+
+
+def print_primitives(prim: dict[str, dict[str, float]]) -> None:
+    g = 1e9
+    for name, p in prim.items():
+        print(f"{name}: forward {p['forward_flops_run'] / g:.2f} GFLOP in {p['forward_s'] * 1e3:.1f} ms = "
+              f"{p['forward_flop_s'] / g:.0f} GFLOP/s ({100 * p['forward_of_matmul']:.0f}% of matmul); VJP "
+              f"{p['vjp_flops_run'] / g:.2f} GFLOP run (model: {p['vjp_flops'] / g:.2f}) in {p['vjp_s'] * 1e3:.1f} ms"
+              f" = {p['vjp_flop_s'] / g:.0f} GFLOP/s ({100 * p['vjp_of_matmul']:.0f}%)")
+
+
 def primitives_only(model: torch.nn.Module, roi: tuple[int, ...], args: argparse.Namespace, heap: str,
                     load_before: tuple[float, float, float]) -> int:
     """``--primitives-only``: the engine's forward and class VJP (fp32, then bf16) at ``roi`` against
@@ -244,12 +257,8 @@ def primitives_only(model: torch.nn.Module, roi: tuple[int, ...], args: argparse
                                              fast=True)}
     print(f"matmul: fp32 {mm32 / g:.0f} GFLOP/s, bf16 {mm16 / g:.0f} GFLOP/s; the engine's forward and VJP at a "
           f"{' x '.join(map(str, roi))} window:")
-    for name, p in prim.items():
-        peak = mm16 if name.startswith("bf16") else mm32
-        p["forward_of_matmul"], p["vjp_of_matmul"] = p["forward_flop_s"] / peak, p["vjp_flop_s"] / peak
-        print(f"{name}: forward {p['forward_flops_run'] / g:.2f} GFLOP in {p['forward_s'] * 1e3:.1f} ms "
-              f"({100 * p['forward_of_matmul']:.0f}% of matmul); VJP {p['vjp_flops_run'] / g:.2f} GFLOP in "
-              f"{p['vjp_s'] * 1e3:.1f} ms ({100 * p['vjp_of_matmul']:.0f}%)")
+    add_utilisation(prim, mm32, mm16)
+    print_primitives(prim)
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (shared machine); CPU heap: {heap}")
     write_json(args.json, {"primitives_roi": list(roi), "matmul_fp32_flop_s": mm32, "matmul_bf16_flop_s": mm16,
@@ -278,11 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     heap = keep_cpu_heap()  # as the engine's workers and the CLI set it (engine.runtime.heap)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    image = make_image(tuple(args.shape) if args.shape else None)
     roi = DEMO_ROI_SIZE
     loaded = demo_model().module.eval()
     if args.primitives_only:
         return primitives_only(loaded, tuple(args.prim_roi) if args.prim_roi else roi, args, heap.reason, load_before)
+    image = make_image(tuple(args.shape) if args.shape else None)
     ref_model = copy.deepcopy(loaded)  # stays in the layout it was loaded in, as a Captum user's model
     eng_model = copy.deepcopy(loaded)
     with torch.no_grad():
@@ -327,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                                         fast=True),
     }
     mm32, mm16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
-    for name, p in prim.items():
-        peak = mm16 if name.startswith("bf16") else mm32
-        p["forward_of_matmul"] = p["forward_flop_s"] / peak
-        p["vjp_of_matmul"] = p["vjp_flop_s"] / peak
+    add_utilisation(prim, mm32, mm16)
     result: dict[str, Any] = {
         "machine": {"nproc": os.cpu_count(), "cpu": platform.processor(), "torch": torch.__version__,
                     "threads": args.threads},
@@ -371,11 +377,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['maps_rel_l2_captum_vs_float64']:.1e}")
     print(f"matmul: fp32 {mm32 / g:.0f} GFLOP/s, bf16 {mm16 / g:.0f} GFLOP/s; forward and VJP at a "
           f"{' x '.join(map(str, prim_roi))} window:")
-    for name, p in prim.items():
-        print(f"{name}: forward {p['forward_flops_run'] / g:.2f} GFLOP in {p['forward_s'] * 1e3:.0f} ms = "
-              f"{p['forward_flop_s'] / g:.0f} GFLOP/s ({100 * p['forward_of_matmul']:.0f}% of matmul); VJP "
-              f"{p['vjp_flops_run'] / g:.2f} GFLOP run (model: {p['vjp_flops'] / g:.2f}) in {p['vjp_s'] * 1e3:.0f} ms"
-              f" = {p['vjp_flop_s'] / g:.0f} GFLOP/s ({100 * p['vjp_of_matmul']:.0f}%)")
+    print_primitives(prim)
     if "compile" in result:
         c = result["compile"]
         print(f"torch.compile: {c['compile_s']:.1f} s to compile, forward+VJP {c['eager_step_s'] * 1e3:.0f} -> "

@@ -1,6 +1,6 @@
 """The engine's CPU kernels: the same values as PyTorch's, faster forwards and input gradients.
 
-Three places where PyTorch's CPU defaults cost the engine most of its time, measured on the demo UNet
+Where PyTorch's CPU defaults cost the engine most of its time, measured on the demo UNet
 (``benchmarks/attribution_speed.py``, BENCHMARKS.md):
 
 * **Convolutions.** PyTorch sends a CPU float32 3-D convolution to oneDNN only when its heuristic
@@ -27,7 +27,7 @@ Three places where PyTorch's CPU defaults cost the engine most of its time, meas
 * **Dead voxels.** A class seed is also zero outside the class's voxels, so a narrowed output
   gradient is taken on the box around its nonzero voxels when that box holds at most half of them:
   the transposed convolution of the box alone, written into exact zeros. On the demo phantom the
-  boxes of 16 of the 17 classes hold 1-19% of the window (BENCHMARKS.md).
+  boxes of 15 of the 17 classes hold 0.6-19% of the window (BENCHMARKS.md).
 * **Input gradients into an image's few channels.** oneDNN's transposed convolution to one output
   channel is poorly vectorised: on the demo UNet's first layers (8 -> 1 channel, stride 2) it takes
   1.1-1.4 ms where PyTorch's im2col kernel takes 0.3 ms, but from ~9e5 gradient elements (8 x 48^3)
@@ -317,7 +317,7 @@ def _boxed_input_gradient(gy: torch.Tensor, w: torch.Tensor, box: list[tuple[int
     crop = crop.contiguous(memory_format=_layout_of(gy) if gy.shape[1] > 1 else torch.contiguous_format)
     part = torch.ops.mkldnn._convolution_transpose_pointwise(crop, _dense(w), None, [0, 0, 0], [0, 0, 0], stride,
                                                             dilation, 1, "none", [], None)
-    gx = torch.empty(x_shape, dtype=part.dtype, memory_format=x_layout).zero_()
+    gx = _zeros(x_shape, part.dtype, x_layout)
     src, dst = [slice(None), slice(None)], [slice(None), slice(None)]
     for i, (lo, _) in enumerate(box):
         start = lo * stride[i] - padding[i]  # the input voxel of part's first voxel on this axis
@@ -505,19 +505,17 @@ class _InstanceNorm(torch.autograd.Function):
         # copied to channels-last once per forward instead of the gradient once per VJP
         w = None if weight is None else weight.to(x.dtype).repeat(n)
         b = None if bias is None else bias.to(x.dtype).repeat(n)
-        out, _, invstd = torch.native_batch_norm(x.contiguous().view(1, n * c, *x.shape[2:]), w, b, None, None,
-                                                 True, 0.0, eps)
+        out, mean, invstd = torch.native_batch_norm(x.contiguous().view(1, n * c, *x.shape[2:]), w, b, None, None,
+                                                    True, 0.0, eps)
         y = out.view(x.shape).contiguous(memory_format=torch.channels_last_3d)
         rstd = invstd.view(n, c)
-        gamma = torch.ones(c, dtype=x.dtype) if weight is None else weight.to(x.dtype)
         if weight is None and bias is None:
             x_hat = y
-        else:  # the normalised input, for the backward
-            mean = x.mean(dim=tuple(range(2, x.dim())))
+        else:  # the normalised input, for the backward, from the statistics the forward used
             x_hat = torch.empty_like(y)
-            torch.addcmul(_tiled(-mean * rstd, k), _rows(x, k), _tiled(rstd, k), out=_rows(x_hat, k))
+            torch.addcmul(_tiled(-mean.view(n, c) * rstd, k), _rows(x, k), _tiled(rstd, k), out=_rows(x_hat, k))
         ctx.save_for_backward(x_hat)
-        scale = rstd * gamma  # per (sample, channel): the gradient's scale
+        scale = rstd if weight is None else rstd * weight.to(x.dtype)  # per (sample, channel): the gradient's scale
         ctx.norm = (k, scale, _tiled(scale, k))
         # the model may modify the output in place (``out += residual`` in MONAI's UnetResBlock, Swin
         # UNETR's decoder): the saved x_hat must not be it

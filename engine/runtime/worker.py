@@ -50,13 +50,14 @@ class PatientWorker:
         from engine.runtime.heap import keep_cpu_heap
 
         spec, base_dir = self._args
-        # window-sized buffers reused, not faulted in afresh (engine.runtime.heap), before anything
+        job = JobSpec.from_dict(spec, base_dir=base_dir)
+        # window-sized buffers reused, not faulted in afresh (engine.runtime.heap), before the model
         # allocates; the job's [runtime] cpu_heap where it names one, else this node's AGG2EXP_CPU_HEAP
-        self.heap = keep_cpu_heap((spec.get("runtime") or {}).get("cpu_heap"))
+        self.heap = keep_cpu_heap(job.runtime.cpu_heap)
         # Exactly the CPUs the actor reserved: intra-op threads for compute (Ray already sets
         # OMP_NUM_THREADS to the reservation).
         torch.set_num_threads(self.threads)
-        self.processor = PatientProcessor(JobSpec.from_dict(spec, base_dir=base_dir), worker_name=self.name)
+        self.processor = PatientProcessor(job, worker_name=self.name)
         return self.info()
 
     @ray.method(concurrency_group="health")
