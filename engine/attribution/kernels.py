@@ -80,6 +80,7 @@ restored afterwards) and enters :class:`EngineKernels` when :func:`resolve_kerne
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, get_args
@@ -186,16 +187,21 @@ class _Sites:
         self.dense: set[tuple[int, tuple[int, ...]]] = set()
         self.narrowed = 0  # backward calls that ran on the live channels only
         self.boxed = 0  # narrowed calls that ran on the box around the gradient's nonzero voxels
-        self.hint: tuple[torch.Tensor, tuple[int, ...]] | None = None  # (seed, the channels it can be nonzero in)
+        # (seed, the channels it can be nonzero in, its values on them or None): see seed_channels
+        self.hint: tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None] | None = None
         self.weights: dict[Any, torch.Tensor] = {}  # narrowed weights, by site, channels, dim and dtype
         self.flips: dict[Any, torch.Tensor] = {}  # flipped narrowed weights (they are in self.weights)
         self.indices: dict[tuple[int, ...], torch.Tensor] = {}  # hinted channel sets as index tensors
+        self.residuals: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # w + I, by site (_ResidualConv)
+        self.folded = 0  # residual adds whose identity branch was folded into the convolution's backward
 
     def narrow(self, key: tuple[int, tuple[int, ...]], gy: torch.Tensor, w: torch.Tensor,
-               dim: int, hint: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               dim: int, hint: tuple[int, ...] | None = None,
+               values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``gy`` and ``w`` restricted to gy's live channels (``w``'s ``dim`` indexes them) when at
         most half of them are live; else both unchanged, and the site is not checked again. ``hint``:
-        channels known to hold every nonzero of gy (the engine's class seed), which spares the check.
+        channels known to hold every nonzero of gy (the engine's class seed), which spares the check;
+        ``values``: gy on those channels, which spares gathering them (a strided pass over all of gy).
         The narrowed weight is channels-last: oneDNN runs a one-channel transposed convolution 10-20x
         slower on a contiguous weight; it is kept for the session, per site and channel set."""
         if key in self.dense:
@@ -214,7 +220,21 @@ class _Sites:
         narrowed = self.weights.get(wkey)
         if narrowed is None:
             narrowed = self.weights[wkey] = w.index_select(dim, live).contiguous(memory_format=torch.channels_last_3d)
+        if values is not None:
+            return _dense(values.to(gy.dtype)).contiguous(memory_format=_layout_of(gy)), narrowed
         return _select_channels(gy, live, channels), narrowed
+
+    def residual(self, conv: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``conv`` (a routed convolution's backward state, see _residual_weight) with its weight plus
+        the identity at the kernel's centre tap, and a site of its own (kept for the session)."""
+        w, *rest, site = conv
+        wr = self.residuals.get(site[1])
+        if wr is None:
+            wr = w.clone()  # in w's layout
+            eye = torch.arange(w.shape[0])
+            wr[(eye, eye, *(torch.tensor(k // 2) for k in w.shape[2:]))] += 1.0
+            self.residuals[site[1]] = wr
+        return (wr, *rest, (self, (wr.data_ptr(), tuple(wr.shape))))
 
     def _index(self, channels: tuple[int, ...]) -> torch.Tensor:
         """``channels`` as an index tensor (kept: a hint names the same channels for every site)."""
@@ -275,8 +295,9 @@ def _live_gradient(gy: torch.Tensor, w: torch.Tensor, site: _Site, dim: int) -> 
     if site is None:
         return _dense(gy.to(w.dtype)), w
     sites, key = site
-    hint = sites.hint[1] if sites.hint is not None and gy is sites.hint[0] else None  # the seed itself
-    return sites.narrow(key, _dense(gy.to(w.dtype)), w, dim, hint)
+    if sites.hint is not None and gy is sites.hint[0]:  # the seed itself
+        return sites.narrow(key, _dense(gy.to(w.dtype)), w, dim, sites.hint[1], sites.hint[2])
+    return sites.narrow(key, _dense(gy.to(w.dtype)), w, dim)
 
 
 #: A narrowed input gradient is taken on the box around its output gradient's nonzero voxels when the
@@ -355,44 +376,79 @@ class _Conv3d(torch.autograd.Function):
         out_pad = [x.shape[2 + i] - ((y.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
                                      + dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(3)]
         ctx.conv = (w, stride, padding, dilation, groups, out_pad, tuple(x.shape), x.dtype, _layout_of(x), site)
+        ctx.x_ref = weakref.ref(x)  # to recognise ``conv(x) + x`` (see _ResidualConv); holds nothing alive
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
-        w, stride, padding, dilation, groups, out_pad, x_shape, x_dtype, x_layout, site = ctx.conv
-        channels = w.shape[0]
-        gy, w = _live_gradient(gy, w, site, 0)  # the weight's output channels are gy's
-        if gy.shape[1] == 0:
-            return (_zeros(x_shape, x_dtype, x_layout), *(None,) * 8)
-        if gy.shape[1] < channels and groups == 1 and x_shape[1] > _FEW_CHANNELS:
-            # a narrowed gradient (a class seed at the head) is zero outside the class's voxels too
-            box = _nonzero_box(gy)
-            if box is None:
-                return (_zeros(x_shape, x_dtype, x_layout), *(None,) * 8)
-            if _box_pays(box, gy.shape[2:]):
-                assert site is not None  # narrowed: only a site narrows
-                site[0].boxed += 1
-                gx = _boxed_input_gradient(gy, w, box, stride, padding, dilation, x_shape, x_layout)
-                return gx.to(x_dtype), None, None, None, None, None, None, None, None
-        narrowed_into_contiguous = gy.shape[1] < channels and x_layout == torch.contiguous_format
-        flipped_pad = _as_convolution(stride, padding, dilation, groups, w) if narrowed_into_contiguous else None
-        if groups == 1 and x_shape[1] <= _FEW_CHANNELS and gy.numel() <= _FEW_CHANNELS_MAX_GRAD:
-            # float32, whatever the autocast dtype: as fast, more precise, and the input's dtype
-            gx = torch.ops.aten.slow_conv_transpose3d(gy.float(), w.float(), list(w.shape[2:]), None, stride,
-                                                      padding, out_pad, dilation)
-        elif flipped_pad is not None:
-            # A narrowed gradient into a contiguous input (a head after a norm): the transposed
-            # convolution as a convolution with the flipped kernel returns x's layout, so the
-            # gradient meets the other branches' without a transposing add (BENCHMARKS.md)
+        return (_conv_input_gradient(gy, ctx.conv), *(None,) * 8)
+
+
+def _conv_input_gradient(gy: torch.Tensor, conv: tuple[Any, ...]) -> torch.Tensor:
+    """The input gradient of a routed convolution (``conv``: what its forward held) for output gradient gy."""
+    w, stride, padding, dilation, groups, out_pad, x_shape, x_dtype, x_layout, site = conv
+    channels = w.shape[0]
+    gy, w = _live_gradient(gy, w, site, 0)  # the weight's output channels are gy's
+    if gy.shape[1] == 0:
+        return _zeros(x_shape, x_dtype, x_layout)
+    if gy.shape[1] < channels and groups == 1 and x_shape[1] > _FEW_CHANNELS:
+        # a narrowed gradient (a class seed at the head) is zero outside the class's voxels too
+        box = _nonzero_box(gy)
+        if box is None:
+            return _zeros(x_shape, x_dtype, x_layout)
+        if _box_pays(box, gy.shape[2:]):
             assert site is not None  # narrowed: only a site narrows
-            gx = torch.ops.mkldnn._convolution_pointwise(gy.contiguous(), site[0].flipped(w), None, flipped_pad, stride,
-                                                         dilation, groups, "none", [], None)
-        else:
-            gx = torch.ops.mkldnn._convolution_transpose_pointwise(gy, _dense(w), None, padding, out_pad, stride,
-                                                                   dilation, groups, "none", [], None)
-        return gx.to(x_dtype), None, None, None, None, None, None, None, None
+            site[0].boxed += 1
+            return _boxed_input_gradient(gy, w, box, stride, padding, dilation, x_shape, x_layout).to(x_dtype)
+    narrowed_into_contiguous = gy.shape[1] < channels and x_layout == torch.contiguous_format
+    flipped_pad = _as_convolution(stride, padding, dilation, groups, w) if narrowed_into_contiguous else None
+    if groups == 1 and x_shape[1] <= _FEW_CHANNELS and gy.numel() <= _FEW_CHANNELS_MAX_GRAD:
+        # float32, whatever the autocast dtype: as fast, more precise, and the input's dtype
+        gx = torch.ops.aten.slow_conv_transpose3d(gy.float(), w.float(), list(w.shape[2:]), None, stride,
+                                                  padding, out_pad, dilation)
+    elif flipped_pad is not None:
+        # A narrowed gradient into a contiguous input (a head after a norm): the transposed
+        # convolution as a convolution with the flipped kernel returns x's layout, so the
+        # gradient meets the other branches' without a transposing add (BENCHMARKS.md)
+        assert site is not None  # narrowed: only a site narrows
+        gx = torch.ops.mkldnn._convolution_pointwise(gy.contiguous(), site[0].flipped(w), None, flipped_pad, stride,
+                                                     dilation, groups, "none", [], None)
+    else:
+        gx = torch.ops.mkldnn._convolution_transpose_pointwise(gy, _dense(w), None, padding, out_pad, stride,
+                                                               dilation, groups, "none", [], None)
+    return gx.to(x_dtype)
+
+
+def _residual_weight(conv: tuple[Any, ...], x: torch.Tensor) -> bool:
+    """Whether ``conv(x) + x`` can take its input gradient as one transposed convolution whose kernel is
+    the convolution's plus the identity at its centre tap: a float32 convolution with groups 1, as many
+    output channels as input channels, stride 1 and a centred ("same") padding, and a float32 x."""
+    w, stride, padding, dilation, groups, _, x_shape, x_dtype, _, site = conv
+    return (site is not None and groups == 1 and w.dtype == torch.float32 and x_dtype == torch.float32
+            and x.dtype == torch.float32 and tuple(x.shape) == x_shape and w.shape[0] == w.shape[1] == x_shape[1]
+            and all(st == 1 for st in stride)
+            and all(k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in zip(w.shape[2:], padding, dilation)))
+
+
+class _ResidualConv(torch.autograd.Function):
+    """``a + x`` where ``a`` is a routed convolution of x that meets _residual_weight's terms (MONAI's
+    ``ResidualUnit`` with an identity shortcut: the UNet's head). The forward is the same add; the
+    backward folds the identity branch into the convolution's: ``conv^T(g, w) + g = conv^T(g, w + I)``
+    with I the identity at the kernel's centre, one transposed convolution (narrowed to the seed's
+    live channels and boxed as any other) instead of that and a full-resolution add of g into it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, conv: tuple[Any, ...]) -> torch.Tensor:
+        ctx.conv = conv
+        return torch.add(a, x)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _conv_input_gradient(gy, ctx.conv), None, None
 
 
 class _ConvTranspose3d(torch.autograd.Function):
@@ -605,16 +661,42 @@ class EngineKernels(TorchFunctionMode):
         self.sites = _Sites()
 
     @contextmanager
-    def seed_channels(self, seed: torch.Tensor, channels: Sequence[int] | None) -> Iterator[None]:
+    def seed_channels(self, seed: torch.Tensor, channels: Sequence[int] | None,
+                      values: torch.Tensor | None = None) -> Iterator[None]:
         """Inside, a convolution whose output gradient is ``seed`` itself (the tensor passed to
         ``autograd.grad``) takes ``channels`` as its live channels instead of checking them: the
-        caller vouches that seed is zero outside them (a superset is exact). None: no hint."""
+        caller vouches that seed is zero outside them (a superset is exact). None: no hint.
+
+        ``values``: optionally, the seed on those channels, ``seed[:, channels]`` as its own tensor
+        (N, len(channels), *S) (the engine's seed builder has it before it writes the seed): the
+        narrowed backward takes it instead of gathering the channels out of the seed, a strided pass
+        over the whole seed (0.5 ms of a 17 ms VJP at 48^3 on the demo UNet). The caller vouches for
+        it too; it is used only with sorted, distinct channels and a matching shape and dtype."""
         ok = channels is not None and seed.dim() > 1 and all(0 <= int(c) < seed.shape[1] for c in channels)
-        self.sites.hint = (seed, tuple(sorted({int(c) for c in channels}))) if ok and channels is not None else None
+        hint = tuple(sorted({int(c) for c in channels})) if ok and channels is not None else None
+        if hint is None or values is None or tuple(int(c) for c in channels) != hint or not (  # type: ignore[union-attr]
+                isinstance(values, torch.Tensor) and values.dtype == seed.dtype and values.device == seed.device
+                and values.shape == (seed.shape[0], len(hint), *seed.shape[2:])):
+            values = None
+        self.sites.hint = None if hint is None else (seed, hint, values)
         try:
             yield
         finally:
             self.sites.hint = None
+
+    def _residual(self, args: tuple[Any, ...]) -> torch.Tensor | None:
+        """``a + b`` as :class:`_ResidualConv` when one of them is a routed convolution of the other
+        that qualifies (see _residual_weight); else None. The same sum: float addition commutes."""
+        a, b = args
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.is_grad_enabled()):
+            return None
+        for y, x in ((a, b), (b, a)):
+            node = y.grad_fn
+            if (isinstance(node, _Conv3d._backward_cls) and x.requires_grad and node.x_ref() is x  # type: ignore[attr-defined]
+                    and _residual_weight(node.conv, x)):
+                self.sites.folded += 1
+                return _ResidualConv.apply(x, y.detach(), self.sites.residual(node.conv))
+        return None
 
     def _site(self, w: torch.Tensor, groups: int) -> _Site:
         return (self.sites, (w.data_ptr(), tuple(w.shape))) if groups == 1 else None
@@ -637,6 +719,9 @@ class EngineKernels(TorchFunctionMode):
             return out
         if not self.fast:
             return func(*args, **kwargs)
+        if func is torch.Tensor.add or func is torch.add:
+            fused = self._residual(args) if len(args) == 2 and not kwargs else None
+            return fused if fused is not None else func(*args, **kwargs)
         if func is torch.conv3d or func is torch.nn.functional.conv3d:
             a = _bind(_CONV_ARGS, args, kwargs)
             dtype = None if a is None else _eligible(a["input"], a["weight"], a["bias"])

@@ -158,30 +158,33 @@ class ObjectiveSeeds:
                     out[:, written["channel"]].zero_()  # type: ignore[index]
                 else:
                     out.zero_()
-            written.update(out=out, channel=None if kind == "softmax" else c)
+            written.update(out=out, channel=None if kind == "softmax" else c, values=None)
             if kind == "legacy":
-                out[:, c] = masks.to(logits.dtype).mul_(scale)  # x 1.0 is exact
-                return out
-            if state["blend"] is None:
-                state["blend"] = geometry.blend(slices).to(logits.dtype)
-            weight = torch.where(masks, state["blend"], 0.0)  # type: ignore[arg-type]
-            if scale != 1.0:
-                weight.mul_(scale)
-            if kind == "sum":
-                out[:, c] = weight
-            elif kind == "mean":
-                out[:, c] = weight / max(self.size(c), 1)
-            elif kind == "probability_weighted":  # ∂/∂Ẑ_c Σ ω_c Ẑ_c = ω_c on M_c (ω constant)
-                assert probs is not None and norm is not None
-                pc = torch.stack([probs[(c, *s)] for s in slices]).to(logits.dtype)  # (B, *roi)
-                out[:, c] = weight * pc / float(norm[c]) if float(norm[c]) > 0 else 0.0
-            else:  # softmax: ∂/∂Ẑ_k Σ_{M_c} p_c = M_c p_c (δ_kc − p_k)
-                assert probs is not None
-                p = torch.stack([probs[(slice(None), *s)] for s in slices]).to(logits.dtype)  # (B, C, *roi)
-                pc = p[:, c]
-                grad = -pc[:, None] * p
-                grad[:, c] += pc
-                torch.mul(grad, weight[:, None], out=out)
+                values = masks.to(logits.dtype).mul_(scale)  # x 1.0 is exact
+            else:
+                if state["blend"] is None:
+                    state["blend"] = geometry.blend(slices).to(logits.dtype)
+                weight = torch.where(masks, state["blend"], 0.0)  # type: ignore[arg-type]
+                if scale != 1.0:
+                    weight.mul_(scale)
+                if kind == "softmax":  # ∂/∂Ẑ_k Σ_{M_c} p_c = M_c p_c (δ_kc − p_k): every channel
+                    assert probs is not None
+                    p = torch.stack([probs[(slice(None), *s)] for s in slices]).to(logits.dtype)  # (B, C, *roi)
+                    pc = p[:, c]
+                    grad = -pc[:, None] * p
+                    grad[:, c] += pc
+                    torch.mul(grad, weight[:, None], out=out)
+                    return out
+                if kind == "sum":
+                    values = weight
+                elif kind == "mean":
+                    values = weight / max(self.size(c), 1)
+                else:  # probability_weighted: ∂/∂Ẑ_c Σ ω_c Ẑ_c = ω_c on M_c (ω constant)
+                    assert probs is not None and norm is not None
+                    pc = torch.stack([probs[(c, *s)] for s in slices]).to(logits.dtype)  # (B, *roi)
+                    values = weight * pc / float(norm[c]) if float(norm[c]) > 0 else torch.zeros_like(weight)
+            out[:, c] = values
+            written["values"] = values[:, None]
             return out
 
         def present(c: int, slices: Sequence[tuple[slice, ...]]) -> bool:
@@ -193,6 +196,12 @@ class ObjectiveSeeds:
             """The channels a seed of class ``c`` can be nonzero in: c alone, but every class for softmax."""
             return None if kind == "softmax" else (c,)
 
+        def live_values() -> torch.Tensor | None:
+            """The last seed on its live channel, (B, 1, *roi), its own tensor: ``seed[:, [c]]`` without
+            the strided gather out of the seed (None for softmax, whose seeds are dense)."""
+            return written.get("values")  # type: ignore[return-value]
+
         seed.present = present  # type: ignore[attr-defined]
         seed.live_channels = live_channels  # type: ignore[attr-defined]
+        seed.live_values = live_values  # type: ignore[attr-defined]
         return seed

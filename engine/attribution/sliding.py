@@ -42,7 +42,9 @@ MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 #: overwritten and returned; passed again, it holds the builder's last seed) and ``scale=`` (a factor
 #: folded into the seed): the CPU loop then builds one seed at a time in one buffer. And
 #: ``live_channels(k) -> tuple[int, ...] | None``: the channels a seed of class k can be nonzero in
-#: (None: any), which spares the engine's CPU kernels a pass over the seed to find them.
+#: (None: any), which spares the engine's CPU kernels a pass over the seed to find them; and
+#: ``live_values() -> Tensor | None``: the last seed on those channels as its own tensor
+#: (B, len(live), *roi), which spares them gathering it out of the seed.
 SeedFn = Callable[[int, Sequence[tuple[slice, ...]], torch.Tensor], torch.Tensor | None]
 
 
@@ -418,12 +420,15 @@ def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeo
             layout = kernels.norm_layout if kernels is not None and kernels.norm_layout else torch.contiguous_format
             scratch = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=layout)
             live_fn = getattr(seed_fn, "live_channels", None)
+            values_fn = getattr(seed_fn, "live_values", None)
             for j, i in enumerate(todo):
                 seed = seed_fn(classes[i], batch_slices, logits, out=scratch, scale=scale)  # type: ignore[call-arg]
                 assert seed is not None
                 seed = seed.to(logits.dtype)
                 live = live_fn(classes[i]) if live_fn is not None else None
-                with kernels.seed_channels(seed, live) if kernels is not None else nullcontext():
+                # the seed on its live channel as its own tensor: the kernels need not gather it back
+                values = values_fn() if values_fn is not None and live is not None else None
+                with kernels.seed_channels(seed, live, values) if kernels is not None else nullcontext():
                     g = _vjp(logits, win, seed, retain=j < len(todo) - 1)
                 _add(padded_maps, i, g, batch_slices)
             counters["vjps"] += len(todo) * len(batch_slices)

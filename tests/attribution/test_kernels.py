@@ -413,6 +413,7 @@ def test_a_seed_hint_spares_the_check_and_gives_the_same_bits():
 
     import engine.attribution.kernels as kernels
 
+    real_select = kernels._select_channels
     g = torch.Generator().manual_seed(8)
     w = torch.randn(17, 17, 3, 3, 3, generator=g).contiguous(memory_format=CL)
     x = torch.randn(1, 17, 12, 10, 9, generator=g).contiguous(memory_format=CL).requires_grad_(True)
@@ -440,13 +441,25 @@ def test_a_seed_hint_spares_the_check_and_gives_the_same_bits():
         assert len(checks) == 3
         with mode.seed_channels(torch.zeros(3), (0,)):  # a tensor without a channel axis: no hint
             assert mode.sites.hint is None
+        # the seed's values on its channel, handed over: not gathered out of the seed, the same bits
+        gathers = []
+        with mock.patch.object(kernels, "_select_channels", lambda *a: gathers.append(1) or real_select(*a)):
+            with mode.seed_channels(seed, (4,), seed[:, [4]].clone()):
+                (given,) = torch.autograd.grad(y, x, seed, retain_graph=True)
+            assert not gathers and torch.equal(given, checked)
+            for wrong in (seed[:, [4, 5]].clone(), seed[:, [4]].double(), seed[:, [4]].clone()[..., :-1]):
+                with mode.seed_channels(seed, (4,), wrong):  # not the seed's shape or dtype: ignored
+                    assert mode.sites.hint is not None and mode.sites.hint[2] is None
+            with mode.seed_channels(seed, (5, 4), seed[:, [5, 4]].clone()):  # unsorted: which is which?
+                assert mode.sites.hint[2] is None
     assert torch.equal(hinted, checked)
 
 
 def test_the_engines_class_seeds_are_zero_outside_the_channels_they_name():
-    """The seed builder's ``live_channels(c)`` is what the engine vouches for to the kernels: every
-    objective's seed of class c must be zero outside it, including when the scratch buffer held
-    another class's seed before (softmax seeds name none: they touch every channel)."""
+    """The seed builder's ``live_channels(c)`` and ``live_values()`` are what the engine vouches for to
+    the kernels: every objective's seed of class c must be zero outside c and equal the values on it,
+    including when the scratch buffer held another class's seed before (softmax seeds name none: they
+    touch every channel)."""
     from engine.attribution.objectives import OBJECTIVES, ObjectiveSeeds
     from engine.models import demo_model
 
@@ -471,6 +484,8 @@ def test_the_engines_class_seeds_are_zero_outside_the_channels_they_name():
             outside = torch.ones(17, dtype=torch.bool)
             outside[list(live)] = False
             assert seed[:, outside].abs().sum() == 0 and seed[:, c].abs().sum() > 0
+            values = fn.live_values()  # the seed on its live channel, its own tensor
+            assert torch.equal(values, seed[:, [c]]) and values.data_ptr() != seed.data_ptr()
 
 
 # ----------------------------------------------------------------------------- the instance-norm guard
@@ -665,15 +680,17 @@ def test_aten_instance_norm_binds_its_own_argument_order():
 def test_the_engine_builds_class_seeds_in_the_layout_of_the_models_norms(monkeypatch):
     """On the demo UNet (channels-last norms in the engine's kernel) the class seeds are channels-last,
     so the head's residual meets them without a transposing add; with PyTorch's kernels they stay
-    contiguous (its norms return contiguous tensors). The maps agree either way."""
+    contiguous (its norms return contiguous tensors). The maps agree either way. With each seed the
+    engine hands the kernels the seed on its live channel as its own tensor, and it is exactly that."""
     from engine.models import demo_model
 
     seen: list[torch.memory_format] = []
     original = EngineKernels.seed_channels
 
-    def spy(self, seed, channels):
+    def spy(self, seed, channels, values=None):
         seen.append(CL if seed.is_contiguous(memory_format=CL) and not seed.is_contiguous() else torch.contiguous_format)
-        return original(self, seed, channels)
+        assert values is not None and torch.equal(values, seed[:, list(channels)])
+        return original(self, seed, channels, values)
 
     monkeypatch.setattr(EngineKernels, "seed_channels", spy)
     model = demo_model().module.eval()
@@ -763,3 +780,95 @@ def test_a_channels_last_norm_whose_output_the_model_modifies_in_place(affine):
     (gx,) = torch.autograd.grad(y, xr, seed)
     assert mode.norm_calls == 1
     assert _rel(gx.double(), g64) < 1e-5
+
+
+def _residual_seed(shape, kind, g):
+    """A seed for a residual head's output: one live channel over the window, one live channel on a
+    corner box (the dead-voxel path), or every channel live."""
+    seed = torch.zeros(shape)
+    if kind == "channel":
+        seed[:, 4] = torch.randn(shape[2:], generator=g)
+    elif kind == "box":
+        seed[:, 4, :3, 1:4, -2:] = torch.randn(3, 3, 2, generator=g)
+    else:
+        seed = torch.randn(shape, generator=g)
+    return seed.contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("kind", ["channel", "box", "dense"])
+@pytest.mark.parametrize("x_layout", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("kernel,padding,dilation", [(3, 1, 1), (3, 2, 2), ((3, 1, 5), (1, 0, 2), 1), (1, 0, 1)])
+@pytest.mark.parametrize("shortcut_first", [False, True])
+def test_a_residual_heads_identity_is_folded_into_its_convolutions_backward(kind, x_layout, kernel, padding, dilation,
+                                                                          shortcut_first):
+    """``conv(h) + h`` (MONAI's ResidualUnit with an identity shortcut: the demo UNet's head) takes its
+    input gradient as one transposed convolution by the kernel plus the identity at its centre tap,
+    instead of that and a full-resolution add. The forward is the same add, bit for bit; the input
+    gradient equals float64 autograd's for narrowed, boxed and dense seeds, either operand order."""
+    g = torch.Generator().manual_seed(21)
+    kw = dict(padding=padding, dilation=dilation)
+    w, x, xr, y_ref = _float64_head(g, kernel, x_layout, (12, 10, 9), **kw)
+    y_ref = xr + y_ref if shortcut_first else y_ref + xr
+    seed = _residual_seed(y_ref.shape, kind, g)
+    (g_ref,) = torch.autograd.grad(y_ref, xr, seed.double())
+    wf = w.float().contiguous(memory_format=CL)
+    xr = x.clone().requires_grad_(True)
+    with EngineKernels() as mode:
+        conv = F.conv3d(xr, wf, **kw)
+        y = xr + conv if shortcut_first else conv + xr
+    assert mode.sites.folded == 1
+    assert torch.equal(y.detach(), conv.detach() + x)  # the forward is the same add
+    (gx,) = torch.autograd.grad(y, xr, seed)
+    assert _rel(gx.double(), g_ref) < 1e-6
+    if kind != "dense":
+        assert mode.sites.narrowed == 1
+    if kind == "box":
+        assert mode.sites.boxed == 1
+    assert torch.equal(wf, w.float())  # the model's weight is untouched; the folded one is a copy
+    (wr,) = mode.sites.residuals.values()
+    assert torch.equal(wr, wf + _centre_identity(wf))
+
+
+def _centre_identity(w: torch.Tensor) -> torch.Tensor:
+    eye = torch.zeros_like(w)
+    for c in range(w.shape[0]):
+        eye[(c, c, *(k // 2 for k in w.shape[2:]))] = 1.0
+    return eye
+
+
+def test_adds_that_are_not_an_identity_residual_keep_autograds_add():
+    """The fold applies only to ``conv(x) + x`` itself: a convolution added to another tensor, a scaled
+    add, a strided or channel-changing convolution, float64 or bf16 autocast keep autograd's add; and
+    where the convolution's output is used elsewhere as well its gradient still flows there."""
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(8, 8, 3, 3, 3, generator=g)
+    x = torch.randn(1, 8, 9, 8, 7, generator=g).contiguous(memory_format=CL)
+    other = torch.randn_like(x)
+
+    def grads(fn, dtype=torch.float32, autocast=False):
+        xr = x.to(dtype).requires_grad_(True)
+        outs = {}
+        for mode_on in (False, True):
+            xi = xr.detach().clone().requires_grad_(True)
+            with EngineKernels() if mode_on else torch.enable_grad() as mode, \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = fn(xi, w.to(dtype))
+            seed = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+            (gx,) = torch.autograd.grad(y, xi, seed)
+            outs[mode_on] = (gx, mode.sites.folded if mode_on else None)
+        return outs
+
+    cases = {
+        "another tensor": lambda t, w: F.conv3d(t, w, padding=1) + other,
+        "scaled": lambda t, w: torch.add(F.conv3d(t, w, padding=1), t, alpha=2.0),
+        "a copy of the input": lambda t, w: F.conv3d(t, w, padding=1) + t * 1.0,
+        "the output used twice": lambda t, w: (lambda c: c + t + c.sin())(F.conv3d(t, w, padding=1)),
+    }
+    for name, fn in cases.items():
+        out = grads(fn)
+        assert out[True][1] == (1 if name == "the output used twice" else 0), name
+        assert _rel(out[True][0], out[False][0]) < 1e-5, name
+    out = grads(cases["the output used twice"], dtype=torch.float64)
+    assert out[True][1] == 0 and _rel(out[True][0], out[False][0]) < 1e-12
+    out = grads(lambda t, w: F.conv3d(t, w, padding=1) + t, autocast=True)
+    assert out[True][1] == 0
