@@ -81,7 +81,9 @@ class AttributionSpec:
     window_batch: int = 1
     class_chunk: int | None = None
     vjp: str = "auto"
-    kernels: str = "auto"  # CPU kernels: "auto"/"engine" (engine.attribution.kernels) or "torch" (PyTorch's own)
+    # CPU kernels: "auto"/"engine" (engine.attribution.kernels), "compiled" (those with the norm + PReLU
+    # backward fused by torch.compile; "auto" does that for windows of 64^3 voxels and more) or "torch"
+    kernels: str = "auto"
     autocast: str | None = None  # "bf16" or "fp16" on GPUs
     seed: int = 0
     save_maps: tuple[str, ...] = ()  # patient ids whose maps are written as NIfTI (source grid and affine)
@@ -116,7 +118,8 @@ class AttributionSpec:
         if self.vjp not in ("auto", "loop", "batched"):
             raise JobSpecError(f"[attribution] vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
         if self.kernels not in KERNELS:
-            raise JobSpecError(f"[attribution] kernels must be 'auto', 'engine' or 'torch', got {self.kernels!r}")
+            raise JobSpecError(f"[attribution] kernels must be one of {', '.join(repr(k) for k in KERNELS)}, "
+                               f"got {self.kernels!r}")
 
     def method_options(self) -> dict[str, Any]:
         """Options of the chosen method only, as ``explain_volume`` takes them."""

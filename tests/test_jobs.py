@@ -105,7 +105,7 @@ def test_a_wrong_value_is_one_line_naming_its_table_and_key(section, values, exp
 def test_constructing_or_replacing_a_section_checks_it_too() -> None:
     with pytest.raises(JobSpecError, match=r"\[runtime\] in_flight: must be an integer"):
         RuntimeSpec(in_flight="2")
-    with pytest.raises(JobSpecError, match=r"\[attribution\] kernels must be 'auto', 'engine' or 'torch'"):
+    with pytest.raises(JobSpecError, match=r"\[attribution\] kernels must be one of 'auto', 'engine', 'compiled', 'torch'"):
         AttributionSpec(kernels="mkl")
     with pytest.raises(JobSpecError, match=r"\[cohort\] needs exactly one of"):
         dataclasses.replace(CohortSpec(phantoms=2), manifest="m.csv")

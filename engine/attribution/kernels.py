@@ -79,6 +79,7 @@ restored afterwards) and enters :class:`EngineKernels` when :func:`resolve_kerne
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections.abc import Iterator, Sequence
@@ -88,7 +89,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch.overrides import TorchFunctionMode
 
-Kernels = Literal["auto", "engine", "torch"]
+_log = logging.getLogger(__name__)
+
+Kernels = Literal["auto", "engine", "compiled", "torch"]
 #: The accepted values of ``kernels`` (``SlidingWindow``, a job's ``[attribution] kernels``).
 KERNELS: tuple[str, ...] = get_args(Kernels)
 
@@ -112,18 +115,19 @@ def resolve_kernels(kernels: Kernels, device: torch.device | str) -> bool:
     """True when the model should run under :class:`EngineKernels`.
 
     ``auto``: on CPUs whose PyTorch has oneDNN; ``engine``: the same, and an error where it cannot
-    apply; ``torch``: PyTorch's own kernels everywhere.
+    apply; ``compiled``: ``engine``, with the instance norms' and PReLUs' backwards fused by
+    ``torch.compile`` (:class:`_NormPReLU`); ``torch``: PyTorch's own kernels everywhere.
     """
     if kernels not in KERNELS:
-        raise ValueError(f"kernels must be 'auto', 'engine' or 'torch', got {kernels!r}")
+        raise ValueError(f"kernels must be one of {', '.join(repr(k) for k in KERNELS)}, got {kernels!r}")
     if kernels == "torch":
         return False
     on_cpu = torch.device(device).type == "cpu"
-    if kernels == "engine" and not on_cpu:
-        raise ValueError(f"kernels 'engine' run on CPUs only, not on {torch.device(device)}; "
+    if kernels in ("engine", "compiled") and not on_cpu:
+        raise ValueError(f"kernels {kernels!r} run on CPUs only, not on {torch.device(device)}; "
                          "use kernels='auto' or 'torch'")
-    if kernels == "engine" and not onednn_available():
-        raise ValueError("kernels 'engine' need a PyTorch build with oneDNN (torch.backends.mkldnn); "
+    if kernels in ("engine", "compiled") and not onednn_available():
+        raise ValueError(f"kernels {kernels!r} need a PyTorch build with oneDNN (torch.backends.mkldnn); "
                          "use kernels='auto' or 'torch'")
     return on_cpu and onednn_available()
 
@@ -511,6 +515,20 @@ def _prelu_eligible(x: Any, a: Any) -> bool:
             and a.is_floating_point() and (a.numel() == 1 or a.numel() == x.shape[1]))
 
 
+#: ``kernels="auto"`` compiles the fused instance-norm + PReLU backward (:class:`_NormPReLU`) for windows
+#: of at least this many voxels. Measured on the demo UNet (BENCHMARKS.md): a class VJP 5% faster at
+#: 48^3, 16% at 64^3, 29% at 96^3, where the full-resolution tensors outgrow the CPU's caches and every
+#: pass the eager kernels make goes to memory; the compile costs seconds once per process.
+FUSE_MIN_VOXELS = 1 << 18
+
+
+def resolve_fused(kernels: Kernels, roi_size: Sequence[int]) -> bool:
+    """Whether the engine's kernels also run the compiled fused norm + PReLU backward: always for
+    ``compiled``, for ``auto`` when a window has at least :data:`FUSE_MIN_VOXELS` voxels, never for
+    ``engine`` or ``torch``. (Only where :func:`resolve_kernels` turns the engine's kernels on.)"""
+    return kernels == "compiled" or (kernels == "auto" and math.prod(int(r) for r in roi_size) >= FUSE_MIN_VOXELS)
+
+
 #: Instance norms of channels-last tensors with at least this many elements per sample run in the
 #: engine's own channels-last kernel; smaller ones (where its few extra operations cost more than the
 #: transposing copies they save) keep PyTorch's, under the guard.
@@ -573,27 +591,125 @@ class _InstanceNorm(torch.autograd.Function):
         ctx.save_for_backward(x_hat)
         scale = rstd if weight is None else rstd * weight.to(x.dtype)  # per (sample, channel): the gradient's scale
         ctx.norm = (k, scale, _tiled(scale, k))
+        ctx.affine = not (weight is None and bias is None)
+        # A PReLU fused with this norm (_NormPReLU) leaves its output gradient here, by backward pass,
+        # and passes nothing down its own edge: without it the norm's output may get no gradient at all
+        ctx.stash = {}
+        ctx.set_materialize_grads(False)
         # the model may modify the output in place (``out += residual`` in MONAI's UnetResBlock, Swin
         # UNETR's decoder): the saved x_hat must not be it
         return y.clone() if x_hat is y else y
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None]:
+        fused = ctx.stash.pop(torch._C._current_graph_task_id(), None)
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (x_hat,) = ctx.saved_tensors
-        k, scale, tiled_scale = ctx.norm
-        n, c = x_hat.shape[:2]
-        g = g.to(x_hat.dtype).contiguous(memory_format=torch.channels_last_3d)
-        gr, xr = _rows(g, k), _rows(x_hat, k)
-        # the means of g and of g * x_hat per (sample, channel), times -scale: (2, N, C)
-        sums = torch.stack((gr.sum(1), (gr * xr).sum(1))).view(2, n, k, c).sum(2)
-        coef = _tiled(sums.mul_(scale).div_(-(gr.shape[1] * k)), k)
-        gx = torch.empty_like(x_hat)
-        out = _rows(gx, k)
-        torch.addcmul(coef[0], xr, coef[1], out=out)
-        out.addcmul_(gr, tiled_scale)
+        gx = None if fused is None else _NormPReLU.input_gradient(*fused, x_hat, ctx.norm)
+        if g is not None:  # the norm's output used elsewhere too (or not fused at all)
+            gn = _norm_input_gradient(g, x_hat, ctx.norm)
+            gx = gn if gx is None else gx.add_(gn)
         return gx, None, None, None
+
+
+def _norm_input_gradient(g: torch.Tensor, x_hat: torch.Tensor, norm: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """:class:`_InstanceNorm`'s input gradient for output gradient ``g`` (``norm``: its forward's state)."""
+    k, scale, tiled_scale = norm
+    n, c = x_hat.shape[:2]
+    g = g.to(x_hat.dtype).contiguous(memory_format=torch.channels_last_3d)
+    gr, xr = _rows(g, k), _rows(x_hat, k)
+    # the means of g and of g * x_hat per (sample, channel), times -scale: (2, N, C)
+    sums = torch.stack((gr.sum(1), (gr * xr).sum(1))).view(2, n, k, c).sum(2)
+    coef = _tiled(sums.mul_(scale).div_(-(gr.shape[1] * k)), k)
+    gx = torch.empty_like(x_hat)
+    out = _rows(gx, k)
+    torch.addcmul(coef[0], xr, coef[1], out=out)
+    out.addcmul_(gr, tiled_scale)
+    return gx
+
+
+def _norm_prelu_gradient(gy: torch.Tensor, y: torch.Tensor, x_hat: torch.Tensor, slope: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """The input gradient of ``prelu(instance_norm(x))`` for the PReLU's output gradient ``gy``, in one
+    function for ``torch.compile`` to fuse: ``y`` is the norm's output (the PReLU's input), ``x_hat``
+    the normalised input, ``slope`` PReLU's weight (1, C or 1, 1, 1, 1) and ``scale`` rstd times the
+    norm's weight (N, C, 1, 1, 1). Two passes over full-resolution tensors where the eager kernels
+    (PReLU's backward, then the norm's) make about thirteen."""
+    g = torch.where(y > 0, gy, gy * slope)
+    n = g[0, 0].numel()
+    mean_g = g.sum((2, 3, 4), keepdim=True) / n
+    mean_gx = (g * x_hat).sum((2, 3, 4), keepdim=True) / n
+    return scale * (g - mean_g - x_hat * mean_gx)
+
+
+class _Compiled:
+    """``torch.compile`` of :func:`_norm_prelu_gradient`, made on first use in the process. When compiling
+    fails (no C++ compiler, an unsupported PyTorch) it says so once, in one line, and the fused norm
+    runs its eager kernels from then on: the values are the same up to rounding and nothing is lost."""
+
+    fn: Any = None
+    failed: str | None = None
+
+    @classmethod
+    def norm_prelu(cls) -> Any:
+        if cls.fn is None and cls.failed is None:
+            cls.fn = torch.compile(_norm_prelu_gradient, fullgraph=True)
+        return cls.fn
+
+    @classmethod
+    def fail(cls, err: BaseException) -> None:
+        cls.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        cls.fn = None
+        _log.warning("kernels='compiled': torch.compile of the fused instance-norm + PReLU backward failed (%s); "
+                     "running the engine's eager kernels instead (the same values; use kernels='engine' to skip "
+                     "the attempt)", cls.failed)
+
+
+class _NormPReLU(torch.autograd.Function):
+    """``prelu(y, a)`` where ``y`` is the output of an :class:`_InstanceNorm` (MONAI's ADN: norm, dropout,
+    activation), whose input gradient is taken together with the norm's in one compiled kernel
+    (:func:`_norm_prelu_gradient`) instead of PReLU's backward and then the norm's.
+
+    The forward is the same PReLU. The backward leaves its output gradient with the norm's node, keyed
+    by the running backward pass, and passes nothing down to y; the norm's backward, which autograd
+    runs after it, takes x's gradient from that gradient and from whatever else reached y (another use
+    of the norm's output). So gradients through other paths still count, and a pass that is cut short
+    leaves nothing behind for the next. Falls back to the two eager kernels when compiling fails.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, a: torch.Tensor, norm: Any) -> torch.Tensor:
+        ctx.norm_node = norm
+        # the PReLU's branch is chosen on y, which equals the saved x_hat when the norm has no affine parameters
+        ctx.fused = (y if norm.affine else None, a.to(y.dtype).reshape(1, -1, 1, 1, 1))
+        return torch.prelu(y, a)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor | None) -> tuple[None, None, None]:
+        if gy is not None:
+            y, slope = ctx.fused
+            ctx.norm_node.stash[torch._C._current_graph_task_id()] = (gy, y, slope)
+        return None, None, None
+
+    @staticmethod
+    def input_gradient(gy: torch.Tensor, y: torch.Tensor | None, slope: torch.Tensor, x_hat: torch.Tensor,
+                       norm: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x's gradient through the norm and the PReLU, for the PReLU's output gradient ``gy``."""
+        y = x_hat if y is None else y
+        gy = gy.to(x_hat.dtype).contiguous(memory_format=torch.channels_last_3d)
+        fn = _Compiled.norm_prelu()
+        if fn is not None:
+            try:
+                n, c = x_hat.shape[:2]
+                with torch._C.DisableTorchFunction():  # traced without the engine's mode around it
+                    gx = fn(gy, y, x_hat, slope, norm[1].view(n, c, 1, 1, 1))
+                return gx.contiguous(memory_format=torch.channels_last_3d)
+            except Exception as err:  # noqa: BLE001 - any compile failure falls back, once, said in one line
+                _Compiled.fail(err)
+        g = torch.where(y > 0, gy, gy * slope) if slope.numel() > 1 else torch.ops.aten.leaky_relu_backward(
+            gy, y, float(slope), False)
+        return _norm_input_gradient(g, x_hat, norm)
 
 
 #: The arguments of ``torch.nn.functional.instance_norm`` and of ``torch.instance_norm`` (ATen's order).
@@ -647,10 +763,12 @@ class EngineKernels(TorchFunctionMode):
     instance norms it ran channels-last and ``guarded`` those it guarded, for tests and benchmarks.
     """
 
-    def __init__(self, fast: bool = True, guard: bool = True) -> None:
+    def __init__(self, fast: bool = True, guard: bool = True, fuse: bool = False) -> None:
         super().__init__()
         self.fast = fast
         self.guard = guard
+        self.fuse = fast and fuse
+        self.fused_calls = 0  # PReLUs fused with the instance norm before them (_NormPReLU)
         self.calls = 0
         self.prelu_calls = 0
         self.guarded = 0
@@ -697,6 +815,18 @@ class EngineKernels(TorchFunctionMode):
                 self.sites.folded += 1
                 return _ResidualConv.apply(x, y.detach(), self.sites.residual(node.conv))
         return None
+
+    def _norm_prelu(self, y: Any, a: Any) -> torch.Tensor | None:
+        """``prelu(y, a)`` as :class:`_NormPReLU` when y is the output of the engine's instance norm,
+        the weight is frozen and everything is float32, outside autocast; else None."""
+        if not (isinstance(y, torch.Tensor) and _prelu_eligible(y, a) and y.dtype == torch.float32
+                and a.dtype == torch.float32 and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            return None
+        node = y.grad_fn
+        if not isinstance(node, _InstanceNorm._backward_cls):
+            return None
+        self.fused_calls += 1
+        return _NormPReLU.apply(y, a, node)
 
     def _site(self, w: torch.Tensor, groups: int) -> _Site:
         return (self.sites, (w.data_ptr(), tuple(w.shape))) if groups == 1 else None
@@ -745,6 +875,9 @@ class EngineKernels(TorchFunctionMode):
                                                   self._site(a["weight"], a["groups"]))
         elif func is torch.prelu or func is torch.nn.functional.prelu:
             a = _bind(("input", "weight"), args, kwargs)
+            fused = self._norm_prelu(a["input"], a["weight"]) if a is not None and self.fuse else None
+            if fused is not None:
+                return fused
             if a is not None and _prelu_eligible(a["input"], a["weight"]):
                 self.prelu_calls += 1
                 return _PReLU.apply(a["input"], a["weight"])
@@ -765,13 +898,15 @@ def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def engine_kernels(model: torch.nn.Module, on: bool, guard: bool = True) -> Iterator[EngineKernels | None]:
+def engine_kernels(model: torch.nn.Module, on: bool, guard: bool = True,
+                   fuse: bool = False) -> Iterator[EngineKernels | None]:
     """Frozen parameters, and :class:`EngineKernels` with its fast kernels when ``on`` (from
-    :func:`resolve_kernels`) and its instance-norm guard when ``guard`` (the engine sets it whenever
+    :func:`resolve_kernels`), its compiled fused norm + PReLU backward when also ``fuse``
+    (``kernels='compiled'``) and its instance-norm guard when ``guard`` (the engine sets it whenever
     the model runs channels-last); yields the mode (or None) so callers can read its counters."""
     with frozen_parameters(model):
         if not (on or guard):
             yield None
             return
-        with EngineKernels(fast=on, guard=guard) as mode:
+        with EngineKernels(fast=on, guard=guard, fuse=fuse) as mode:
             yield mode

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from engine.attribution.kernels import KERNELS, EngineKernels, Kernels, engine_kernels, resolve_kernels
+from engine.attribution.kernels import (
+    KERNELS,
+    EngineKernels,
+    Kernels,
+    engine_kernels,
+    resolve_fused,
+    resolve_kernels,
+)
 
 BlendMode = Literal["constant", "gaussian", "nnunet"]
 VJPMode = Literal["auto", "loop", "batched"]
@@ -88,7 +95,7 @@ class SlidingWindow:
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {self.memory_format!r}")
         if self.kernels not in KERNELS:
-            raise ValueError(f"kernels must be 'auto', 'engine' or 'torch', got {self.kernels!r}")
+            raise ValueError(f"kernels must be one of {', '.join(repr(k) for k in KERNELS)}, got {self.kernels!r}")
 
     def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> WindowGeometry:
@@ -380,7 +387,8 @@ def window_gradients(
     # alone; engine.attribution.kernels); vmap-batched VJPs keep PyTorch's, which vmap can batch
     fast = resolve_kernels(geometry.window.kernels, x.device) and mode != "batched"
     # a channels-last model needs the instance-norm guard on any kernels (a PyTorch bug; see kernels)
-    with engine_kernels(model, fast, guard=fmt == torch.channels_last_3d) as kernels, \
+    with engine_kernels(model, fast, guard=fmt == torch.channels_last_3d,
+                        fuse=resolve_fused(geometry.window.kernels, geometry.roi_size)) as kernels, \
             _exact_if_fp32(geometry.window.autocast):
         _window_passes(model, xp, geometry, classes, seed_fn, padded_maps, counters, mode=mode, fmt=fmt,
                        scale=scale, kernels=kernels)

@@ -872,3 +872,116 @@ def test_adds_that_are_not_an_identity_residual_keep_autograds_add():
     assert out[True][1] == 0 and _rel(out[True][0], out[False][0]) < 1e-12
     out = grads(lambda t, w: F.conv3d(t, w, padding=1) + t, autocast=True)
     assert out[True][1] == 0
+
+
+# ----------------------------------------------------------------------------- compiled norm + PReLU
+
+
+def _norm_prelu_block(c: int, affine: bool, slopes: int, other_use: bool = False) -> torch.nn.Module:
+    """conv -> instance norm -> PReLU -> conv (MONAI's Convolution block and the next), frozen; with
+    ``other_use`` the norm's output is also added to the block's output (a second path through it)."""
+    g = torch.Generator().manual_seed(31)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv3d(2, c, 3, padding=1)
+            self.norm = torch.nn.InstanceNorm3d(c, affine=affine)
+            self.act = torch.nn.PReLU(slopes, init=0.2)
+            self.b = torch.nn.Conv3d(c, c, 3, padding=1)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                self.act.weight.copy_(torch.rand(slopes, generator=g) * 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(self.a(x))
+            out = self.b(self.act(y))
+            return out + y.sin() if other_use else out
+
+    return Block().eval()
+
+
+@pytest.mark.parametrize("affine,slopes,other_use", [(False, 1, False), (True, 8, False), (False, 1, True)])
+def test_the_compiled_norm_prelu_backward_equals_float64(affine, slopes, other_use):
+    """``kernels='compiled'``: a PReLU after the engine's channels-last instance norm takes the input
+    gradient of both in one ``torch.compile``d kernel. The maps equal float64 autograd's (affine or not,
+    one slope or one per channel), and a second use of the norm's output still gets its gradient
+    through the norm's own node."""
+    from engine.attribution import kernels
+
+    model = _norm_prelu_block(8, affine, slopes, other_use)
+    x = torch.randn(1, 2, 21, 20, 20, generator=torch.Generator().manual_seed(4))  # 8 x 8400 >= 2^16 per sample
+    seed = torch.randn(1, 8, 21, 20, 20, generator=torch.Generator().manual_seed(5))
+    xr = x.double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(copy_double(model)(xr), xr, seed.double())
+    model.to(memory_format=CL)
+    xc = x.contiguous(memory_format=CL).requires_grad_(True)
+    with engine_kernels(model, True, guard=True, fuse=True) as mode:
+        out = model(xc)
+        (gx,) = torch.autograd.grad(out, xc, seed.contiguous(memory_format=CL))
+    assert mode.norm_calls == 1 and mode.fused_calls == 1
+    assert kernels._Compiled.failed is None  # compiled, not the eager fallback
+    assert _rel(gx.double(), ref) < 1e-5
+
+
+def copy_double(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def test_a_failed_compile_says_so_once_and_falls_back_to_the_eager_kernels(monkeypatch, caplog):
+    """Without a working ``torch.compile`` (no C++ compiler, say) the fused backward logs one line
+    naming the cure, runs the engine's eager kernels, and does not try again in the process."""
+    from engine.attribution import kernels
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler found\ndetails")
+
+    monkeypatch.setattr(kernels._Compiled, "fn", broken)
+    monkeypatch.setattr(kernels._Compiled, "failed", None)
+    model = _norm_prelu_block(8, False, 1)
+    x = torch.randn(1, 2, 21, 20, 20, generator=torch.Generator().manual_seed(4))
+    seed = torch.randn(1, 8, 21, 20, 20, generator=torch.Generator().manual_seed(5)).contiguous(memory_format=CL)
+    grads = {}
+    for fuse in (True, True, False):
+        model.to(memory_format=CL)
+        xc = x.contiguous(memory_format=CL).requires_grad_(True)
+        with engine_kernels(model, True, guard=True, fuse=fuse) as mode, caplog.at_level("WARNING"):
+            (g,) = torch.autograd.grad(model(xc), xc, seed)
+        grads.setdefault(fuse, []).append(g)
+    assert len(calls) == 1  # tried once
+    warned = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warned) == 1 and "no C++ compiler found" in warned[0] and "details" not in warned[0]
+    assert "kernels='engine'" in warned[0]
+    # the fallback is the eager kernels' arithmetic, bit for bit
+    assert torch.equal(grads[True][0], grads[False][0]) and torch.equal(grads[True][1], grads[False][0])
+
+
+def test_which_runs_fuse_the_norm_and_prelu():
+    """``compiled`` always, ``auto`` from 64^3-voxel windows, ``engine`` and ``torch`` never; inside the
+    kernels only a float32 PReLU of the engine's own norm output fuses (not under autocast, not after
+    PyTorch's norm)."""
+    from engine.attribution.kernels import FUSE_MIN_VOXELS, resolve_fused
+
+    assert resolve_fused("compiled", (8, 8, 8)) and not resolve_fused("engine", (128,) * 3)
+    assert not resolve_fused("torch", (128,) * 3)
+    assert resolve_fused("auto", (64, 64, 64)) and FUSE_MIN_VOXELS == 64 ** 3
+    assert not resolve_fused("auto", (64, 64, 63)) and not resolve_fused("auto", (48, 40, 40))  # the demo's
+    model = _norm_prelu_block(8, False, 1).to(memory_format=CL)
+    small = torch.randn(1, 2, 12, 12, 12).contiguous(memory_format=CL).requires_grad_(True)  # PyTorch's norm
+    big = torch.randn(1, 2, 21, 20, 20).contiguous(memory_format=CL).requires_grad_(True)
+    with engine_kernels(model, True, guard=True, fuse=True) as mode:
+        model(small)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(big)
+        with torch.no_grad():
+            model(big)
+    assert mode.fused_calls == 0
+    with engine_kernels(model, True, guard=True, fuse=False) as mode:
+        model(big)
+    assert mode.fused_calls == 0 and mode.norm_calls == 1
