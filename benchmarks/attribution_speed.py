@@ -12,6 +12,9 @@ tiled volumes), interleaved over ``--repeats``:
   (``kernels="torch"``, the previous default) and the contiguous layout with PyTorch's kernels (the
   one before), maps compared with Captum's (max-norm relative error, goal <= 1e-5) and the ratio
   Captum / engine (goal >= 2.5);
+* **the engine with ``kernels="compiled"``** (its instance-norm + PReLU backward fused by
+  ``torch.compile``; ``kernels="auto"`` does that from 64^3-voxel windows), its ratio to the fp32 engine
+  and its maps' relative error;
 * **the engine with bf16 autocast** (opt-in), its ratio to the fp32 engine (goal >= 1.8) and its
   maps' relative error;
 * **FLOP/s**: the FLOPs of one window forward and of one class VJP counted by
@@ -363,10 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         "contiguous_over_channels_last": ratio("engine_fp32_contiguous", "engine_fp32_torch_kernels"),
         "torch_kernels_over_engine_kernels": ratio("engine_fp32_torch_kernels", "engine_fp32"),
         "bf16_speedup_over_fp32": ratio("engine_fp32", "engine_bf16"),
+        "compiled_speedup_over_fp32": ratio("engine_fp32", "engine_fp32_compiled"),
         "maps_rel_err_fp32_vs_captum": rel_err(maps["engine_fp32"], maps["captum"]),
         "maps_rel_err_fp32_contiguous_vs_captum": rel_err(maps["engine_fp32_contiguous"], maps["captum"]),
         "maps_rel_err_fp32_torch_kernels_vs_captum": rel_err(maps["engine_fp32_torch_kernels"], maps["captum"]),
         "maps_rel_err_bf16_vs_captum": rel_err(maps["engine_bf16"], maps["captum"]),
+        "maps_rel_err_compiled_vs_captum": rel_err(maps["engine_fp32_compiled"], maps["captum"]),
         "maps_rel_err_fp32_vs_float64": rel_err(maps["engine_fp32"], maps["float64"]),
         "maps_rel_err_captum_vs_float64": rel_err(maps["captum"], maps["float64"]),
         "maps_rel_l2_fp32_vs_float64": rel_l2(maps["engine_fp32"], maps["float64"]),
@@ -385,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"maps vs Captum, max relative error: fp32 {result['maps_rel_err_fp32_vs_captum']:.1e} (goal <= 1e-5), "
           f"bf16 {result['maps_rel_err_bf16_vs_captum']:.1e}; bf16 speed-up over fp32 "
           f"{result['bf16_speedup_over_fp32']:.2f} (goal >= 1.8)")
+    print(f"kernels='compiled' (the norm + PReLU backward fused by torch.compile; 'auto' from 64^3-voxel windows): "
+          f"{result['compiled_speedup_over_fp32']:.2f}x the fp32 engine, maps vs Captum "
+          f"{result['maps_rel_err_compiled_vs_captum']:.1e}")
     print(f"maps vs float64 (Captum's recipe in float64 on the same masks), max relative error: engine fp32 "
           f"{result['maps_rel_err_fp32_vs_float64']:.1e}, Captum fp32 {result['maps_rel_err_captum_vs_float64']:.1e}; "
           f"relative L2: engine {result['maps_rel_l2_fp32_vs_float64']:.1e}, Captum "

@@ -48,6 +48,22 @@ Where PyTorch's CPU defaults cost the engine most of its time, measured on the d
   gradient. It is as close to float64 as PyTorch's own (tested). :attr:`EngineKernels.norm_layout`
   tells the engine the norms' layout, and the engine builds its class seeds in it: through a
   residual head the seed meets the normalised activations without a transposing add.
+* **Residual heads.** MONAI's ``ResidualUnit`` with an identity shortcut ends the demo UNet: its
+  logits are ``conv(h) + h``. Autograd gives the seed to both branches and adds the convolution's input
+  gradient to it, a full-resolution add per class VJP. ``conv(x) + x`` for a routed float32 convolution
+  with as many output as input channels, stride 1 and a centred padding takes its input gradient as one
+  transposed convolution by the kernel plus the identity at its centre tap (:class:`_ResidualConv`;
+  the forward is the same add, bit for bit). The engine's seed builder also hands the kernels the seed
+  on its live channel as its own tensor, so the narrowed backward does not gather it out of the seed.
+* **Instance norm and PReLU, fused and compiled** (``kernels="compiled"``; ``"auto"`` from windows of
+  :data:`FUSE_MIN_VOXELS` voxels). The norm's backward and the PReLU's before it are memory-bound
+  passes over full-resolution tensors, about thirteen of them in eager kernels; at large windows those
+  tensors outgrow the CPU's caches and every pass goes to memory. A PReLU of the engine's norm output
+  (MONAI's ADN) leaves its output gradient with the norm (:class:`_NormPReLU`), whose backward takes
+  both in one ``torch.compile``d kernel (:func:`_norm_prelu_gradient`, two passes). The class VJP of
+  the demo UNet ran 5% faster at 48^3 windows, 9-16% at 64^3 and 16-29% at 96^3 (BENCHMARKS.md); the
+  compile costs seconds once per process and tensor shape. Where compiling fails it says so once and
+  the eager kernels run.
 * **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
   the saved input have different memory layouts (instance norms return contiguous tensors between
   channels-last convolutions) it falls to a scalar loop: ~1 ms per call, a quarter of a bf16 VJP.
@@ -667,30 +683,38 @@ class _Compiled:
 
 
 class _NormPReLU(torch.autograd.Function):
-    """``prelu(y, a)`` where ``y`` is the output of an :class:`_InstanceNorm` (MONAI's ADN: norm, dropout,
-    activation), whose input gradient is taken together with the norm's in one compiled kernel
-    (:func:`_norm_prelu_gradient`) instead of PReLU's backward and then the norm's.
+    """A PReLU, LeakyReLU or ReLU of ``y``, the output of an :class:`_InstanceNorm` (MONAI's ADN: norm,
+    dropout, activation; nnU-Net's and DynUNet's conv, norm, in-place LeakyReLU), whose input gradient is
+    taken together with the norm's in one compiled kernel (:func:`_norm_prelu_gradient`) instead of the
+    activation's backward and then the norm's.
 
-    The forward is the same PReLU. The backward leaves its output gradient with the norm's node, keyed
-    by the running backward pass, and passes nothing down to y; the norm's backward, which autograd
-    runs after it, takes x's gradient from that gradient and from whatever else reached y (another use
-    of the norm's output). So gradients through other paths still count, and a pass that is cut short
-    leaves nothing behind for the next. Falls back to the two eager kernels when compiling fails.
+    The forward is the same activation (in place when the call was: y is then marked dirty and comes
+    back as the output, as autograd's own in-place activations do). The backward leaves its output
+    gradient with the norm's node, keyed by the running backward pass, and passes nothing down to y; the
+    norm's backward, which autograd runs after it, takes x's gradient from that gradient and from
+    whatever else reached y (another use of the norm's output). So gradients through other paths still
+    count, and a pass that is cut short leaves nothing behind for the next. Falls back to the two eager
+    kernels when compiling fails.
     """
 
     @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, a: torch.Tensor, norm: Any) -> torch.Tensor:
+    def forward(ctx: Any, y: torch.Tensor, slope: torch.Tensor, norm: Any, act: Any, inplace: bool) -> torch.Tensor:
         ctx.norm_node = norm
-        # the PReLU's branch is chosen on y, which equals the saved x_hat when the norm has no affine parameters
-        ctx.fused = (y if norm.affine else None, a.to(y.dtype).reshape(1, -1, 1, 1, 1))
-        return torch.prelu(y, a)
+        if inplace:
+            ctx.mark_dirty(y)
+            out = act(y)  # y itself, activated; its sign is y's before (the slopes are >= 0, see _norm_act)
+        else:
+            out = act(y)
+        # the branch is chosen on y's sign, which is the saved x_hat's when the norm has no affine parameters
+        ctx.fused = (y if norm.affine else None, slope.to(y.dtype).reshape(1, -1, 1, 1, 1))
+        return out
 
     @staticmethod
-    def backward(ctx: Any, gy: torch.Tensor | None) -> tuple[None, None, None]:
+    def backward(ctx: Any, gy: torch.Tensor | None) -> tuple[None, ...]:
         if gy is not None:
             y, slope = ctx.fused
             ctx.norm_node.stash[torch._C._current_graph_task_id()] = (gy, y, slope)
-        return None, None, None
+        return None, None, None, None, None
 
     @staticmethod
     def input_gradient(gy: torch.Tensor, y: torch.Tensor | None, slope: torch.Tensor, x_hat: torch.Tensor,
@@ -739,6 +763,11 @@ def _norm_eligible(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         return None
     eps = 1e-5 if a["eps"] is None else a["eps"]
     return (x, w, b, float(eps)) if isinstance(eps, (int, float)) else None
+
+
+#: Activations a norm's output may go through into :class:`_NormPReLU` (``kernels="compiled"``).
+_ACTIVATIONS = (torch.prelu, torch.nn.functional.prelu, torch.nn.functional.leaky_relu, torch.nn.functional.leaky_relu_,
+                torch.nn.functional.relu, torch.relu, torch.nn.functional.relu_, torch.relu_)
 
 
 class _GradInLayout(torch.autograd.Function):
@@ -816,17 +845,41 @@ class EngineKernels(TorchFunctionMode):
                 return _ResidualConv.apply(x, y.detach(), self.sites.residual(node.conv))
         return None
 
-    def _norm_prelu(self, y: Any, a: Any) -> torch.Tensor | None:
-        """``prelu(y, a)`` as :class:`_NormPReLU` when y is the output of the engine's instance norm,
-        the weight is frozen and everything is float32, outside autocast; else None."""
-        if not (isinstance(y, torch.Tensor) and _prelu_eligible(y, a) and y.dtype == torch.float32
-                and a.dtype == torch.float32 and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+    def _norm_act(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """A PReLU, LeakyReLU or ReLU call as :class:`_NormPReLU` when its input is the output of the
+        engine's instance norm, a PReLU's weight is frozen, everything is float32, outside autocast, and
+        an in-place call's slope is not negative; else None."""
+        if func is torch.prelu or func is torch.nn.functional.prelu:
+            a = _bind(("input", "weight"), args, kwargs)
+            if a is None or not _prelu_eligible(a["input"], a["weight"]) or a["weight"].dtype != torch.float32:
+                return None
+            y, slope, inplace = a["input"], a["weight"], False
+            act = lambda t: torch.prelu(t, slope)  # noqa: E731
+        elif func in (torch.nn.functional.leaky_relu, torch.nn.functional.leaky_relu_):
+            a = _bind(("input", "negative_slope", "inplace"), args, kwargs)
+            if a is None:
+                return None
+            neg = 0.01 if a["negative_slope"] is None else a["negative_slope"]
+            inplace = func is torch.nn.functional.leaky_relu_ or a["inplace"] is True
+            if not isinstance(neg, (int, float)) or (inplace and neg < 0):
+                return None
+            y, slope = a["input"], torch.tensor([float(neg)])
+            act = (lambda t: torch._C._nn.leaky_relu_(t, neg)) if inplace else (  # noqa: E731
+                lambda t: torch._C._nn.leaky_relu(t, neg))
+        elif func in (torch.nn.functional.relu, torch.relu, torch.nn.functional.relu_, torch.relu_):
+            a = _bind(("input", "inplace"), args, kwargs)
+            if a is None:
+                return None
+            y, slope = a["input"], torch.zeros(1)
+            inplace = func in (torch.nn.functional.relu_, torch.relu_) or a["inplace"] is True
+            act = torch.relu_ if inplace else torch.relu
+        else:
             return None
-        node = y.grad_fn
-        if not isinstance(node, _InstanceNorm._backward_cls):
+        if not (isinstance(y, torch.Tensor) and y.dtype == torch.float32 and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and isinstance(y.grad_fn, _InstanceNorm._backward_cls)):
             return None
         self.fused_calls += 1
-        return _NormPReLU.apply(y, a, node)
+        return _NormPReLU.apply(y, slope, y.grad_fn, act, inplace)
 
     def _site(self, w: torch.Tensor, groups: int) -> _Site:
         return (self.sites, (w.data_ptr(), tuple(w.shape))) if groups == 1 else None
@@ -873,11 +926,12 @@ class EngineKernels(TorchFunctionMode):
                     self.calls += 1
                     return _ConvTranspose3d.apply(a["input"], a["weight"], a["bias"], s, p, op, a["groups"], d, dtype,
                                                   self._site(a["weight"], a["groups"]))
-        elif func is torch.prelu or func is torch.nn.functional.prelu:
-            a = _bind(("input", "weight"), args, kwargs)
-            fused = self._norm_prelu(a["input"], a["weight"]) if a is not None and self.fuse else None
+        if self.fuse and func in _ACTIVATIONS:
+            fused = self._norm_act(func, args, kwargs)
             if fused is not None:
                 return fused
+        if func is torch.prelu or func is torch.nn.functional.prelu:
+            a = _bind(("input", "weight"), args, kwargs)
             if a is not None and _prelu_eligible(a["input"], a["weight"]):
                 self.prelu_calls += 1
                 return _PReLU.apply(a["input"], a["weight"])

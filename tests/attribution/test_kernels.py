@@ -877,9 +877,11 @@ def test_adds_that_are_not_an_identity_residual_keep_autograds_add():
 # ----------------------------------------------------------------------------- compiled norm + PReLU
 
 
-def _norm_prelu_block(c: int, affine: bool, slopes: int, other_use: bool = False) -> torch.nn.Module:
-    """conv -> instance norm -> PReLU -> conv (MONAI's Convolution block and the next), frozen; with
-    ``other_use`` the norm's output is also added to the block's output (a second path through it)."""
+def _norm_act_block(c: int, affine: bool, act: str, other_use: bool = False) -> torch.nn.Module:
+    """conv -> instance norm -> activation -> conv (MONAI's Convolution block, nnU-Net's with an in-place
+    LeakyReLU), frozen; with ``other_use`` the norm's output is also added to the block's output (a
+    second path through it). ``act``: ``prelu`` (one slope), ``prelu8`` (one per channel),
+    ``leaky_inplace`` or ``relu``."""
     g = torch.Generator().manual_seed(31)
 
     class Block(torch.nn.Module):
@@ -887,30 +889,37 @@ def _norm_prelu_block(c: int, affine: bool, slopes: int, other_use: bool = False
             super().__init__()
             self.a = torch.nn.Conv3d(2, c, 3, padding=1)
             self.norm = torch.nn.InstanceNorm3d(c, affine=affine)
-            self.act = torch.nn.PReLU(slopes, init=0.2)
+            self.act = {"prelu": lambda: torch.nn.PReLU(1, init=0.2), "prelu8": lambda: torch.nn.PReLU(c),
+                        "leaky_inplace": lambda: torch.nn.LeakyReLU(0.01, inplace=True),
+                        "relu": lambda: torch.nn.ReLU()}[act]()
             self.b = torch.nn.Conv3d(c, c, 3, padding=1)
             with torch.no_grad():
                 for p in self.parameters():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-                self.act.weight.copy_(torch.rand(slopes, generator=g) * 0.5)
+                if act.startswith("prelu"):
+                    self.act.weight.copy_(torch.rand(self.act.weight.shape, generator=g) * 0.5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.norm(self.a(x))
-            out = self.b(self.act(y))
-            return out + y.sin() if other_use else out
+            z = self.act(y)
+            assert (z is y) == (act == "leaky_inplace")  # an in-place activation stays in place
+            out = self.b(z)
+            return out + y.sin() if other_use and act != "leaky_inplace" else out
 
     return Block().eval()
 
 
-@pytest.mark.parametrize("affine,slopes,other_use", [(False, 1, False), (True, 8, False), (False, 1, True)])
-def test_the_compiled_norm_prelu_backward_equals_float64(affine, slopes, other_use):
-    """``kernels='compiled'``: a PReLU after the engine's channels-last instance norm takes the input
-    gradient of both in one ``torch.compile``d kernel. The maps equal float64 autograd's (affine or not,
-    one slope or one per channel), and a second use of the norm's output still gets its gradient
-    through the norm's own node."""
+@pytest.mark.parametrize("affine,act,other_use", [(False, "prelu", False), (True, "prelu8", False),
+                                                  (False, "prelu", True), (True, "leaky_inplace", False),
+                                                  (False, "relu", True)])
+def test_the_compiled_norm_activation_backward_equals_float64(affine, act, other_use):
+    """``kernels='compiled'``: a PReLU, LeakyReLU (in place, as nnU-Net's) or ReLU after the engine's
+    channels-last instance norm takes the input gradient of both in one ``torch.compile``d kernel. The
+    maps equal float64 autograd's (affine or not, one slope or one per channel), and a second use of
+    the norm's output still gets its gradient through the norm's own node."""
     from engine.attribution import kernels
 
-    model = _norm_prelu_block(8, affine, slopes, other_use)
+    model = _norm_act_block(8, affine, act, other_use)
     x = torch.randn(1, 2, 21, 20, 20, generator=torch.Generator().manual_seed(4))  # 8 x 8400 >= 2^16 per sample
     seed = torch.randn(1, 8, 21, 20, 20, generator=torch.Generator().manual_seed(5))
     xr = x.double().requires_grad_(True)
@@ -944,7 +953,7 @@ def test_a_failed_compile_says_so_once_and_falls_back_to_the_eager_kernels(monke
 
     monkeypatch.setattr(kernels._Compiled, "fn", broken)
     monkeypatch.setattr(kernels._Compiled, "failed", None)
-    model = _norm_prelu_block(8, False, 1)
+    model = _norm_act_block(8, False, "prelu")
     x = torch.randn(1, 2, 21, 20, 20, generator=torch.Generator().manual_seed(4))
     seed = torch.randn(1, 8, 21, 20, 20, generator=torch.Generator().manual_seed(5)).contiguous(memory_format=CL)
     grads = {}
@@ -962,17 +971,17 @@ def test_a_failed_compile_says_so_once_and_falls_back_to_the_eager_kernels(monke
     assert torch.equal(grads[True][0], grads[False][0]) and torch.equal(grads[True][1], grads[False][0])
 
 
-def test_which_runs_fuse_the_norm_and_prelu():
+def test_which_runs_fuse_the_norm_and_activation():
     """``compiled`` always, ``auto`` from 64^3-voxel windows, ``engine`` and ``torch`` never; inside the
-    kernels only a float32 PReLU of the engine's own norm output fuses (not under autocast, not after
-    PyTorch's norm)."""
+    kernels only a float32 activation of the engine's own norm output fuses (not under autocast, not
+    after PyTorch's norm, not an in-place LeakyReLU with a negative slope, which flips signs)."""
     from engine.attribution.kernels import FUSE_MIN_VOXELS, resolve_fused
 
     assert resolve_fused("compiled", (8, 8, 8)) and not resolve_fused("engine", (128,) * 3)
     assert not resolve_fused("torch", (128,) * 3)
     assert resolve_fused("auto", (64, 64, 64)) and FUSE_MIN_VOXELS == 64 ** 3
     assert not resolve_fused("auto", (64, 64, 63)) and not resolve_fused("auto", (48, 40, 40))  # the demo's
-    model = _norm_prelu_block(8, False, 1).to(memory_format=CL)
+    model = _norm_act_block(8, False, "prelu").to(memory_format=CL)
     small = torch.randn(1, 2, 12, 12, 12).contiguous(memory_format=CL).requires_grad_(True)  # PyTorch's norm
     big = torch.randn(1, 2, 21, 20, 20).contiguous(memory_format=CL).requires_grad_(True)
     with engine_kernels(model, True, guard=True, fuse=True) as mode:
@@ -984,4 +993,9 @@ def test_which_runs_fuse_the_norm_and_prelu():
     assert mode.fused_calls == 0
     with engine_kernels(model, True, guard=True, fuse=False) as mode:
         model(big)
+    assert mode.fused_calls == 0 and mode.norm_calls == 1
+    flipping = _norm_act_block(8, False, "leaky_inplace").to(memory_format=CL)
+    flipping.act.negative_slope = -0.5
+    with engine_kernels(flipping, True, guard=True, fuse=True) as mode:
+        flipping(big)
     assert mode.fused_calls == 0 and mode.norm_calls == 1

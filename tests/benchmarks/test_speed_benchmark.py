@@ -15,8 +15,10 @@ def test_speed_benchmark_reports_ratios_flops_and_exact_fp32_maps(tmp_path):
         assert phrase in proc.stdout, phrase
     assert fig["classes"] > 1
     assert fig["maps_rel_err_fp32_vs_captum"] <= 1e-5
+    assert fig["maps_rel_err_compiled_vs_captum"] <= 1e-5 and fig["compiled_speedup_over_fp32"] > 0
     # against float64 (Captum's recipe on the same masks) the engine is as close as Captum's fp32 is
     assert fig["maps_rel_l2_fp32_vs_float64"] <= max(1e-6, 2 * fig["maps_rel_l2_captum_vs_float64"])
-    for name in ("fp32_contiguous", "fp32_channels_last", "bf16_channels_last"):
+    assert fig["primitives"]["fp32_compiled"]["first_step_s"] > 0
+    for name in ("fp32_contiguous", "fp32_channels_last", "fp32_compiled", "bf16_channels_last"):
         prim = fig["primitives"][name]
         assert prim["forward_flops"] > 0 and prim["vjp_flops"] > 0 and prim["forward_of_matmul"] > 0
