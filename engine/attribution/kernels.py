@@ -60,10 +60,11 @@ Where PyTorch's CPU defaults cost the engine most of its time, measured on the d
   passes over full-resolution tensors, about thirteen of them in eager kernels; at large windows those
   tensors outgrow the CPU's caches and every pass goes to memory. A PReLU of the engine's norm output
   (MONAI's ADN) leaves its output gradient with the norm (:class:`_NormPReLU`), whose backward takes
-  both in one ``torch.compile``d kernel (:func:`_norm_prelu_gradient`, two passes). The class VJP of
-  the demo UNet ran 5% faster at 48^3 windows, 9-16% at 64^3 and 16-29% at 96^3 (BENCHMARKS.md); the
-  compile costs seconds once per process and tensor shape. Where compiling fails it says so once and
-  the eager kernels run.
+  both in one ``torch.compile``d kernel (:func:`_norm_prelu_gradient`, two passes). LeakyReLU (in
+  place too, as in nnU-Net and DynUNet) and ReLU fuse the same way. On the demo UNet a class VJP ran
+  5-8% faster at 48^3 windows, 9-16% at 64^3 and 16-29% at 96^3, whole volumes 1.01x, 1.11x and 1.23x
+  (BENCHMARKS.md); the compile costs about 15 s once per process with a cold Inductor cache. Where
+  compiling fails it says so once and the eager kernels run.
 * **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
   the saved input have different memory layouts (instance norms return contiguous tensors between
   channels-last convolutions) it falls to a scalar loop: ~1 ms per call, a quarter of a bf16 VJP.
@@ -532,9 +533,10 @@ def _prelu_eligible(x: Any, a: Any) -> bool:
 
 
 #: ``kernels="auto"`` compiles the fused instance-norm + PReLU backward (:class:`_NormPReLU`) for windows
-#: of at least this many voxels. Measured on the demo UNet (BENCHMARKS.md): a class VJP 5% faster at
-#: 48^3, 16% at 64^3, 29% at 96^3, where the full-resolution tensors outgrow the CPU's caches and every
-#: pass the eager kernels make goes to memory; the compile costs seconds once per process.
+#: of at least this many voxels. Measured on the demo UNet (BENCHMARKS.md): whole volumes 1.01x at the
+#: demo's 48 x 40 x 40 windows, 1.11x at 64^3 and 1.23x at 96^3, where the full-resolution tensors
+#: outgrow the CPU's caches and every pass the eager kernels make goes to memory; the compile (about
+#: 15 s once per process with a cold Inductor cache) pays after ~12 one-window volumes at 96^3.
 FUSE_MIN_VOXELS = 1 << 18
 
 
@@ -880,6 +882,16 @@ class EngineKernels(TorchFunctionMode):
             return None
         self.fused_calls += 1
         return _NormPReLU.apply(y, slope, y.grad_fn, act, inplace)
+
+    def seed_layout(self, out: torch.Tensor) -> torch.memory_format:
+        """The layout to build the class seeds of model output ``out`` in. Contiguous when ``out`` comes
+        straight from the engine's own convolution (a head, folded with its residual or not): its
+        backward reads the seed's live channels only, and a contiguous seed writes and clears a
+        channel as one block. Else the norms' layout, which is where the seed meets the model's
+        activations through autograd's add (contiguous when no norm ran)."""
+        if isinstance(out.grad_fn, (_Conv3d._backward_cls, _ResidualConv._backward_cls)):
+            return torch.contiguous_format
+        return self.norm_layout or torch.contiguous_format
 
     def _site(self, w: torch.Tensor, groups: int) -> _Site:
         return (self.sites, (w.data_ptr(), tuple(w.shape))) if groups == 1 else None

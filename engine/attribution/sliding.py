@@ -341,6 +341,16 @@ def prepare_model(model: torch.nn.Module, memory_format: torch.memory_format | N
             t.data = t.data.contiguous(memory_format=memory_format)
 
 
+def _in_layout(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``t`` in memory format ``fmt`` with that format's strides. A one-channel image is already
+    "contiguous" in channels-last too, so ``contiguous(memory_format=...)`` keeps its contiguous strides,
+    and convolutions then return a contiguous output: the model's first layers would run outside
+    channels-last (and past the engine's channels-last norms)."""
+    if fmt == torch.contiguous_format or t.dim() < 4 or t.shape[1] != 1:
+        return t.contiguous(memory_format=fmt)
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+
+
 def _vjp(logits: torch.Tensor, win: torch.Tensor, seed: torch.Tensor, *, retain: bool) -> torch.Tensor:
     (g,) = torch.autograd.grad(logits, win, seed, retain_graph=retain)
     return g
@@ -407,7 +417,7 @@ def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeo
     for start in range(0, geometry.n_windows, window_batch):
         batch_slices = geometry.slices[start:start + window_batch]
         win = torch.cat([xp[(slice(None), slice(None), *s)] for s in batch_slices])
-        win = (win if fmt is None else win.contiguous(memory_format=fmt)).requires_grad_(True)
+        win = (win if fmt is None else _in_layout(win, fmt)).requires_grad_(True)
         with torch.enable_grad(), autocast(xp.device, autocast_dtype):
             logits = model(win)
         if logits.shape[2:] != win.shape[2:]:
@@ -421,11 +431,11 @@ def _window_passes(model: torch.nn.Module, xp: torch.Tensor, geometry: WindowGeo
             # One class at a time: its seed is built in a scratch buffer shared by the batch's
             # classes, its VJP taken and added in before the next class (one seed alive, not K).
             todo = [i for i, c in enumerate(classes) if present_fn(c, batch_slices)]
-            # In the layout of the model's normalised activations (contiguous unless the engine's
-            # channels-last instance norm ran): through a residual head (MONAI's UNet) the seed meets
-            # them, and a seed in another layout costs a transposing add per VJP (~5% of the demo
-            # UNet's attribution; the values are the same)
-            layout = kernels.norm_layout if kernels is not None and kernels.norm_layout else torch.contiguous_format
+            # In the layout the kernels read it in (EngineKernels.seed_layout): contiguous where only
+            # their own head convolution reads it (a channel is then one block to write and clear),
+            # else that of the model's normalised activations, which it meets through an add (a seed
+            # in another layout costs a transposing add per VJP; the values are the same)
+            layout = kernels.seed_layout(logits) if kernels is not None else torch.contiguous_format
             scratch = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device, memory_format=layout)
             live_fn = getattr(seed_fn, "live_channels", None)
             values_fn = getattr(seed_fn, "live_values", None)

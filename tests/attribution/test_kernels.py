@@ -677,11 +677,35 @@ def test_aten_instance_norm_binds_its_own_argument_order():
     assert mode.norm_calls == 1 and torch.equal(y, ref)
 
 
-def test_the_engine_builds_class_seeds_in_the_layout_of_the_models_norms(monkeypatch):
-    """On the demo UNet (channels-last norms in the engine's kernel) the class seeds are channels-last,
-    so the head's residual meets them without a transposing add; with PyTorch's kernels they stay
-    contiguous (its norms return contiguous tensors). The maps agree either way. With each seed the
-    engine hands the kernels the seed on its live channel as its own tensor, and it is exactly that."""
+class _NormResidualHead(torch.nn.Module):
+    """conv -> instance norm, then ``conv(prelu(h)) + h``: the seed meets the norm's channels-last
+    output through autograd's add (no fold: the added tensor is not the convolution's input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(12)
+        self.a = torch.nn.Conv3d(1, 8, 3, padding=1)
+        self.norm = torch.nn.InstanceNorm3d(8)
+        self.act = torch.nn.PReLU()
+        self.b = torch.nn.Conv3d(8, 8, 3, padding=1)
+        with torch.no_grad():
+            for p in (self.a.weight, self.b.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.a(x))
+        return self.b(self.act(h)) + h
+
+
+@pytest.mark.parametrize("arch", ["demo_unet", "norm_residual"])
+def test_the_engine_builds_class_seeds_in_the_layout_the_kernels_read_them_in(monkeypatch, arch):
+    """Where the model's output comes straight from the engine's convolution (the demo UNet's head,
+    ``conv(h) + h`` folded into one backward) its kernels read the seed's live channel only, so the
+    seeds are contiguous: a class's channel is one block to write and clear. Where the seed meets a
+    channels-last norm's output through an add, they are channels-last, so that add needs no
+    transposing copy. With PyTorch's kernels they stay contiguous (its norms return contiguous
+    tensors). The maps agree either way. With each seed the engine hands the kernels the seed on its
+    live channel as its own tensor, and it is exactly that."""
     from engine.models import demo_model
 
     seen: list[torch.memory_format] = []
@@ -693,16 +717,19 @@ def test_the_engine_builds_class_seeds_in_the_layout_of_the_models_norms(monkeyp
         return original(self, seed, channels, values)
 
     monkeypatch.setattr(EngineKernels, "seed_channels", spy)
-    model = demo_model().module.eval()
-    image = torch.rand(1, 24, 16, 16)
-    classes = ["c%d" % i for i in range(17)]
+    if arch == "demo_unet":
+        model, image, roi, n = demo_model().module.eval(), torch.rand(1, 24, 16, 16), (24, 16, 16), 17
+    else:
+        model, image, roi, n = _NormResidualHead().eval(), torch.rand(1, 21, 20, 20), (21, 20, 20), 8
+    classes = ["c%d" % i for i in range(n)]
+    expected = {"engine": torch.contiguous_format if arch == "demo_unet" else CL, "torch": torch.contiguous_format}
     maps = {}
     for kernels in ("engine", "torch"):
         seen.clear()
-        window = SlidingWindow(roi_size=(24, 16, 16), kernels=kernels)
+        window = SlidingWindow(roi_size=roi, kernels=kernels)
         maps[kernels] = explain_volume(model, image, method="saliency", window=window, targets=[2, 7],
                                        class_names=classes, return_maps=True).maps
-        assert seen and set(seen) == {CL if kernels == "engine" else torch.contiguous_format}, kernels
+        assert seen and set(seen) == {expected[kernels]}, kernels
     for name in maps["torch"]:
         assert _rel(maps["engine"][name], maps["torch"][name]) < 1e-5
 
@@ -999,3 +1026,20 @@ def test_which_runs_fuse_the_norm_and_activation():
     with engine_kernels(flipping, True, guard=True, fuse=True) as mode:
         flipping(big)
     assert mode.fused_calls == 0 and mode.norm_calls == 1
+
+
+def test_a_one_channel_window_gets_channels_last_strides():
+    """A one-channel image is "contiguous" in channels-last too, so ``contiguous(memory_format=...)``
+    keeps its strides and the first convolution returns a contiguous output; the engine gives its
+    windows channels-last strides, so the model runs channels-last from its first layer."""
+    from engine.attribution.sliding import _in_layout
+
+    x = torch.rand(1, 1, 21, 20, 20)
+    assert x.contiguous(memory_format=CL).stride() == x.stride()  # PyTorch keeps them
+    y = _in_layout(x, CL)
+    assert y.stride() == (8400, 1, 400, 20, 1) and torch.equal(y, x)
+    assert _in_layout(x, torch.contiguous_format) is x
+    model = _NormResidualHead().eval().to(memory_format=CL)
+    with engine_kernels(model, True) as mode:
+        model(y.requires_grad_(True))
+    assert mode.norm_calls == 1  # the first norm saw a channels-last input
