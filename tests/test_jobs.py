@@ -113,6 +113,17 @@ def test_constructing_or_replacing_a_section_checks_it_too() -> None:
         EvaluateSpec(seed=0.5)
 
 
+def test_every_kernel_set_reaches_the_explainers_window() -> None:
+    """``[attribution] kernels`` takes the engine's kernel sets, ``compiled`` included, and hands them on."""
+    from engine.attribution.explain import Explainer
+    from engine.attribution.kernels import KERNELS
+
+    assert "compiled" in KERNELS
+    for kernels in KERNELS:
+        explainer = Explainer.from_attribution(AttributionSpec(kernels=kernels), roi_size=(16, 16, 16))
+        assert explainer.window.kernels == kernels
+
+
 def test_unknown_tables_get_a_did_you_mean_hint() -> None:
     with pytest.raises(JobSpecError, match="'atribution'.*did you mean 'attribution'"):
         JobSpec.from_dict({**MINIMAL, "atribution": {}})

@@ -675,6 +675,14 @@ class _Compiled:
             cls.fn = torch.compile(_norm_prelu_gradient, fullgraph=True)
         return cls.fn
 
+    @staticmethod
+    def threads() -> Any:
+        """Inductor compiles in as many processes as this process has intra-op threads (it would start
+        one compile process per core otherwise: in every one of a node's single-threaded actors)."""
+        import torch._inductor.config as inductor
+
+        return inductor.patch(compile_threads=max(1, min(inductor.compile_threads, torch.get_num_threads())))
+
     @classmethod
     def fail(cls, err: BaseException) -> None:
         cls.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -728,7 +736,7 @@ class _NormPReLU(torch.autograd.Function):
         if fn is not None:
             try:
                 n, c = x_hat.shape[:2]
-                with torch._C.DisableTorchFunction():  # traced without the engine's mode around it
+                with torch._C.DisableTorchFunction(), _Compiled.threads():  # traced without the engine's mode
                     gx = fn(gy, y, x_hat, slope, norm[1].view(n, c, 1, 1, 1))
                 return gx.contiguous(memory_format=torch.channels_last_3d)
             except Exception as err:  # noqa: BLE001 - any compile failure falls back, once, said in one line
