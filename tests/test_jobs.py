@@ -120,7 +120,7 @@ def test_every_kernel_set_reaches_the_explainers_window() -> None:
 
     assert "compiled" in KERNELS
     for kernels in KERNELS:
-        explainer = Explainer.from_attribution(AttributionSpec(kernels=kernels), roi_size=(16, 16, 16))
+        explainer = Explainer.from_spec(AttributionSpec(kernels=kernels), roi_size=(16, 16, 16))
         assert explainer.window.kernels == kernels
 
 
