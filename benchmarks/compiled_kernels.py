@@ -9,7 +9,9 @@ over ``--repeats`` after one untimed call of each:
 
 * median seconds per volume of each, their ratio, and the maps' largest relative difference;
 * the first compiled call's extra time (the compile) and the number of volumes after which it has paid
-  for itself (extra time / time saved per volume).
+  for itself (extra time / time saved per volume);
+* with ``--float64``, both fp32 maps against the same explanation in float64 (PyTorch's kernels on a
+  float64 copy of the model): max-norm and L2 relative error, worst class.
 
     python benchmarks/compiled_kernels.py --rois 48,40,40 64,64,64 96,96,96 --json compiled.json
 """
@@ -34,7 +36,7 @@ if str(ROOT) not in sys.path:
 from _common import write_json  # noqa: E402  (benchmarks/, the script's own folder)
 
 
-def one_roi(roi: tuple[int, int, int], repeats: int, heap: str, threads: int) -> dict[str, Any]:
+def one_roi(roi: tuple[int, int, int], repeats: int, heap: str, threads: int, float64: bool = False) -> dict[str, Any]:
     """Both kernel sets on one window-sized phantom, in this process."""
     import torch
 
@@ -53,13 +55,13 @@ def one_roi(roi: tuple[int, int, int], repeats: int, heap: str, threads: int) ->
     image = make_image(roi)
     classes = list(range(len(THORAX_CLASSES)))
 
-    def run(kernels: str) -> tuple[float, torch.Tensor]:
-        window = SlidingWindow(roi_size=roi, kernels=kernels)
+    def run(kernels: str, m: torch.nn.Module = model, x: torch.Tensor = image) -> tuple[float, torch.Tensor]:
+        window = SlidingWindow(roi_size=roi, kernels=kernels, memory_format="contiguous" if kernels == "torch" else "auto")
         t0 = time.perf_counter()
-        e = explain_volume(model, image, method="saliency", window=window, targets=classes,
+        e = explain_volume(m, x, method="saliency", window=window, targets=classes,
                            class_names=THORAX_CLASSES, return_maps=True)
         dt = time.perf_counter() - t0
-        return dt, torch.stack([e.maps[THORAX_CLASSES[c]] for c in classes])
+        return dt, torch.stack([e.maps[name] for name in sorted(e.maps)])  # the classes the volume holds
 
     first_engine, _ = run("engine")
     first_compiled, _ = run("compiled")
@@ -76,7 +78,18 @@ def one_roi(roi: tuple[int, int, int], repeats: int, heap: str, threads: int) ->
     compile_s = first_compiled - med["compiled"]
     diff = max(float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
                for a, b in zip(maps["compiled"], maps["engine"]))
-    return {"roi": list(roi), "voxels_per_window": roi[0] * roi[1] * roi[2], "classes": len(classes),
+    yardstick: dict[str, Any] = {}
+    if float64:
+        import copy
+
+        _, ref = run("torch", copy.deepcopy(model).double(), image.double())
+
+        def errs(a: torch.Tensor) -> dict[str, float]:
+            return {"max": max(float((x.double() - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, ref)),
+                    "l2": max(float((x.double() - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, ref))}
+
+        yardstick = {"vs_float64": {k: errs(v) for k, v in maps.items()}}
+    return {**yardstick, "roi": list(roi), "voxels_per_window": roi[0] * roi[1] * roi[2], "classes": len(maps["engine"]),
             "seconds": med, "seconds_all": times, "first_call_s": {"engine": first_engine, "compiled": first_compiled},
             "speedup": med["engine"] / med["compiled"], "compile_s": compile_s,
             "volumes_to_pay_off": compile_s / saved if saved > 0 else None,
@@ -93,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heap", default="keep", choices=["keep", "keep-all", "default"],
                     help="the CPU heap setting (engine.runtime.heap)")
     ap.add_argument("--warm", action="store_true", help="keep the user's Inductor cache (default: a fresh one)")
+    ap.add_argument("--float64", action="store_true", help="also compare both maps with float64's (slow)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one window size, in this process
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.one:
         roi = tuple(int(v) for v in args.one.split(","))
-        print(json.dumps(one_roi(roi, args.repeats, args.heap, args.threads)))  # type: ignore[arg-type]
+        print(json.dumps(one_roi(roi, args.repeats, args.heap, args.threads, args.float64)))  # type: ignore[arg-type]
         return 0
     load_before = os.getloadavg()
     rows = []
@@ -108,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.warm:
                 env["TORCHINDUCTOR_CACHE_DIR"] = cache
             cmd = [sys.executable, __file__, "--one", spec, "--repeats", str(args.repeats), "--threads",
-                   str(args.threads), "--heap", args.heap]
+                   str(args.threads), "--heap", args.heap, *(["--float64"] if args.float64 else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -122,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({row['speedup']:.2f}x); compile {row['compile_s']:.1f} s, paid off after "
               f"{'never' if pay is None else f'{pay:.1f}'} volumes; maps differ by {row['maps_rel_diff_compiled_vs_engine']:.1e}",
               flush=True)
+        if "vs_float64" in row:
+            print("  vs float64 (max / L2 relative, worst class): " + ", ".join(
+                f"{k} {v['max']:.1e} / {v['l2']:.1e}" for k, v in row["vs_float64"].items()), flush=True)
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (shared machine); "
           f"Inductor cache: {'warm (the user’s)' if args.warm else 'fresh per window size'}; CPU heap: {args.heap}")

@@ -656,8 +656,10 @@ def _norm_prelu_gradient(gy: torch.Tensor, y: torch.Tensor, x_hat: torch.Tensor,
     (PReLU's backward, then the norm's) make about thirteen."""
     g = torch.where(y > 0, gy, gy * slope)
     n = g[0, 0].numel()
-    mean_g = g.sum((2, 3, 4), keepdim=True) / n
-    mean_gx = (g * x_hat).sum((2, 3, 4), keepdim=True) / n
+    # the means in float64: a seed that covers most of the window (the background's) makes g nearly
+    # constant per channel, and the subtraction below cancels most of it, which magnifies the sums' error
+    mean_g = (g.sum((2, 3, 4), keepdim=True, dtype=torch.float64) / n).to(g.dtype)
+    mean_gx = ((g * x_hat).sum((2, 3, 4), keepdim=True, dtype=torch.float64) / n).to(g.dtype)
     return scale * (g - mean_g - x_hat * mean_gx)
 
 
