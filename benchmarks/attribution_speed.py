@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_
 
 from engine.attribution import SlidingWindow, explain_volume  # noqa: E402
 from engine.attribution.kernels import engine_kernels  # noqa: E402
+from engine.attribution.sliding import _in_layout  # noqa: E402
 from engine.labels import THORAX_CLASSES  # noqa: E402
 from engine.models import DEMO_ROI_SIZE, demo_model  # noqa: E402
 from engine.phantoms import make_phantom  # noqa: E402
@@ -146,7 +147,7 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
     with formulas for its oneDNN calls; utilisation is computed on these.
     """
     model.to(memory_format=fmt)
-    x = torch.rand((1, 1, *roi)).contiguous(memory_format=fmt).requires_grad_(True)
+    x = _in_layout(torch.rand((1, 1, *roi)), fmt).requires_grad_(True)  # as the engine lays out its windows
     ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else (lambda: torch.enable_grad())
     guard = fmt == torch.channels_last_3d  # the instance-norm guard where the engine applies it
     counted: dict[str, float] = {}
@@ -175,8 +176,8 @@ def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_f
 
 def class_seed(out: torch.Tensor, mode: Any = None) -> torch.Tensor:
     """Class 1's seed for logits ``out``: ones on its channel, in the layout the engine builds its seeds
-    in (the norms' layout the engine's kernels ``mode`` saw; contiguous without them)."""
-    layout = mode.norm_layout if mode is not None and mode.norm_layout is not None else torch.contiguous_format
+    in (``EngineKernels.seed_layout`` of the engine's kernels ``mode``; contiguous without them)."""
+    layout = mode.seed_layout(out) if mode is not None else torch.contiguous_format
     seed = torch.zeros(out.shape, dtype=out.dtype).contiguous(memory_format=layout)
     seed[:, 1] = 1.0
     return seed
