@@ -12,8 +12,8 @@ tiled volumes), interleaved over ``--repeats``:
   (``kernels="torch"``, the previous default) and the contiguous layout with PyTorch's kernels (the
   one before), maps compared with Captum's (max-norm relative error, goal <= 1e-5) and the ratio
   Captum / engine (goal >= 2.5);
-* **the engine with ``kernels="compiled"``** (its instance-norm + PReLU backward fused by
-  ``torch.compile``; ``kernels="auto"`` does that from 64^3-voxel windows), its ratio to the fp32 engine
+* **the engine with ``kernels="compiled"``** (its instance-norm + activation backward fused by
+  ``torch.compile``; ``kernels="auto"`` does that from 2^19-voxel windows), its ratio to the fp32 engine
   and its maps' relative error;
 * **the engine with bf16 autocast** (opt-in), its ratio to the fp32 engine (goal >= 1.8) and its
   maps' relative error;
@@ -138,7 +138,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 def primitives(model: torch.nn.Module, roi: tuple[int, ...], fmt: torch.memory_format, autocast: torch.dtype | None,
                reps: int, fast: bool = False, fuse: bool = False) -> dict[str, float]:
     """FLOPs and median seconds of one window forward and one class VJP (with the engine's CPU kernels
-    when ``fast``, and their compiled fused norm + PReLU backward when also ``fuse``, as
+    when ``fast``, and their compiled fused norm + activation backward when also ``fuse``, as
     ``kernels="compiled"`` runs them: ``first_step_s`` is the first forward + VJP, compile included;
     parameters frozen, as the engine runs them).
 
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"maps vs Captum, max relative error: fp32 {result['maps_rel_err_fp32_vs_captum']:.1e} (goal <= 1e-5), "
           f"bf16 {result['maps_rel_err_bf16_vs_captum']:.1e}; bf16 speed-up over fp32 "
           f"{result['bf16_speedup_over_fp32']:.2f} (goal >= 1.8)")
-    print(f"kernels='compiled' (the norm + PReLU backward fused by torch.compile; 'auto' from 64^3-voxel windows): "
+    print(f"kernels='compiled' (the norm + activation backward fused by torch.compile; 'auto' from 2^19-voxel windows): "
           f"{result['compiled_speedup_over_fp32']:.2f}x the fp32 engine, maps vs Captum "
           f"{result['maps_rel_err_compiled_vs_captum']:.1e}")
     print(f"maps vs float64 (Captum's recipe in float64 on the same masks), max relative error: engine fp32 "

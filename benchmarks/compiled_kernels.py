@@ -1,8 +1,8 @@
 """``kernels="compiled"`` against ``kernels="engine"`` on whole volumes: when the compile pays (issue 16).
 
 ``kernels="compiled"`` fuses the backward of each instance norm with the PReLU after it into one
-``torch.compile``d kernel (``engine.attribution.kernels._NormPReLU``); ``kernels="auto"`` does so for
-windows of at least ``FUSE_MIN_VOXELS`` (64^3) voxels. For each window size, in a fresh process with its
+``torch.compile``d kernel (``engine.attribution.kernels._NormActivation``); ``kernels="auto"`` does so for
+windows of at least ``FUSE_MIN_VOXELS`` (2^19, about 81^3) voxels. For each window size, in a fresh process with its
 own empty Inductor cache (the compile a new worker pays; ``--warm`` keeps the user's cache), the demo
 UNet explains a phantom one window in size (saliency, every class), alternating engine and compiled
 over ``--repeats`` after one untimed call of each:

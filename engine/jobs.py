@@ -81,8 +81,8 @@ class AttributionSpec:
     window_batch: int = 1
     class_chunk: int | None = None
     vjp: str = "auto"
-    # CPU kernels: "auto"/"engine" (engine.attribution.kernels), "compiled" (those with the norm + PReLU
-    # backward fused by torch.compile; "auto" does that for windows of 64^3 voxels and more) or "torch"
+    # CPU kernels: "auto"/"engine" (engine.attribution.kernels), "compiled" (those with the norm + activation
+    # backward fused by torch.compile; "auto" does that for windows of 2^19 voxels (81^3) and more) or "torch"
     kernels: str = "auto"
     autocast: str | None = None  # "bf16" or "fp16" on GPUs
     seed: int = 0

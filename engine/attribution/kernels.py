@@ -55,15 +55,15 @@ Where PyTorch's CPU defaults cost the engine most of its time, measured on the d
   transposed convolution by the kernel plus the identity at its centre tap (:class:`_ResidualConv`;
   the forward is the same add, bit for bit). The engine's seed builder also hands the kernels the seed
   on its live channel as its own tensor, so the narrowed backward does not gather it out of the seed.
-* **Instance norm and PReLU, fused and compiled** (``kernels="compiled"``; ``"auto"`` from windows of
+* **Instance norm and activation, fused and compiled** (``kernels="compiled"``; ``"auto"`` from windows of
   :data:`FUSE_MIN_VOXELS` voxels). The norm's backward and the PReLU's before it are memory-bound
   passes over full-resolution tensors, about thirteen of them in eager kernels; at large windows those
   tensors outgrow the CPU's caches and every pass goes to memory. A PReLU of the engine's norm output
-  (MONAI's ADN) leaves its output gradient with the norm (:class:`_NormPReLU`), whose backward takes
-  both in one ``torch.compile``d kernel (:func:`_norm_prelu_gradient`, two passes). LeakyReLU (in
+  (MONAI's ADN) leaves its output gradient with the norm (:class:`_NormActivation`), whose backward takes
+  both in one ``torch.compile``d kernel (:func:`_norm_activation_gradient`, two passes). LeakyReLU (in
   place too, as in nnU-Net and DynUNet) and ReLU fuse the same way. On the demo UNet a class VJP ran
-  5-8% faster at 48^3 windows, 9-16% at 64^3 and 16-29% at 96^3, whole volumes 1.01x, 1.11x and 1.23x
-  (BENCHMARKS.md); the compile costs about 15 s once per process with a cold Inductor cache. Where
+  6% faster at 48^3 windows, 11% at 64^3 and 27% at 96^3, whole one-window volumes 1.08x, 1.02x and
+  1.24x (BENCHMARKS.md); the compile costs 12-16 s once per process with a cold Inductor cache. Where
   compiling fails it says so once and the eager kernels run.
 * **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
   the saved input have different memory layouts (instance norms return contiguous tensors between
@@ -132,8 +132,8 @@ def resolve_kernels(kernels: Kernels, device: torch.device | str) -> bool:
     """True when the model should run under :class:`EngineKernels`.
 
     ``auto``: on CPUs whose PyTorch has oneDNN; ``engine``: the same, and an error where it cannot
-    apply; ``compiled``: ``engine``, with the instance norms' and PReLUs' backwards fused by
-    ``torch.compile`` (:class:`_NormPReLU`); ``torch``: PyTorch's own kernels everywhere.
+    apply; ``compiled``: ``engine``, with each instance norm's backward and that of the activation after
+    it fused by ``torch.compile`` (:class:`_NormActivation`); ``torch``: PyTorch's own kernels everywhere.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(repr(k) for k in KERNELS)}, got {kernels!r}")
@@ -532,16 +532,17 @@ def _prelu_eligible(x: Any, a: Any) -> bool:
             and a.is_floating_point() and (a.numel() == 1 or a.numel() == x.shape[1]))
 
 
-#: ``kernels="auto"`` compiles the fused instance-norm + PReLU backward (:class:`_NormPReLU`) for windows
-#: of at least this many voxels. Measured on the demo UNet (BENCHMARKS.md): whole volumes 1.01x at the
-#: demo's 48 x 40 x 40 windows, 1.11x at 64^3 and 1.23x at 96^3, where the full-resolution tensors
-#: outgrow the CPU's caches and every pass the eager kernels make goes to memory; the compile (about
-#: 15 s once per process with a cold Inductor cache) pays after ~12 one-window volumes at 96^3.
-FUSE_MIN_VOXELS = 1 << 18
+#: ``kernels="auto"`` compiles the fused instance-norm + activation backward (:class:`_NormActivation`) for windows
+#: of at least this many voxels (2^19, about 81^3). Measured on the demo UNet (BENCHMARKS.md), whole
+#: one-window volumes: 1.08x at the demo's 48 x 40 x 40 windows, 1.02x at 64^3 and 1.24x at 96^3, where
+#: the full-resolution tensors outgrow the CPU's caches and every pass the eager kernels make goes to
+#: memory. The compile (12 s once per process with a cold Inductor cache) paid for itself after 10
+#: one-window volumes at 96^3 and would take 500 at 64^3.
+FUSE_MIN_VOXELS = 1 << 19
 
 
 def resolve_fused(kernels: Kernels, roi_size: Sequence[int]) -> bool:
-    """Whether the engine's kernels also run the compiled fused norm + PReLU backward: always for
+    """Whether the engine's kernels also run the compiled fused norm + activation backward: always for
     ``compiled``, for ``auto`` when a window has at least :data:`FUSE_MIN_VOXELS` voxels, never for
     ``engine`` or ``torch``. (Only where :func:`resolve_kernels` turns the engine's kernels on.)"""
     return kernels == "compiled" or (kernels == "auto" and math.prod(int(r) for r in roi_size) >= FUSE_MIN_VOXELS)
@@ -610,7 +611,7 @@ class _InstanceNorm(torch.autograd.Function):
         scale = rstd if weight is None else rstd * weight.to(x.dtype)  # per (sample, channel): the gradient's scale
         ctx.norm = (k, scale, _tiled(scale, k))
         ctx.affine = not (weight is None and bias is None)
-        # A PReLU fused with this norm (_NormPReLU) leaves its output gradient here, by backward pass,
+        # An activation fused with this norm (_NormActivation) leaves its output gradient here, by backward pass,
         # and passes nothing down its own edge: without it the norm's output may get no gradient at all
         ctx.stash = {}
         ctx.set_materialize_grads(False)
@@ -624,7 +625,7 @@ class _InstanceNorm(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (x_hat,) = ctx.saved_tensors
-        gx = None if fused is None else _NormPReLU.input_gradient(*fused, x_hat, ctx.norm)
+        gx = None if fused is None else _NormActivation.input_gradient(*fused, x_hat, ctx.norm)
         if g is not None:  # the norm's output used elsewhere too (or not fused at all)
             gn = _norm_input_gradient(g, x_hat, ctx.norm)
             gx = gn if gx is None else gx.add_(gn)
@@ -647,13 +648,14 @@ def _norm_input_gradient(g: torch.Tensor, x_hat: torch.Tensor, norm: tuple[int, 
     return gx
 
 
-def _norm_prelu_gradient(gy: torch.Tensor, y: torch.Tensor, x_hat: torch.Tensor, slope: torch.Tensor,
+def _norm_activation_gradient(gy: torch.Tensor, y: torch.Tensor, x_hat: torch.Tensor, slope: torch.Tensor,
                          scale: torch.Tensor) -> torch.Tensor:
-    """The input gradient of ``prelu(instance_norm(x))`` for the PReLU's output gradient ``gy``, in one
-    function for ``torch.compile`` to fuse: ``y`` is the norm's output (the PReLU's input), ``x_hat``
-    the normalised input, ``slope`` PReLU's weight (1, C or 1, 1, 1, 1) and ``scale`` rstd times the
-    norm's weight (N, C, 1, 1, 1). Two passes over full-resolution tensors where the eager kernels
-    (PReLU's backward, then the norm's) make about thirteen."""
+    """The input gradient of ``act(instance_norm(x))`` for the activation's output gradient ``gy``
+    (``act``: PReLU, LeakyReLU or ReLU, ``y if y > 0 else slope * y``), in one function for
+    ``torch.compile`` to fuse: ``y`` is the norm's output (the activation's input), ``x_hat`` the
+    normalised input, ``slope`` (1, C or 1, 1, 1, 1) and ``scale`` rstd times the norm's weight
+    (N, C, 1, 1, 1). Two passes over full-resolution tensors where the eager kernels (the activation's
+    backward, then the norm's) make about thirteen."""
     g = torch.where(y > 0, gy, gy * slope)
     n = g[0, 0].numel()
     # The sums axis by axis (each row, then each plane, then the volume), as short sums: a seed that
@@ -666,7 +668,7 @@ def _norm_prelu_gradient(gy: torch.Tensor, y: torch.Tensor, x_hat: torch.Tensor,
 
 
 class _Compiled:
-    """``torch.compile`` of :func:`_norm_prelu_gradient`, made on first use in the process. When compiling
+    """``torch.compile`` of :func:`_norm_activation_gradient`, made on first use in the process. When compiling
     fails (no C++ compiler, an unsupported PyTorch) it says so once, in one line, and the fused norm
     runs its eager kernels from then on: the values are the same up to rounding and nothing is lost."""
 
@@ -674,9 +676,9 @@ class _Compiled:
     failed: str | None = None
 
     @classmethod
-    def norm_prelu(cls) -> Any:
+    def norm_activation(cls) -> Any:
         if cls.fn is None and cls.failed is None:
-            cls.fn = torch.compile(_norm_prelu_gradient, fullgraph=True)
+            cls.fn = torch.compile(_norm_activation_gradient, fullgraph=True)
         return cls.fn
 
     @staticmethod
@@ -691,15 +693,15 @@ class _Compiled:
     def fail(cls, err: BaseException) -> None:
         cls.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         cls.fn = None
-        _log.warning("kernels='compiled': torch.compile of the fused instance-norm + PReLU backward failed (%s); "
+        _log.warning("kernels='compiled': torch.compile of the fused instance-norm + activation backward failed (%s); "
                      "running the engine's eager kernels instead (the same values; use kernels='engine' to skip "
                      "the attempt)", cls.failed)
 
 
-class _NormPReLU(torch.autograd.Function):
+class _NormActivation(torch.autograd.Function):
     """A PReLU, LeakyReLU or ReLU of ``y``, the output of an :class:`_InstanceNorm` (MONAI's ADN: norm,
     dropout, activation; nnU-Net's and DynUNet's conv, norm, in-place LeakyReLU), whose input gradient is
-    taken together with the norm's in one compiled kernel (:func:`_norm_prelu_gradient`) instead of the
+    taken together with the norm's in one compiled kernel (:func:`_norm_activation_gradient`) instead of the
     activation's backward and then the norm's.
 
     The forward is the same activation (in place when the call was: y is then marked dirty and comes
@@ -714,11 +716,9 @@ class _NormPReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, slope: torch.Tensor, norm: Any, act: Any, inplace: bool) -> torch.Tensor:
         ctx.norm_node = norm
-        if inplace:
+        if inplace:  # act returns y itself, activated; its sign is y's before (the slopes are >= 0, see _norm_act)
             ctx.mark_dirty(y)
-            out = act(y)  # y itself, activated; its sign is y's before (the slopes are >= 0, see _norm_act)
-        else:
-            out = act(y)
+        out = act(y)
         # the branch is chosen on y's sign, which is the saved x_hat's when the norm has no affine parameters
         ctx.fused = (y if norm.affine else None, slope.to(y.dtype).reshape(1, -1, 1, 1, 1))
         return out
@@ -733,10 +733,10 @@ class _NormPReLU(torch.autograd.Function):
     @staticmethod
     def input_gradient(gy: torch.Tensor, y: torch.Tensor | None, slope: torch.Tensor, x_hat: torch.Tensor,
                        norm: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x's gradient through the norm and the PReLU, for the PReLU's output gradient ``gy``."""
+        """x's gradient through the norm and the activation, for the activation's output gradient ``gy``."""
         y = x_hat if y is None else y
         gy = gy.to(x_hat.dtype).contiguous(memory_format=torch.channels_last_3d)
-        fn = _Compiled.norm_prelu()
+        fn = _Compiled.norm_activation()
         if fn is not None:
             try:
                 n, c = x_hat.shape[:2]
@@ -779,7 +779,7 @@ def _norm_eligible(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return (x, w, b, float(eps)) if isinstance(eps, (int, float)) else None
 
 
-#: Activations a norm's output may go through into :class:`_NormPReLU` (``kernels="compiled"``).
+#: Activations a norm's output may go through into :class:`_NormActivation` (``kernels="compiled"``).
 _ACTIVATIONS = (torch.prelu, torch.nn.functional.prelu, torch.nn.functional.leaky_relu, torch.nn.functional.leaky_relu_,
                 torch.nn.functional.relu, torch.relu, torch.nn.functional.relu_, torch.relu_)
 
@@ -811,7 +811,7 @@ class EngineKernels(TorchFunctionMode):
         self.fast = fast
         self.guard = guard
         self.fuse = fast and fuse
-        self.fused_calls = 0  # PReLUs fused with the instance norm before them (_NormPReLU)
+        self.fused_calls = 0  # activations fused with the instance norm before them (_NormActivation)
         self.calls = 0
         self.prelu_calls = 0
         self.guarded = 0
@@ -860,7 +860,7 @@ class EngineKernels(TorchFunctionMode):
         return None
 
     def _norm_act(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """A PReLU, LeakyReLU or ReLU call as :class:`_NormPReLU` when its input is the output of the
+        """A PReLU, LeakyReLU or ReLU call as :class:`_NormActivation` when its input is the output of the
         engine's instance norm, a PReLU's weight is frozen, everything is float32, outside autocast, and
         an in-place call's slope is not negative; else None."""
         if func is torch.prelu or func is torch.nn.functional.prelu:
@@ -893,7 +893,7 @@ class EngineKernels(TorchFunctionMode):
                 and not torch.is_autocast_enabled("cpu") and isinstance(y.grad_fn, _InstanceNorm._backward_cls)):
             return None
         self.fused_calls += 1
-        return _NormPReLU.apply(y, slope, y.grad_fn, act, inplace)
+        return _NormActivation.apply(y, slope, y.grad_fn, act, inplace)
 
     def seed_layout(self, out: torch.Tensor) -> torch.memory_format:
         """The layout to build the class seeds of model output ``out`` in. Contiguous when ``out`` comes
@@ -979,7 +979,7 @@ def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
 def engine_kernels(model: torch.nn.Module, on: bool, guard: bool = True,
                    fuse: bool = False) -> Iterator[EngineKernels | None]:
     """Frozen parameters, and :class:`EngineKernels` with its fast kernels when ``on`` (from
-    :func:`resolve_kernels`), its compiled fused norm + PReLU backward when also ``fuse``
+    :func:`resolve_kernels`), its compiled fused norm + activation backward when also ``fuse``
     (``kernels='compiled'``) and its instance-norm guard when ``guard`` (the engine sets it whenever
     the model runs channels-last); yields the mode (or None) so callers can read its counters."""
     with frozen_parameters(model):

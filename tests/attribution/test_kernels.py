@@ -901,7 +901,7 @@ def test_adds_that_are_not_an_identity_residual_keep_autograds_add():
     assert out[True][1] == 0
 
 
-# ----------------------------------------------------------------------------- compiled norm + PReLU
+# ----------------------------------------------------------------------------- compiled norm + activation
 
 
 def _norm_act_block(c: int, affine: bool, act: str, other_use: bool = False) -> torch.nn.Module:
@@ -999,15 +999,15 @@ def test_a_failed_compile_says_so_once_and_falls_back_to_the_eager_kernels(monke
 
 
 def test_which_runs_fuse_the_norm_and_activation():
-    """``compiled`` always, ``auto`` from 64^3-voxel windows, ``engine`` and ``torch`` never; inside the
+    """``compiled`` always, ``auto`` from 2^19-voxel windows, ``engine`` and ``torch`` never; inside the
     kernels only a float32 activation of the engine's own norm output fuses (not under autocast, not
     after PyTorch's norm, not an in-place LeakyReLU with a negative slope, which flips signs)."""
     from engine.attribution.kernels import FUSE_MIN_VOXELS, resolve_fused
 
     assert resolve_fused("compiled", (8, 8, 8)) and not resolve_fused("engine", (128,) * 3)
     assert not resolve_fused("torch", (128,) * 3)
-    assert resolve_fused("auto", (64, 64, 64)) and FUSE_MIN_VOXELS == 64 ** 3
-    assert not resolve_fused("auto", (64, 64, 63)) and not resolve_fused("auto", (48, 40, 40))  # the demo's
+    assert resolve_fused("auto", (96, 96, 96)) and resolve_fused("auto", (128, 64, 64)) and FUSE_MIN_VOXELS == 1 << 19
+    assert not resolve_fused("auto", (64, 64, 64)) and not resolve_fused("auto", (48, 40, 40))  # the demo's
     model = _norm_act_block(8, False, "prelu").to(memory_format=CL)
     small = torch.randn(1, 2, 12, 12, 12).contiguous(memory_format=CL).requires_grad_(True)  # PyTorch's norm
     big = torch.randn(1, 2, 21, 20, 20).contiguous(memory_format=CL).requires_grad_(True)
