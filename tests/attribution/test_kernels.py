@@ -1043,3 +1043,36 @@ def test_a_one_channel_window_gets_channels_last_strides():
     with engine_kernels(model, True) as mode:
         model(y.requires_grad_(True))
     assert mode.norm_calls == 1  # the first norm saw a channels-last input
+
+
+def test_the_fused_backward_serves_every_pass_over_one_graph():
+    """The engine takes one VJP per class from one forward (``retain_graph``): each pass's activation
+    gradient reaches its own norm backward (they are keyed by the pass), so every class's map equals
+    float64 autograd's, in any order and repeated."""
+    model = _norm_act_block(8, True, "prelu8")
+    x = torch.randn(1, 2, 21, 20, 20, generator=torch.Generator().manual_seed(6))
+    seeds = []
+    for c in (1, 5, 1):
+        seed = torch.zeros(1, 8, 21, 20, 20)
+        seed[:, c] = torch.rand(21, 20, 20, generator=torch.Generator().manual_seed(c))
+        seeds.append(seed)
+    xr = x.double().requires_grad_(True)
+    ref_model = copy_double(model)
+    out_ref = ref_model(xr)
+    refs = [torch.autograd.grad(out_ref, xr, s.double(), retain_graph=True)[0] for s in seeds]
+    model.to(memory_format=CL)
+    xc = x.contiguous(memory_format=CL).requires_grad_(True)
+    with engine_kernels(model, True, guard=True, fuse=True) as mode:
+        out = model(xc)
+        grads = [torch.autograd.grad(out, xc, s.contiguous(memory_format=CL), retain_graph=True)[0] for s in seeds]
+    assert mode.fused_calls == 1
+    for g, ref in zip(grads, refs):
+        assert _rel(g.double(), ref) < 1e-5
+    assert torch.equal(grads[0], grads[2])
+    todo, norms = [out.grad_fn], []
+    while todo:  # the graph's nodes, to find the norm's
+        node = todo.pop()
+        if node is not None:
+            norms += [node] if type(node).__name__ == "_InstanceNormBackward" else []
+            todo += [n for n, _ in node.next_functions]
+    assert len(norms) == 1 and norms[0].stash == {}  # nothing left behind
