@@ -678,6 +678,8 @@ class _Compiled:
     @classmethod
     def norm_activation(cls) -> Any:
         if cls.fn is None and cls.failed is None:
+            _log.info("kernels='compiled': compiling the fused instance-norm + activation backward (once per "
+                      "process and tensor shape; 10-15 s with a cold Inductor cache)")
             cls.fn = torch.compile(_norm_activation_gradient, fullgraph=True)
         return cls.fn
 
