@@ -1076,3 +1076,22 @@ def test_the_fused_backward_serves_every_pass_over_one_graph():
             norms += [node] if type(node).__name__ == "_InstanceNormBackward" else []
             todo += [n for n, _ in node.next_functions]
     assert len(norms) == 1 and norms[0].stash == {}  # nothing left behind
+
+
+def test_inductor_compiles_in_no_more_processes_than_the_process_has_threads():
+    """A node's single-threaded actors would each start one compile process per core."""
+    import torch._inductor.config as inductor
+
+    from engine.attribution.kernels import _Compiled
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with _Compiled.threads():
+            assert inductor.compile_threads == 1
+    finally:
+        torch.set_num_threads(threads)
+    before = inductor.compile_threads
+    with _Compiled.threads():
+        assert 1 <= inductor.compile_threads <= max(1, min(before, threads))
+    assert inductor.compile_threads == before  # restored
