@@ -11,7 +11,9 @@ nodes pair up) and output-gradient shape. Per group it prints the float32 and bf
 in nodes where bf16 gains less than 1.25x, the time outside the nodes (the autograd engine's
 accumulation of gradients that meet, and the hooks), and the window's ratio for ``--classes``
 class VJPs after one forward: ``(forward + classes x VJP)`` in float32 over the same in bf16, next
-to the bf16 / float32 ratio of a large matrix multiply in this process (what the hardware gives).
+to the bf16 / float32 ratio of a large matrix multiply in this process (what the hardware gives), and
+a bound: that ratio if bf16's VJP cost only its convolutions (every other node and the time between
+nodes free).
 
     python benchmarks/vjp_breakdown.py --json vjp_breakdown.json
 """
@@ -54,6 +56,7 @@ ROLES = {"_Conv3dBackward": "conv3d", "_ResidualConvBackward": "conv3d", "_ConvT
          "_GradInLayoutBackward": "instance_norm",
          "_NormActivationBackward": "activation",
          "_PReLUBackward": "activation", "AddBackward0": "add"}
+CONVOLUTIONS = ("conv3d", "conv_transpose3d")
 
 
 def _hooked(out: torch.Tensor, times: dict[tuple[str, tuple[int, ...]], list[float]]) -> None:
@@ -168,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["forward_speedup"] = summary["fp32"]["forward_ms"] / summary["bf16"]["forward_ms"]
     summary["window_speedup"] = summary["fp32"]["window_ms"] / summary["bf16"]["window_ms"]
     summary["matmul_speedup"] = mm16 / mm32
+    # A bound: bf16's window if only its convolutions cost anything in a VJP (every norm, activation and
+    # the time between nodes free), against the float32 window as measured
+    conv_ms = sum(r["bf16_ms"] for r in rows if r["node"].split()[0] in CONVOLUTIONS)
+    summary["bf16_convolutions_ms"] = conv_ms
+    summary["window_speedup_bound_convolutions_only"] = summary["fp32"]["window_ms"] / (
+        summary["bf16"]["forward_ms"] + args.classes * conv_ms)
     for tag in runs:
         s = summary[tag]
         print(f"{tag}: forward {s['forward_ms']:.2f} ms; class VJP {s['vjp_ms']:.2f} ms plain, "
@@ -176,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
           f"window (forward + {args.classes} VJPs) {summary['window_speedup']:.2f}x (goal 1.8); a large matmul "
           f"{summary['matmul_speedup']:.2f}x ({mm32 / 1e9:.0f} / {mm16 / 1e9:.0f} GFLOP/s)")
     print(f"{100 * summary['bf16_share_in_little_gain_nodes']:.0f}% of the bf16 VJP's node time is in nodes where "
-          f"bf16 gains less than {LITTLE_GAIN}x")
+          f"bf16 gains less than {LITTLE_GAIN}x; its convolutions alone take {conv_ms:.2f} ms, so even with every "
+          f"other node and the time between nodes free the window would be "
+          f"{summary['window_speedup_bound_convolutions_only']:.2f}x")
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (shared machine); CPU heap: "
           f"{heap.reason}")

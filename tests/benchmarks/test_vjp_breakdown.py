@@ -28,3 +28,8 @@ def test_vjp_breakdown_pairs_float32_and_bf16_nodes(tmp_path):
         assert t["outside_nodes_ms"] == pytest.approx(t["vjp_hooked_ms"] - t["nodes_ms"])
     assert s["window_speedup"] == pytest.approx(s["fp32"]["window_ms"] / s["bf16"]["window_ms"])
     assert 0 <= s["bf16_share_in_little_gain_nodes"] <= 1 and s["matmul_speedup"] > 0
+    conv = sum(r["bf16_ms"] for r in fig["rows"] if r["node"].split()[0] in ("conv3d", "conv_transpose3d"))
+    assert s["bf16_convolutions_ms"] == pytest.approx(conv) and conv < s["bf16"]["nodes_ms"]
+    assert s["window_speedup_bound_convolutions_only"] == pytest.approx(
+        s["fp32"]["window_ms"] / (s["bf16"]["forward_ms"] + 3 * conv))
+    assert s["window_speedup_bound_convolutions_only"] > s["window_speedup"]
