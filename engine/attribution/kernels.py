@@ -96,6 +96,7 @@ restored afterwards) and enters :class:`EngineKernels` when :func:`resolve_kerne
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
@@ -632,6 +633,43 @@ class _InstanceNorm(torch.autograd.Function):
         return gx, None, None, None
 
 
+#: The most rows one accumulator sums in :func:`_column_sums` (each column's sum is then taken over the
+#: blocks' partial sums): as close to float64 as PyTorch's cascaded ``sum`` (BENCHMARKS.md).
+_SUM_ROWS = 64
+#: :func:`_column_sums` takes its one-pass kernel from this many elements per sample on (2^21, about 8 MB
+#: of float32: from the demo UNet's head at 64^3 windows, 4.5 M elements, where it took the norm's backward
+#: from 8.5 to 5.4-5.8 ms); below, where the tensors stay in the CPU's caches, the cascaded sums were as fast
+#: or faster (BENCHMARKS.md). A fixed rule, so that two runs give the same bits.
+_ONE_PASS_MIN = 1 << 21
+
+
+@functools.lru_cache(maxsize=256)
+def _row_block(rows: int) -> int:
+    """The most rows, at most _SUM_ROWS and at least 8, that divide ``rows``; 0 when none does."""
+    return next((r for r in range(_SUM_ROWS, 7, -1) if rows % r == 0), 0)
+
+
+def _column_sums(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(g.sum(0), (g * x).sum(0))`` of two contiguous (R, K) matrices, as a (2, K) tensor.
+
+    Large ones in one pass over both: batch norm's backward reduction (PyTorch's kernel for samples of
+    features, the features innermost) with the identity for its normalisation (mean 0, inverse std 1),
+    whose bias gradient is the first sum and weight gradient the second. It runs on blocks of rows (the
+    view (r, R / r * K), r = _row_block(R)) and the blocks' partial sums are then summed, so that no
+    accumulator adds more than r values: as close to float64 as the cascaded sums, which with the
+    full-size product between them read the tensors four times and write one. Small ones (below
+    _ONE_PASS_MIN elements), and row counts that no block size divides, take those cascaded sums."""
+    rows, cols = g.shape
+    r = _row_block(rows) if g.numel() >= _ONE_PASS_MIN else 0
+    if r == 0:
+        return torch.stack((g.sum(0), (g * x).sum(0)))
+    width = rows // r * cols
+    ones, zeros = torch.ones(width, dtype=g.dtype), torch.zeros(width, dtype=g.dtype)
+    _, gw, gb = torch.ops.aten.native_batch_norm_backward(g.view(r, width), x.view(r, width), ones, None, None, zeros,
+                                                          ones, True, 0.0, [False, True, True])
+    return torch.stack((gb, gw)).view(2, rows // r, cols).sum(1)
+
+
 def _norm_input_gradient(g: torch.Tensor, x_hat: torch.Tensor, norm: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """:class:`_InstanceNorm`'s input gradient for output gradient ``g`` (``norm``: its forward's state)."""
     k, scale, tiled_scale = norm
@@ -639,7 +677,7 @@ def _norm_input_gradient(g: torch.Tensor, x_hat: torch.Tensor, norm: tuple[int, 
     g = g.to(x_hat.dtype).contiguous(memory_format=torch.channels_last_3d)
     gr, xr = _rows(g, k), _rows(x_hat, k)
     # the means of g and of g * x_hat per (sample, channel), times -scale: (2, N, C)
-    sums = torch.stack((gr.sum(1), (gr * xr).sum(1))).view(2, n, k, c).sum(2)
+    sums = torch.stack([_column_sums(gr[i], xr[i]) for i in range(n)], 1).view(2, n, k, c).sum(2)
     coef = _tiled(sums.mul_(scale).div_(-(gr.shape[1] * k)), k)
     gx = torch.empty_like(x_hat)
     out = _rows(gx, k)

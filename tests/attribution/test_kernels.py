@@ -640,6 +640,31 @@ def test_channels_last_instance_norm_is_pytorchs_forward_and_the_float64_gradien
     assert mode.norm_calls == 1
 
 
+@pytest.mark.parametrize("rows,cols", [(640, 2040), (4096, 1088), (2560, 1020), (4099, 600), (7, 3)])
+def test_the_norm_backwards_column_sums_are_the_float64_sums(rows, cols):
+    """The norm's backward takes both its per-column sums (of g and of g * x_hat) of a large tensor in one
+    pass, through batch norm's backward reduction on blocks of rows: they are as close to the float64
+    sums as PyTorch's cascaded ``sum``, which small tensors and row counts with no block size (a prime)
+    take, and a non-finite value reaches its column's sums only."""
+    from engine.attribution.kernels import _ONE_PASS_MIN, _column_sums, _row_block
+
+    one_pass = rows * cols >= _ONE_PASS_MIN and _row_block(rows) > 0
+    assert one_pass == ((rows, cols) in ((4096, 1088), (2560, 1020)))
+
+    gen = torch.Generator().manual_seed(rows)
+    g = torch.randn(rows, cols, generator=gen) + 1.0  # most of a channel's gradient is one value, as a seed's
+    x = torch.randn(rows, cols, generator=gen)
+    sums = _column_sums(g, x)
+    ref = torch.stack((g.double().sum(0), (g.double() * x.double()).sum(0)))
+    assert sums.shape == (2, cols) and sums.dtype == torch.float32
+    cascaded = torch.stack((g.sum(0), (g * x).sum(0))).double()
+    for i in (0, 1):
+        assert _rel(sums[i].double(), ref[i]) < max(1e-6, 3 * _rel(cascaded[i], ref[i]))
+    g[rows // 2, 1] = float("nan")
+    bad = _column_sums(g, x)
+    assert bad[:, 1].isnan().all() and bad[:, [0, *range(2, cols)]].isfinite().all()
+
+
 def test_instance_norms_the_engine_kernel_does_not_take_keep_pytorchs():
     """Contiguous or small inputs, running statistics, trainable weights, autocast, float64 and the
     kernels switched off all run PyTorch's instance norm (under the guard where it applies)."""
