@@ -45,7 +45,11 @@ Where PyTorch's CPU defaults cost the engine most of its time, measured on the d
   where the backward keeps it). Its backward, ``rstd * gamma * (g - mean(g) - x_hat *
   mean(g * x_hat))``, runs on the channels-last gradient viewed as rows of whole channel groups
   (``_period``), where PyTorch's elementwise kernels vectorise, and returns a channels-last
-  gradient. It is as close to float64 as PyTorch's own (tested). :attr:`EngineKernels.norm_layout`
+  gradient. Of a large gradient (from 2^21 elements per sample) it takes both per-channel sums in
+  one pass (:func:`_column_sums`: batch norm's backward reduction on blocks of 64 rows) where the
+  eager sums read the tensors four times and wrote their product: on the demo UNet at 64^3 windows
+  the head's norm backward went from 8.5 to 5.6 ms and a class VJP 8% faster, 14% at 80^3. It is as
+  close to float64 as PyTorch's own (tested). :attr:`EngineKernels.norm_layout`
   tells the engine the norms' layout, and the engine builds its class seeds in it: through a
   residual head the seed meets the normalised activations without a transposing add.
 * **Residual heads.** MONAI's ``ResidualUnit`` with an identity shortcut ends the demo UNet: its
@@ -61,10 +65,11 @@ Where PyTorch's CPU defaults cost the engine most of its time, measured on the d
   tensors outgrow the CPU's caches and every pass goes to memory. A PReLU of the engine's norm output
   (MONAI's ADN) leaves its output gradient with the norm (:class:`_NormActivation`), whose backward takes
   both in one ``torch.compile``d kernel (:func:`_norm_activation_gradient`, two passes). LeakyReLU (in
-  place too, as in nnU-Net and DynUNet) and ReLU fuse the same way. On the demo UNet a class VJP ran
-  6% faster at 48^3 windows, 11% at 64^3 and 27% at 96^3, whole one-window volumes 1.08x, 1.02x and
-  1.24x (BENCHMARKS.md); the compile costs 12-16 s once per process with a cold Inductor cache. Where
-  compiling fails it says so once and the eager kernels run.
+  place too, as in nnU-Net and DynUNet) and ReLU fuse the same way. On the demo UNet whole one-window
+  volumes ran 1.08x faster at the demo's 48 x 40 x 40 windows and, against the eager kernels with
+  their one-pass sums, 0.97x at 64^3 and 1.08x at 96^3 (BENCHMARKS.md); the compile costs 12-16 s
+  once per process with a cold Inductor cache. Where compiling fails it says so once and the eager
+  kernels run.
 * **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
   the saved input have different memory layouts (instance norms return contiguous tensors between
   channels-last convolutions) it falls to a scalar loop: ~1 ms per call, a quarter of a bf16 VJP.
@@ -535,10 +540,10 @@ def _prelu_eligible(x: Any, a: Any) -> bool:
 
 #: ``kernels="auto"`` compiles the fused instance-norm + activation backward (:class:`_NormActivation`) for windows
 #: of at least this many voxels (2^19, about 81^3). Measured on the demo UNet (BENCHMARKS.md), whole
-#: one-window volumes: 1.08x at the demo's 48 x 40 x 40 windows, 1.02x at 64^3 and 1.24x at 96^3, where
+#: one-window volumes: 1.08x at the demo's 48 x 40 x 40 windows, 0.97x at 64^3 and 1.08x at 96^3, where
 #: the full-resolution tensors outgrow the CPU's caches and every pass the eager kernels make goes to
-#: memory. The compile (12 s once per process with a cold Inductor cache) paid for itself after 10
-#: one-window volumes at 96^3 and would take 500 at 64^3.
+#: memory. The compile (13 s once per process with a cold Inductor cache) pays for itself after 34
+#: one-window volumes at 96^3, within one CT's windows, and never at 64^3.
 FUSE_MIN_VOXELS = 1 << 19
 
 
