@@ -17,8 +17,8 @@ def test_heap_benchmark_compares_both_settings_in_fresh_processes(tmp_path):
     assert "default / keep" in proc.stdout and "load average" in proc.stdout
     s = fig["methods"]["saliency"]
     assert s["maps_bitwise_equal"] is True
-    assert s["reasons"] == {"default": "AGG2EXP_CPU_HEAP=default: the C library's own thresholds",
-                            "keep": "glibc thresholds set"}
+    assert s["reasons"]["default"] == "AGG2EXP_CPU_HEAP=default: the C library's own thresholds"
+    assert s["reasons"]["keep"].startswith("glibc thresholds set")
     assert len(s["per_process_s"]["default"]) == len(s["per_process_s"]["keep"]) == 1
     assert s["default_over_keep"] > 0
 
@@ -32,4 +32,4 @@ def test_heap_growth_mode_records_resident_memory_after_every_volume(tmp_path):
         run = fig["runs"][setting]
         assert len(run["rss_mb"]) == len(run["times"]) == 2 and all(m > 0 for m in run["rss_mb"])
         assert run["rss_max_mb"] >= run["rss_end_mb"] > 0
-    assert fig["runs"]["keep-all"]["reason"] == "glibc thresholds set, no block mapped"
+    assert fig["runs"]["keep-all"]["reason"].startswith("glibc thresholds set, no block mapped")

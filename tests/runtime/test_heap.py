@@ -56,6 +56,12 @@ def fresh(monkeypatch):
     monkeypatch.setattr(heap, "_done", None)
     for var in (heap.ENV, *heap._GLIBC_VARS, "GLIBC_TUNABLES"):
         monkeypatch.delenv(var, raising=False)
+    # keep_cpu_heap sets PyTorch's huge-page switch in os.environ: recorded here so that it is undone
+    monkeypatch.setenv(heap.THP_ENV, "0")
+    monkeypatch.delenv(heap.THP_ENV)
+    # this process allocated tensors long ago: whether huge pages took is asked of a fresh process below
+    monkeypatch.setattr(heap, "huge_pages_in_effect", lambda: True)
+    monkeypatch.setattr(heap, "_thp_policy", lambda: "madvise")
     return monkeypatch
 
 
@@ -109,7 +115,7 @@ def test_the_defaults_and_the_users_own_settings_win(fresh, env, reason):
 def test_an_unrelated_glibc_tunable_does_not_count_as_the_users_choice(fresh):
     fresh.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     fresh.setattr(heap, "_glibc", lambda: None)
-    assert heap.keep_cpu_heap().reason == "the C library is not glibc: nothing to tune"
+    assert heap.keep_cpu_heap().reason.startswith("the C library is not glibc: nothing to tune")
 
 
 def test_without_glibc_it_says_so(fresh):
@@ -145,3 +151,68 @@ def test_the_command_line_sets_it_and_a_bad_setting_exits_2(fresh, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["agg2exp query: error: AGG2EXP_CPU_HEAP must be 'keep', 'keep-all' or 'default', got 'fast'; "
                    "unset it to keep the engine's heap settings"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_keep_asks_pytorch_for_huge_pages_unless_told_otherwise(fresh):
+    """``keep`` and ``keep-all`` set PyTorch's THP_MEM_ALLOC_ENABLE; a value already set wins, ``default``
+    and a kernel without transparent huge pages leave it unset, and asking after PyTorch has read it
+    says so, with the cure."""
+    import os
+
+    for mode in ("keep", "keep-all"):
+        fresh.setattr(heap, "_done", None)
+        t = heap.keep_cpu_heap(mode)
+        assert os.environ[heap.THP_ENV] == "1" and t.huge_pages and "huge pages for blocks of 2 MiB" in t.reason
+        fresh.delenv(heap.THP_ENV)
+    fresh.setattr(heap, "_done", None)
+    fresh.setenv(heap.THP_ENV, "0")
+    t = heap.keep_cpu_heap()
+    assert os.environ[heap.THP_ENV] == "0" and not t.huge_pages and "huge pages off (THP_MEM_ALLOC_ENABLE='0'" in t.reason
+    fresh.setattr(heap, "_done", None)
+    fresh.setenv(heap.THP_ENV, "1")  # inherited from a driver that asked
+    t = heap.keep_cpu_heap()
+    assert t.huge_pages and "huge pages on (THP_MEM_ALLOC_ENABLE=1 in the environment)" in t.reason
+    fresh.delenv(heap.THP_ENV)
+    fresh.setattr(heap, "_done", None)
+    t = heap.keep_cpu_heap("default")
+    assert heap.THP_ENV not in os.environ and not t.huge_pages and "huge" not in t.reason
+    fresh.setattr(heap, "_done", None)
+    fresh.setattr(heap, "_thp_policy", lambda: "never")
+    t = heap.keep_cpu_heap()
+    assert heap.THP_ENV not in os.environ and not t.huge_pages and "no transparent huge pages" in t.reason
+    fresh.setattr(heap, "_done", None)
+    fresh.setattr(heap, "_thp_policy", lambda: "madvise")
+    fresh.setattr(heap, "huge_pages_in_effect", lambda: False)
+    t = heap.keep_cpu_heap()
+    assert not t.huge_pages and "asked too late" in t.reason and "THP_MEM_ALLOC_ENABLE=1 before Python starts" in t.reason
+
+
+_THP_PROBE = textwrap.dedent("""
+    import sys
+    if sys.argv[1] == "late":
+        import torch
+        torch.ones(8)  # PyTorch reads its switch at the first tensor
+    from engine.runtime.heap import huge_pages_in_effect, keep_cpu_heap
+    tuning = keep_cpu_heap("keep") if sys.argv[1] != "none" else None
+    print(huge_pages_in_effect(), None if tuning is None else tuning.huge_pages, None if tuning is None else tuning.reason)
+""")
+
+
+@pytest.mark.skipif(heap._thp_policy() != "madvise", reason="needs the kernel's transparent huge pages on madvise")
+def test_in_a_fresh_process_a_large_tensor_lands_in_huge_pages():
+    """After keep_cpu_heap a fresh process's 4 MiB tensor is in a mapping eligible for transparent huge
+    pages; without it, or with it called after the first tensor (which the result says), it is not."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in (heap.ENV, heap.THP_ENV)}
+
+    def run(case: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _THP_PROBE, case], check=True, capture_output=True, text=True,
+                             env=env).stdout
+        return out.strip().splitlines()[-1].split(maxsplit=2)
+
+    assert run("keep")[:2] == ["True", "True"]
+    assert run("none")[:2] == ["False", "None"]
+    late = run("late")
+    assert late[:2] == ["False", "False"] and "asked too late" in late[2]
