@@ -67,9 +67,9 @@ Where PyTorch's CPU defaults cost the engine most of its time, measured on the d
   both in one ``torch.compile``d kernel (:func:`_norm_activation_gradient`, two passes). LeakyReLU (in
   place too, as in nnU-Net and DynUNet) and ReLU fuse the same way. On the demo UNet whole one-window
   volumes ran 1.08x faster at the demo's 48 x 40 x 40 windows and, against the eager kernels with
-  their one-pass sums, 0.97x at 64^3 and 1.08x at 96^3 (BENCHMARKS.md); the compile costs 12-16 s
-  once per process with a cold Inductor cache. Where compiling fails it says so once and the eager
-  kernels run.
+  their one-pass sums and the heap's huge pages, 0.99x at 64^3, 1.19x at 96^3 and 1.08x at 128^3
+  (BENCHMARKS.md); the compile costs 12-16 s once per process with a cold Inductor cache. Where
+  compiling fails it says so once and the eager kernels run.
 * **PReLU's backward** always reduces the weight's gradient too, and when the incoming gradient and
   the saved input have different memory layouts (instance norms return contiguous tensors between
   channels-last convolutions) it falls to a scalar loop: ~1 ms per call, a quarter of a bf16 VJP.
@@ -540,10 +540,10 @@ def _prelu_eligible(x: Any, a: Any) -> bool:
 
 #: ``kernels="auto"`` compiles the fused instance-norm + activation backward (:class:`_NormActivation`) for windows
 #: of at least this many voxels (2^19, about 81^3). Measured on the demo UNet (BENCHMARKS.md), whole
-#: one-window volumes: 1.08x at the demo's 48 x 40 x 40 windows, 0.97x at 64^3 and 1.08x at 96^3, where
-#: the full-resolution tensors outgrow the CPU's caches and every pass the eager kernels make goes to
-#: memory. The compile (13 s once per process with a cold Inductor cache) pays for itself after 34
-#: one-window volumes at 96^3, within one CT's windows, and never at 64^3.
+#: one-window volumes: 1.08x at the demo's 48 x 40 x 40 windows, 0.99x at 64^3, 1.19x at 96^3 and 1.08x at
+#: 128^3, where the full-resolution tensors outgrow the CPU's caches and every pass the eager kernels make
+#: goes to memory. The compile (13 s once per process with a cold Inductor cache) pays for itself after 22
+#: one-window volumes at 96^3 and 19 at 128^3, within one CT's windows, and never at 64^3.
 FUSE_MIN_VOXELS = 1 << 19
 
 
