@@ -609,7 +609,8 @@ def _norm_input(n: int, c: int, size: tuple[int, ...], seed: int = 5) -> torch.T
 
 
 @pytest.mark.parametrize("affine", [False, True])
-@pytest.mark.parametrize("n,c,size", [(1, 17, (24, 20, 20)), (2, 3, (41, 43, 37)), (1, 2, (64, 40, 32))])
+@pytest.mark.parametrize("n,c,size", [(1, 17, (24, 20, 20)), (2, 3, (41, 43, 37)), (1, 2, (64, 40, 32)),
+                                      (2, 17, (64, 48, 48))])  # the last: both sums in one pass (_column_sums)
 @pytest.mark.parametrize("seed_layout", [CL, torch.contiguous_format])
 def test_channels_last_instance_norm_is_pytorchs_forward_and_the_float64_gradient(affine, n, c, size, seed_layout):
     """Large channels-last norms run in the engine's kernel: the forward is PyTorch's, bit for bit, and
