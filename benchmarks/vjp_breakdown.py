@@ -15,7 +15,9 @@ to the bf16 / float32 ratio of a large matrix multiply in this process (what the
 a bound: that ratio if bf16's VJP cost only its convolutions (every other node and the time between
 nodes free).
 
-    python benchmarks/vjp_breakdown.py --json vjp_breakdown.json
+    python benchmarks/vjp_breakdown.py --json vjp_breakdown.json --plot vjp_breakdown.png
+
+``--plot`` draws the per-node table as bars (float32 beside bf16, the longest first).
 """
 
 from __future__ import annotations
@@ -124,6 +126,32 @@ def _per_vjp(ts: list[float], repeats: int) -> list[float]:
     return [sum(ts[i:i + k]) for i in range(0, k * repeats, k)]
 
 
+def plot(rows: list[dict[str, Any]], summary: dict[str, Any], title: str, path: Path) -> None:
+    """The node rows of at least 0.05 ms as horizontal bars, float32 beside bf16, saved at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if max(r["fp32_ms"], r["bf16_ms"]) >= 0.05][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(shown) + 1.6))
+    y = range(len(shown))
+    ax.barh([i + 0.2 for i in y], [r["fp32_ms"] for r in shown], height=0.4, label="float32")
+    ax.barh([i - 0.2 for i in y], [r["bf16_ms"] for r in shown], height=0.4, label="bf16 autocast")
+    ax.set_yticks(list(y), [r["node"] for r in shown], fontsize=8)
+    ax.set_xlabel("ms per class VJP (hooked)")
+    ax.set_title(f"{title}\nbf16 / fp32: class VJP {summary['vjp_speedup']:.2f}x, window "
+                 f"{summary['window_speedup']:.2f}x, convolutions-only bound "
+                 f"{summary['window_speedup_bound_convolutions_only']:.2f}x, matmul {summary['matmul_speedup']:.2f}x",
+                 fontsize=9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--roi", type=int, nargs=3, default=list(DEMO_ROI_SIZE))
@@ -132,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", choices=("engine", "compiled"), default="engine")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="also draw the node table as bars (PNG)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.classes < 1 or min(args.roi) < 16:
         ap.error("--repeats and --classes must be at least 1 and every --roi side at least 16")
@@ -191,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (shared machine); CPU heap: "
           f"{heap.reason}")
+    if args.plot is not None:
+        plot(rows, summary, f"One class VJP of the demo UNet, {' x '.join(map(str, roi))} window, kernels="
+             f"{args.kernels}, {args.threads} thread(s)", args.plot)
     write_json(args.json, {"roi": list(roi), "kernels": args.kernels, "threads": args.threads,
                            "repeats": args.repeats, "classes": args.classes, "rows": rows, "summary": summary,
                            "runs": runs, "matmul_fp32_flop_s": mm32, "matmul_bf16_flop_s": mm16,

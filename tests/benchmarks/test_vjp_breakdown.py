@@ -10,8 +10,10 @@ from tests.benchmarks.script import run_benchmark
 @pytest.mark.slow
 def test_vjp_breakdown_pairs_float32_and_bf16_nodes(tmp_path):
     out = tmp_path / "vjp.json"
+    png = tmp_path / "vjp.png"
     proc, fig = run_benchmark("vjp_breakdown.py", "--roi", "24", "16", "16", "--repeats", "2", "--classes", "3",
-                              out=out, timeout=600)
+                              "--plot", str(png), out=out, timeout=600)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "class VJP" in proc.stdout and "goal 1.8" in proc.stdout
     rows = {r["node"]: r for r in fig["rows"]}
     # the head's convolution and its norm are timed in both precisions under one role each, though the
