@@ -170,8 +170,9 @@ def keep_cpu_heap(mode: str | None = None, *, mmap_threshold: int = MMAP_THRESHO
     ``keep`` (the default: blocks below ``mmap_threshold`` from the heap, ``trim_threshold`` 64 MiB),
     ``keep-all`` (every block from the heap, none mapped, 1 GiB kept free at the top: for windows whose
     tensors pass 32 MiB, e.g. 96^3 and larger, at the price of a higher peak memory) or ``default``;
-    None reads ``AGG2EXP_CPU_HEAP`` (``keep`` when unset). Never raises for the platform: it returns
-    why it did nothing."""
+    None reads ``AGG2EXP_CPU_HEAP`` (``keep`` when unset). ``keep`` and ``keep-all`` also ask PyTorch
+    for transparent huge pages on Linux (``huge_pages`` in the result; call it before the process's
+    first tensor). Never raises for the platform: it returns why it did nothing."""
     global _done
     if _done is not None:
         return _done
