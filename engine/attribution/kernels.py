@@ -527,10 +527,17 @@ class _PReLU(torch.autograd.Function):
             return None, None
         x, a = ctx.saved_tensors
         gy = gy.to(x.dtype).contiguous(memory_format=_layout_of(x))
-        if ctx.slope is not None:
-            return torch.ops.aten.leaky_relu_backward(gy, x, ctx.slope, False), None
-        slope = a.reshape(1, -1, *([1] * (x.dim() - 2)))  # one slope per channel
-        return torch.where(x > 0, gy, gy * slope), None
+        slope = ctx.slope if ctx.slope is not None else a.reshape(1, -1, *([1] * (x.dim() - 2)))  # or one per channel
+        return _slope_gradient(gy, x, slope), None
+
+
+def _slope_gradient(gy: torch.Tensor, x: torch.Tensor, slope: float | torch.Tensor) -> torch.Tensor:
+    """The input gradient of ``x if x > 0 else slope * x`` (PReLU, LeakyReLU, ReLU) for output gradient
+    ``gy``: ``leaky_relu_backward`` for one slope (a float), else ``gy`` where x > 0 and ``slope * gy``
+    elsewhere (``slope`` a tensor that broadcasts over x: one per channel)."""
+    if isinstance(slope, float):
+        return torch.ops.aten.leaky_relu_backward(gy, x, slope, False)
+    return torch.where(x > 0, gy, gy * slope)
 
 
 def _prelu_eligible(x: Any, a: Any) -> bool:
@@ -790,8 +797,7 @@ class _NormActivation(torch.autograd.Function):
                 return gx.contiguous(memory_format=torch.channels_last_3d)
             except Exception as err:  # noqa: BLE001 - any compile failure falls back, once, said in one line
                 _Compiled.fail(err)
-        g = torch.where(y > 0, gy, gy * slope) if slope.numel() > 1 else torch.ops.aten.leaky_relu_backward(
-            gy, y, float(slope), False)
+        g = _slope_gradient(gy, y, float(slope) if slope.numel() == 1 else slope)
         return _norm_input_gradient(g, x_hat, norm)
 
 
