@@ -95,7 +95,7 @@ class AttributionSpec:
     perturbation_baseline: str | float = "min"  # value removed features are set to
 
     def __post_init__(self) -> None:
-        from engine.attribution.kernels import KERNELS
+        from engine.attribution.kernels import KERNEL_CHOICES, KERNELS
         from engine.attribution.methods import canonical_name, make_method
         from engine.attribution.objectives import resolve_objective
 
@@ -118,7 +118,7 @@ class AttributionSpec:
         if self.vjp not in ("auto", "loop", "batched"):
             raise JobSpecError(f"[attribution] vjp must be 'auto', 'loop' or 'batched', got {self.vjp!r}")
         if self.kernels not in KERNELS:
-            raise JobSpecError(f"[attribution] kernels must be one of {', '.join(repr(k) for k in KERNELS)}, "
+            raise JobSpecError(f"[attribution] kernels must be one of {KERNEL_CHOICES}, "
                                f"got {self.kernels!r}")
 
     def method_options(self) -> dict[str, Any]:

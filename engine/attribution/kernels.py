@@ -117,6 +117,8 @@ _log = logging.getLogger(__name__)
 Kernels = Literal["auto", "engine", "compiled", "torch"]
 #: The accepted values of ``kernels`` (``SlidingWindow``, a job's ``[attribution] kernels``).
 KERNELS: tuple[str, ...] = get_args(Kernels)
+#: ``KERNELS`` as an error message names them: ``'auto', 'engine', 'compiled', 'torch'``.
+KERNEL_CHOICES = ", ".join(repr(k) for k in KERNELS)
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -142,7 +144,7 @@ def resolve_kernels(kernels: Kernels, device: torch.device | str) -> bool:
     it fused by ``torch.compile`` (:class:`_NormActivation`); ``torch``: PyTorch's own kernels everywhere.
     """
     if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(repr(k) for k in KERNELS)}, got {kernels!r}")
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
     if kernels == "torch":
         return False
     on_cpu = torch.device(device).type == "cpu"

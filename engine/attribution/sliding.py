@@ -31,6 +31,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 
 from engine.attribution.kernels import (
+    KERNEL_CHOICES,
     KERNELS,
     EngineKernels,
     Kernels,
@@ -95,7 +96,7 @@ class SlidingWindow:
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {self.memory_format!r}")
         if self.kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(repr(k) for k in KERNELS)}, got {self.kernels!r}")
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
 
     def geometry(self, image_size: Sequence[int], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> WindowGeometry:
