@@ -906,11 +906,6 @@ class Store:
             return self._frame("SELECT * FROM predictions")
         return self._frame("SELECT * FROM predictions WHERE run_id = ?", [self.require_run(run_id)])
 
-    def importance_methods(self, run_id: str) -> list[str]:
-        """The attribution methods a run stored importances for."""
-        return [r[0] for r in self._rows("SELECT DISTINCT method FROM importances WHERE run_id = ? ORDER BY 1",
-                                         [run_id])]
-
     def patient_dice(self, run_id: str) -> pl.DataFrame:
         """``patient_id``, ``mean_dice`` (mean over foreground classes; the ``patient_dice`` view)."""
         return self._frame("SELECT patient_id, mean_dice FROM patient_dice WHERE run_id = ? ORDER BY patient_id",
@@ -1076,10 +1071,10 @@ class Store:
 
     def importance_methods(self, run_id: str) -> list[str]:
         """Attribution methods with importance rows of done patients."""
-        rows = self.con.execute(
+        rows = self._rows(
             f"SELECT DISTINCT method FROM importances WHERE run_id = $run AND {self._DONE} ORDER BY method",  # noqa: S608
             {"run": run_id},
-        ).fetchall()
+        )
         return [r[0] for r in rows]
 
     def importance_wide(self, run_id: str, *, method: str, sign: str = "abs", stat: str = "mass") -> pl.DataFrame:
@@ -1089,30 +1084,26 @@ class Store:
         """
         where = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND {self._DONE}"
         params = {"run": run_id, "method": method, "sign": sign, "stat": stat}
-        features = self.con.execute(
+        features = self._rows(
             f"SELECT DISTINCT target, roi FROM importances WHERE {where} ORDER BY target, roi", params  # noqa: S608
-        ).fetchall()
+        )
         if not features:
             return pl.DataFrame(schema={"patient_id": pl.String})
-        import pyarrow as pa
-
-        keys = pa.table({"target": [f[0] for f in features], "roi": [f[1] for f in features],
-                         "idx": list(range(len(features)))})
-        # PIVOT needs its IN list spelled out to accept bound parameters; the list is feature
-        # indices (integers made here), never text from the data.
+        # The (target, roi) -> index table travels as bound lists (a registered table would not reach a
+        # live writer's endpoint). PIVOT needs its IN list spelled out to accept bound parameters; the
+        # list is feature indices (integers made here), never text from the data.
+        keys = {"k_target": [str(f[0]) for f in features], "k_roi": [str(f[1]) for f in features],
+                "k_idx": list(range(len(features)))}
         in_list = ", ".join(str(i) for i in range(len(features)))
-        self.con.register("_analytics_features", keys)
-        try:
-            wide = self.frame(
-                "PIVOT (SELECT i.patient_id, k.idx, i.value FROM importances i "  # noqa: S608
-                "JOIN _analytics_features k ON k.target = i.target AND k.roi = i.roi "
-                "WHERE i.run_id = $run AND i.method = $method AND i.sign = $sign AND i.stat = $stat "
-                f"AND i.{self._DONE}) "
-                f"ON idx IN ({in_list}) USING avg(value) GROUP BY patient_id ORDER BY patient_id",
-                params,
-            )
-        finally:
-            self.con.unregister("_analytics_features")
+        wide = self._frame(
+            "PIVOT (SELECT i.patient_id, k.idx, i.value FROM importances i "  # noqa: S608
+            "JOIN (SELECT unnest($k_target) AS target, unnest($k_roi) AS roi, unnest($k_idx) AS idx) k "
+            "ON k.target = i.target AND k.roi = i.roi "
+            "WHERE i.run_id = $run AND i.method = $method AND i.sign = $sign AND i.stat = $stat "
+            f"AND i.{self._DONE}) "
+            f"ON idx IN ({in_list}) USING avg(value) GROUP BY patient_id ORDER BY patient_id",
+            params | keys,
+        )
         names = {str(i): f"{t}{self.FEATURE_SEP}{r}" for i, (t, r) in enumerate(features)}
         return wide.rename({c: names[c] for c in wide.columns if c in names})
 
@@ -1124,9 +1115,9 @@ class Store:
         has no row or the value was not computed.
         """
         params = {"run": run_id}
-        classes = [r[0] for r in self.con.execute(
+        classes = [r[0] for r in self._rows(
             f"SELECT DISTINCT class FROM predictions WHERE run_id = $run AND {self._DONE} ORDER BY class",  # noqa: S608
-            params).fetchall()]
+            params)]
         if not classes:
             return pl.DataFrame(schema={"patient_id": pl.String})
         # One aggregate per (what, class), the class bound as a parameter; the aliases are indices made here.
@@ -1222,9 +1213,28 @@ def open_writer(path: str | os.PathLike[str] = DEFAULT_DB, *, live: bool = True,
     return Store(path, read_only=False, live=live, live_host=live_host)
 
 
+def open_writer_or_live(path: str | os.PathLike[str] = DEFAULT_DB) -> Store:
+    """A writer when no other process writes the store; while a run writes it, a read-only view of the
+    run's committed patients through its live endpoint (``read_only`` is then True: results computed on
+    it cannot be stored until the run ends). For the analytics commands, which store what they compute
+    but can still show it mid-run."""
+    try:
+        return open_writer(path)
+    except StoreError as locked:
+        try:
+            reader = open(path)
+        except StoreError:
+            raise locked from None
+        if not reader.is_live:  # the lock had another cause; say that one
+            reader.close()
+            raise locked from None
+        return reader
+
+
 def rows_from_records(records: Iterable[Mapping[str, Any]], schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
     """Build a frame with a fixed schema (empty input gives an empty, typed frame)."""
     return pl.DataFrame(list(records), schema=dict(schema))
 
 
-__all__ = ["DEFAULT_DB", "SCHEMA_VERSION", "PatientResult", "Store", "StoreError", "open", "open_writer"]
+__all__ = ["DEFAULT_DB", "SCHEMA_VERSION", "PatientResult", "Store", "StoreError", "open", "open_writer",
+           "open_writer_or_live"]

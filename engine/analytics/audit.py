@@ -492,11 +492,13 @@ def audit_run(
     sign: str = "abs",
     stat: str = "mass",
     rois: RoIChoice = "parts",
+    save: bool = True,
     **kwargs: Any,
 ) -> tuple[str, pl.DataFrame, bool]:
     """Audit a stored run and store the result: ``(audit_id, ranked results, had anomaly scores)``.
 
-    ``source`` is a writable Store; its done patients are audited (their metadata from
+    ``source`` is a Store, writable when ``save`` (``save=False`` audits without storing, e.g. on the
+    live view of a run still writing); its done patients are audited (their metadata from
     ``done_metadata``, their importances as one matrix from ``importance_wide``), with the run's
     latest anomaly model (or ``model_id``) for the outlier tests. The audit id is a hash of the
     run, the model and the parameters, so re-running the same audit replaces it; the parameters,
@@ -529,7 +531,8 @@ def audit_run(
               **{k: v for k, v in kwargs.items()},
               "missing": {c: missing_count(patients, c) for c in columns}}
     audit_id = "audit-" + hashlib.sha1(json.dumps([run_id, used_model, params], default=str).encode()).hexdigest()[:10]
-    source.write_audit(audit_id=audit_id, run_id=run_id, results=result, model_id=used_model, params=params)
+    if save:
+        source.write_audit(audit_id=audit_id, run_id=run_id, results=result, model_id=used_model, params=params)
     return audit_id, result, bool(scores.height)
 
 

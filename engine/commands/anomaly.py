@@ -13,7 +13,7 @@ def handle(args: argparse.Namespace) -> int:
     from engine import store
     from engine.analytics.anomaly import reasons_by_patient, score_run
 
-    with store.open_writer(args.db) as s:
+    with store.open_writer_or_live(args.db) as s:
         run_id = s.require_run(args.run)
         ref = s.require_run(args.reference_run) if args.reference_run else None
         contamination = (None if args.contamination is None else
@@ -23,10 +23,12 @@ def handle(args: argparse.Namespace) -> int:
             n_estimators=args.n_estimators, contamination=contamination, method=args.method, sign=args.sign,
             rois=args.rois, scorer=args.scorer, feature_set=args.feature_set, reasons=args.top_k_reasons,
         )
-        s.write_anomaly(model=model, scores=scores)
-        reasons = model.get("reasons")
-        if reasons is not None:
-            s.write_anomaly_reasons(model_id=model["model_id"], run_id=run_id, reasons=reasons)
+        stored = not s.read_only
+        if stored:
+            s.write_anomaly(model=model, scores=scores)
+            reasons = model.get("reasons")
+            if reasons is not None:
+                s.write_anomaly_reasons(model_id=model["model_id"], run_id=run_id, reasons=reasons)
     mean = scores.filter(scores["target"] == MEAN_TARGET).sort("score", descending=True)
     feats = model["features"]
     n_features = sum(len(v) for v in feats.values()) if isinstance(feats, dict) else len(feats)
@@ -40,6 +42,9 @@ def handle(args: argparse.Namespace) -> int:
     print("most anomalous (score, top reasons as robust z against the fit cohort):")
     for r in mean.head(args.show).iter_rows(named=True):
         print(f"  {r['patient_id']}  {r['score']:.3f}  {why.get(str(r['patient_id']), '')}".rstrip())
+    if not stored:
+        print(f"not stored: a run is writing {args.db}, so these scores are of its {mean.height} committed patients "
+              f"only; rerun `agg2exp anomaly` after it finishes to store them")
     return 0
 
 

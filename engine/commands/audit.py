@@ -16,10 +16,12 @@ def handle(args: argparse.Namespace) -> int:
     from engine.analytics.audit import audit_run, precision_note
 
     columns = [c.strip() for c in args.by.split(",") if c.strip()]
-    with store.open_writer(args.db) as s:
+    with store.open_writer_or_live(args.db) as s:
+        stored = not s.read_only
         audit_id, result, has_scores = audit_run(
             s, run_id=args.run, columns=columns, model_id=args.model, top_fraction=args.top_fraction,
-            outlier_rule=args.outlier_rule, rois=args.rois, method=args.method, sign=args.sign, n_boot=args.n_boot, seed=args.seed, alpha=args.alpha,
+            outlier_rule=args.outlier_rule, rois=args.rois, method=args.method, sign=args.sign, n_boot=args.n_boot,
+            seed=args.seed, alpha=args.alpha, save=stored,
         )
         run_id = s.require_run(args.run)
         if not has_scores:
@@ -33,6 +35,9 @@ def handle(args: argparse.Namespace) -> int:
     if args.out is None or args.format == "table":
         n_sig = int(result["significant"].sum())
         print(f"audit {audit_id}: {result.height} tests over {len(columns)} column(s), {n_sig} with q < {args.alpha}")
+    if not stored:
+        print(f"not stored: a run is writing {args.db}, so this audit is of its committed patients only; rerun "
+              "`agg2exp audit` after it finishes to store it")
     return 0
 
 

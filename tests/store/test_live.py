@@ -191,6 +191,47 @@ def test_another_process_reads_through_the_endpoint(live_writer: store.Store) ->
     assert seen == {"live": True, "done": ["p0"], "lazy": ROWS_PER_PATIENT // 3, "meta": ["patient_id"]}
 
 
+def test_the_analytics_commands_run_in_another_process_while_a_run_writes(tmp_path: Path) -> None:
+    """graph, report, show, anomaly and audit on a store a run is writing: each reads the committed
+    patients through the endpoint (graph and show failed with an internal error before); anomaly and
+    audit show what they computed and say it was not stored."""
+    db = tmp_path / "s.duckdb"
+    ids = [f"p{i}" for i in range(24)]
+    with store.open_writer(db) as w:
+        w.create_run(RUN, config={})
+        w.register_patients(RUN, manifest(ids, site=["A", "B"] * 12))
+        for i, pid in enumerate(ids[:20]):
+            w.write_patient(RUN, result(pid, seed=i))
+        out = _python(f"""
+            from engine.cli import main
+            db, out = {str(db)!r}, {str(tmp_path)!r}
+            for argv in (["graph", "--out", out + "/graph"], ["anomaly"], ["audit", "--by", "site"],
+                         ["show", "p3", "--target", "heart", "--out", out + "/p3.png"],
+                         ["report", "--out", out + "/report", "--no-maps"]):
+                print("exit", argv[0], main([argv[0], "--run", {RUN!r}, *argv[1:], "--db", db]), flush=True)
+        """, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert all(f"exit {c} 0" in out.stdout for c in ("graph", "anomaly", "audit", "report")), \
+            out.stdout + out.stderr
+        assert "internal error" not in out.stderr
+        # show read what it needs through the endpoint; this run names no model to recompute maps with
+        assert "exit show 2" in out.stdout and "cannot recompute maps for run 'live'" in out.stderr
+        assert "20 patients scored" in out.stdout
+        assert out.stdout.count("not stored: a run is writing") == 2  # anomaly and audit, not the readers
+        assert (tmp_path / "report" / f"report-{RUN}.html").is_file() and (tmp_path / "graph").is_dir()
+        # nothing was written beside the run: the commands could not, and did not try
+        assert w.sql("SELECT count(*) AS n FROM anomaly_models").item() == 0
+        assert w.sql("SELECT count(*) AS n FROM audits").item() == 0
+    # once the run has ended, the same command stores its scores
+    out = _python(f"""
+        from engine.cli import main
+        print("exit", main(["anomaly", "--run", {RUN!r}, "--db", {str(db)!r}]))
+    """)
+    assert out.returncode == 0 and "exit 0" in out.stdout and "not stored" not in out.stdout, out.stdout + out.stderr
+    with store.open(db) as s:
+        assert s.sql("SELECT count(*) AS n FROM anomaly_models").item() == 1
+
+
 def test_lazy_frames_over_the_endpoint_send_their_filters_to_the_writer(live_writer: store.Store,
                                                                        monkeypatch) -> None:
     import polars as pl
