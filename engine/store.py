@@ -1133,6 +1133,44 @@ class Store:
             f"WHERE run_id = $run AND {self._DONE} GROUP BY patient_id ORDER BY patient_id", params)
         return wide.rename(names)
 
+    def importance_box_stats(self, run_id: str, *, method: str, sign: str = "abs", stat: str = "mass") -> pl.DataFrame:
+        """Box-plot statistics per (target, roi) over done patients, as matplotlib's ``boxplot_stats`` defines
+        them: ``n``, quartiles ``q1, med, q3`` (linear interpolation), whiskers ``whislo, whishi`` (the furthest
+        values within 1.5 IQR of the box, never inside it), ``vmin, vmax``. Null values are left out."""
+        where = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND value IS NOT NULL AND {self._DONE}"
+        return self._frame(
+            # v is read twice (the quartiles, then the whiskers against them) rather than held: at 100,000
+            # patients it is 32 M values
+            f"WITH v AS NOT MATERIALIZED (SELECT target, roi, value FROM importances WHERE {where}), "  # noqa: S608
+            "qs AS (SELECT target, roi, count(*) AS n, quantile_cont(value, [0.25, 0.5, 0.75]) AS qs, min(value) AS vmin, "
+            "max(value) AS vmax FROM v GROUP BY target, roi), "
+            "q AS (SELECT target, roi, n, qs[1] AS q1, qs[2] AS med, qs[3] AS q3, vmin, vmax FROM qs), "
+            "w AS (SELECT v.target, v.roi, "
+            "min(v.value) FILTER (WHERE v.value >= q.q1 - 1.5 * (q.q3 - q.q1)) AS lo, "
+            "max(v.value) FILTER (WHERE v.value <= q.q3 + 1.5 * (q.q3 - q.q1)) AS hi "
+            "FROM v JOIN q ON v.target = q.target AND v.roi = q.roi GROUP BY v.target, v.roi) "
+            "SELECT CAST(q.target AS VARCHAR) AS target, CAST(q.roi AS VARCHAR) AS roi, q.n, q.q1, q.med, q.q3, "
+            "CASE WHEN w.lo IS NULL OR w.lo > q.q1 THEN q.q1 ELSE w.lo END AS whislo, "
+            "CASE WHEN w.hi IS NULL OR w.hi < q.q3 THEN q.q3 ELSE w.hi END AS whishi, q.vmin, q.vmax "
+            "FROM q JOIN w ON q.target = w.target AND q.roi = w.roi ORDER BY 1, 2",
+            {"run": run_id, "method": method, "sign": sign, "stat": stat},
+        )
+
+    def importance_points(
+        self, run_id: str, *, method: str, sign: str = "abs", stat: str = "mass", patients: int = 400, seed: int = 0,
+    ) -> pl.DataFrame:
+        """``target, roi, patient_id, value`` of at most ``patients`` done patients (all when fewer), the same
+        patients for every (target, roi), drawn by a hash seeded with ``seed``: the dots of a strip plot."""
+        return self._frame(
+            "WITH chosen AS (SELECT patient_id FROM patients WHERE run_id = $run AND status = 'done' "
+            "ORDER BY hash(concat(patient_id, ':', $seed)), patient_id LIMIT $patients) "
+            "SELECT CAST(target AS VARCHAR) AS target, CAST(roi AS VARCHAR) AS roi, CAST(patient_id AS VARCHAR) "
+            "AS patient_id, value FROM importances WHERE run_id = $run AND method = $method AND sign = $sign "
+            "AND stat = $stat AND value IS NOT NULL AND patient_id IN (SELECT patient_id FROM chosen) "
+            "ORDER BY target, roi, patient_id",
+            {"run": run_id, "method": method, "sign": sign, "stat": stat, "patients": int(patients), "seed": int(seed)},
+        )
+
     def importance_sums(
         self, run_id: str, *, method: str, sign: str = "abs", stat: str = "mass",
         patient_ids: Sequence[str] | None = None,

@@ -2,8 +2,9 @@
 
 * :func:`slice_overlay` - Fig. 2: three orthogonal slices through a class, attribution as a
   diverging overlay, the predicted mask as a contour;
-* :func:`importance_distributions` - Fig. 3: per target class, the cohort distribution of the
-  attribution mass in each RoI (box + strip plots, coloured by anatomical group);
+* :func:`importance_distributions` / :func:`distribution_figure` - Fig. 3: per target class, the
+  cohort distribution of the attribution mass in each RoI (box + strip plots, coloured by anatomical
+  group), from a frame or from box statistics the store computed;
 * :func:`graph_figure` - Fig. 4: the global RoI graph (drawn by ``engine.analytics.graph``);
 * :func:`anomaly_ranking` and :func:`patient_panels` - Fig. 5: patients ranked by anomaly score,
   and the most and least anomalous ones on orthogonal slices with their attribution overlays.
@@ -205,6 +206,26 @@ def slice_overlay(
 # --------------------------------------------------------------------------- Fig. 3
 
 
+#: Columns of the box statistics :func:`distribution_figure` draws (``Store.importance_box_stats`` and
+#: :func:`box_stats` make them).
+BOX_COLUMNS = ("target", "roi", "n", "q1", "med", "q3", "whislo", "whishi", "vmin", "vmax")
+
+
+def box_stats(importances: pl.DataFrame) -> pl.DataFrame:
+    """Box-plot statistics per (target, roi) of a long frame (``target, roi, value``), computed by
+    matplotlib's ``cbook.boxplot_stats`` (null values left out): the columns :data:`BOX_COLUMNS`."""
+    from matplotlib import cbook
+
+    rows = []
+    for (target, roi), part in importances.drop_nulls("value").group_by(["target", "roi"], maintain_order=True):
+        values = part["value"].to_numpy()
+        (s,) = cbook.boxplot_stats(values)
+        rows.append((str(target), str(roi), values.size, *(float(s[k]) for k in ("q1", "med", "q3", "whislo", "whishi")),
+                     float(values.min()), float(values.max())))
+    schema = dict(zip(BOX_COLUMNS, (pl.String, pl.String, pl.Int64, *[pl.Float64] * 7)))
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
 def importance_distributions(
     importances: pl.DataFrame,
     *,
@@ -217,19 +238,48 @@ def importance_distributions(
     max_points: int = 400,
     rois: str | Sequence[str] = "parts",
 ) -> Figure:
-    """Fig. 3: per target class, box + strip plots of each RoI's attribution mass over the cohort.
-
-    One panel per target; RoIs of the RoI set ``rois`` (``"parts"``: joined RoIs such as ``lung``
-    left out when their parts are there; see :mod:`engine.analytics.rois`) on the y-axis in class
-    order, boxes coloured by the RoI's anatomical group; each dot is one patient (at most
-    ``max_points`` per RoI are drawn).
-    """
+    """Fig. 3 from a long importances frame held in memory (a few patients' :class:`Explanation` rows, a
+    small run): :func:`box_stats` of every value, dots of at most ``max_points`` patients (the same ones
+    in every panel), drawn by :func:`distribution_figure`. For a stored run the report asks the store
+    for both (``Store.importance_box_stats``, ``Store.importance_points``), so no cohort is loaded."""
     df = importances.filter((pl.col("sign") == sign) & (pl.col("stat") == stat))
     if method is not None:
         df = df.filter(pl.col("method") == method)
-    if df.height == 0:
-        return message_figure(f"no importances with sign={sign}, stat={stat}" + (f", method={method}" if method else ""))
-    present = df["target"].unique().to_list()
+    ids = df["patient_id"].unique().sort() if "patient_id" in df.columns else None
+    points = df
+    if ids is not None and ids.len() > max_points:
+        chosen = np.random.default_rng(0).choice(ids.to_numpy(), max_points, replace=False)
+        points = df.filter(pl.col("patient_id").is_in(chosen.tolist()))
+    what = f"sign={sign}, stat={stat}" + (f", method={method}" if method else "")
+    return distribution_figure(box_stats(df), points, sign=sign, stat=stat, targets=targets, ncols=ncols,
+                               exclude_background_target=exclude_background_target, rois=rois,
+                               n_patients=None if ids is None else ids.len(), what=what)
+
+
+def distribution_figure(
+    stats: pl.DataFrame,
+    points: pl.DataFrame,
+    *,
+    sign: str = "abs",
+    stat: str = "mass",
+    targets: Sequence[str] | None = None,
+    exclude_background_target: bool = True,
+    ncols: int = 4,
+    rois: str | Sequence[str] = "parts",
+    n_patients: int | None = None,
+    what: str = "",
+) -> Figure:
+    """Fig. 3: per target class, each RoI's attribution mass over the cohort as a box (``stats``, columns
+    :data:`BOX_COLUMNS`) with one dot per patient of ``points`` (``target, roi, value``) on it.
+
+    One panel per target; RoIs of the RoI set ``rois`` (``"parts"``: joined RoIs such as ``lung``
+    left out when their parts are there; see :mod:`engine.analytics.rois`) on the y-axis in class
+    order, boxes coloured by the RoI's anatomical group. The boxes are of every patient whatever
+    ``points`` holds, so a cohort of any size draws in the same time.
+    """
+    if stats.height == 0:
+        return message_figure("no importances" + (f" with {what}" if what else ""))
+    present = stats["target"].unique().to_list()
     order = [c for c in THORAX_CLASSES if c in present] + sorted(c for c in present if c not in THORAX_CLASSES)
     if targets is not None:
         order = [t for t in targets if t in present]
@@ -237,36 +287,37 @@ def importance_distributions(
         order = [t for t in order if t != "background"] or order
     from engine.analytics.rois import choose_rois
 
-    rois = choose_rois(df["roi"].unique().to_list(), rois)
-    df = df.filter(pl.col("roi").is_in(rois))
+    rois = choose_rois(stats["roi"].unique().to_list(), rois)
+    boxes = {(r["target"], r["roi"]): r for r in stats.filter(pl.col("roi").is_in(rois)).iter_rows(named=True)}
+    dots: dict[tuple[str, str], np.ndarray] = {
+        (str(k[0]), str(k[1])): part["value"].drop_nulls().to_numpy()
+        for k, part in points.filter(pl.col("roi").is_in(rois)).group_by(["target", "roi"])
+    }
     n = len(order)
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
     height = max(2.2, 0.17 * len(rois) + 0.8)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, height * nrows), squeeze=False, sharex=True)
     rng = np.random.default_rng(0)
-    xmax = float(df["value"].max() or 1.0)
+    xmax = max((b["vmax"] for b in boxes.values() if b["vmax"] is not None), default=1.0)
+    pos = np.arange(len(rois))
     for i, target in enumerate(order):
         ax = axes[i // ncols][i % ncols]
-        part = df.filter(pl.col("target") == target)
-        data = [part.filter(pl.col("roi") == r)["value"].drop_nulls().to_numpy() for r in rois]
-        pos = np.arange(len(rois))
-        nonempty = [j for j, d in enumerate(data) if d.size]
-        if nonempty:
-            bp = ax.boxplot([data[j] for j in nonempty], positions=pos[nonempty], widths=0.6, **_HORIZONTAL,
-                            patch_artist=True, showfliers=False, manage_ticks=False,
-                            medianprops={"color": "black", "linewidth": 0.8},
-                            whiskerprops={"linewidth": 0.6}, capprops={"linewidth": 0.6})
-            for patch, j in zip(bp["boxes"], nonempty):
+        shown = [j for j, r in enumerate(rois) if (target, r) in boxes]
+        if shown:
+            bp = ax.bxp([{**boxes[(target, rois[j])], "fliers": []} for j in shown], positions=pos[shown], widths=0.6,
+                        **_HORIZONTAL, patch_artist=True, showfliers=False, manage_ticks=False,
+                        medianprops={"color": "black", "linewidth": 0.8},
+                        whiskerprops={"linewidth": 0.6}, capprops={"linewidth": 0.6})
+            for patch, j in zip(bp["boxes"], shown):
                 patch.set_facecolor(colour_of(rois[j]))
                 patch.set_alpha(0.55)
                 patch.set_linewidth(0.6)
-            for j in nonempty:
-                d = data[j]
-                if d.size > max_points:
-                    d = rng.choice(d, max_points, replace=False)
-                ax.scatter(d, pos[j] + rng.uniform(-0.18, 0.18, d.size), s=4, color=colour_of(rois[j]),
-                           edgecolors="black", linewidths=0.2, zorder=3)
+            for j in shown:
+                d = dots.get((target, rois[j]))
+                if d is not None and d.size:
+                    ax.scatter(d, pos[j] + rng.uniform(-0.18, 0.18, d.size), s=4, color=colour_of(rois[j]),
+                               edgecolors="black", linewidths=0.2, zorder=3)
         ax.set_yticks(pos)
         ax.set_yticklabels(rois if i % ncols == 0 else [""] * len(rois), fontsize=6)
         for tick, r in zip(ax.get_yticklabels(), rois):
@@ -283,7 +334,10 @@ def importance_distributions(
     handles = [Patch(facecolor=GROUP_COLOURS.get(g, GROUP_COLOURS["other"]), alpha=0.7, label=g) for g in groups]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 8), fontsize=7, frameon=False,
                bbox_to_anchor=(0.5, 1.0))
-    fig.supxlabel(f"share of the explanation's |attribution| in the RoI ({stat}, {sign})", fontsize=8)
+    dotted = points["patient_id"].n_unique() if "patient_id" in points.columns else None
+    sample = (f"; dots: {dotted} of {n_patients} patients" if n_patients is not None and dotted is not None
+              and dotted < n_patients else "")
+    fig.supxlabel(f"share of the explanation's |attribution| in the RoI ({stat}, {sign}){sample}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     return fig
 
@@ -309,7 +363,8 @@ def anomaly_ranking(
     """Patients ranked by anomaly score (``target`` rows; the mean over classes by default).
 
     The ``top_k`` most anomalous bars are red, the ``top_k`` least anomalous blue; ``labels``
-    optionally adds a note to a patient's tick label (e.g. a known anomaly).
+    optionally adds a note to a patient's tick label (e.g. a known anomaly). Above :data:`MAX_BARS`
+    patients the ranking is a curve of score against rank instead, with the same marks.
     """
     s = scores.filter(pl.col("target") == target).sort("score", descending=True)
     if s.height == 0:
@@ -317,6 +372,8 @@ def anomaly_ranking(
     ids = s["patient_id"].cast(pl.String).to_list()
     vals = s["score"].to_numpy()
     n = len(ids)
+    if n > MAX_BARS:
+        return _ranking_curve(ids, vals, top_k=top_k, target=target, labels=labels)
     colours = ["#b0b0b0"] * n
     for i in range(min(top_k, n)):
         colours[i] = "#d62728"
@@ -338,6 +395,47 @@ def anomaly_ranking(
     ax.legend(handles=[Patch(color="#d62728", label=f"top {top_k}"), Patch(color="#1f77b4", label=f"bottom {top_k}")],
               fontsize=7, loc="upper right")
     ax.grid(axis="y", linewidth=0.3, alpha=0.5)
+    fig.tight_layout()
+    return fig
+
+
+#: Above this many patients :func:`anomaly_ranking` draws the ranked scores as a curve, not a bar each.
+MAX_BARS = 120
+
+
+def _ranking_curve(ids: list[str], vals: np.ndarray, *, top_k: int, target: str,
+                   labels: Mapping[str, str] | None) -> Figure:
+    """A large cohort's ranking: score against rank (log scale from 1,000 patients), the ``top_k`` most
+    and least anomalous marked (the most named), and patients with a ``labels`` note as a rug."""
+    n = len(ids)
+    x = np.arange(1, n + 1)
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    ax.plot(x, vals, color="#606060", linewidth=0.9, zorder=2)
+    k = min(top_k, n)
+    b = min(top_k, n - k)
+    ax.scatter(x[:k], vals[:k], s=16, color="#d62728", edgecolors="black", linewidths=0.3, zorder=4,
+               label=f"top {top_k}")
+    if b:
+        ax.scatter(x[n - b:], vals[n - b:], s=16, color="#1f77b4", edgecolors="black", linewidths=0.3, zorder=4,
+                   label=f"bottom {top_k}")
+    for i in range(k):
+        note = f" {labels[ids[i]]}" if labels and labels.get(ids[i]) else ""
+        ax.annotate(ids[i] + note, (x[i], vals[i]), xytext=(6, -4 - 9 * i), textcoords="offset points", fontsize=6)
+    marked = np.array([i for i, pid in enumerate(ids) if labels and labels.get(pid)], dtype=int)
+    if marked.size:
+        lo = float(np.nanmin(vals))
+        ax.scatter(x[marked], np.full(marked.size, lo), marker="|", s=60, color="#ff7f0e", zorder=3,
+                   label=f"{marked.size} patients with a note")
+    if n >= 1000:
+        ax.set_xscale("log")
+    ax.set_xlim(0.8, n * 1.05)
+    ax.set_xlabel(f"rank among {n:,} patients (1 = most anomalous)", fontsize=8)
+    ax.set_ylabel("anomaly score\n(higher = more anomalous)", fontsize=8)
+    ax.set_title(f"patients ranked by anomaly score ({'mean over classes' if target == '__mean__' else target})",
+                 fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(linewidth=0.3, alpha=0.5)
     fig.tight_layout()
     return fig
 
@@ -380,7 +478,7 @@ def patient_panels(panels: Sequence[PatientPanel], *, title: str | None = None) 
 
 
 __all__ = [
-    "AXIS_NAMES", "PatientPanel", "anomaly_ranking", "draw_slices", "focus_point", "graph_figure",
-    "importance_distributions", "message_figure", "patient_panels", "robust_limit", "save_png", "slice_overlay",
-    "target_index", "to_png",
+    "AXIS_NAMES", "BOX_COLUMNS", "MAX_BARS", "PatientPanel", "anomaly_ranking", "box_stats", "distribution_figure", "draw_slices",
+    "focus_point", "graph_figure", "importance_distributions", "message_figure", "patient_panels", "robust_limit",
+    "save_png", "slice_overlay", "target_index", "to_png",
 ]

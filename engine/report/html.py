@@ -27,6 +27,10 @@ from engine.report import figures
 from engine.vocabulary import safe_filename
 
 SECTION_IDS: tuple[str, ...] = ("summary", "distributions", "graph", "anomalies", "audits", "evaluation")
+#: Patients drawn as dots in Fig. 3 (the boxes are of every patient).
+_DOTS = 400
+#: Failed patients whose tracebacks the summary shows (all are in ``patients.traceback``).
+_TRACEBACKS = 20
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -111,11 +115,11 @@ def section(sid: str, title: str, body: str) -> str:
 # --------------------------------------------------------------------------- data helpers
 
 
-def choose_method(importances: pl.DataFrame, config: Mapping[str, Any] | None) -> str | None:
-    """The run's configured method when present in the rows, else the only (or first) method."""
-    if importances.height == 0:
+def choose_method(methods: Sequence[str], config: Mapping[str, Any] | None) -> str | None:
+    """The run's configured method when the run has rows of it, else the only (or first) method."""
+    if not methods:
         return None
-    methods = sorted(importances["method"].unique().to_list())
+    methods = sorted(methods)
     configured = ((config or {}).get("attribution") or {}).get("method") or (config or {}).get("method")
     if configured in methods:
         return str(configured)
@@ -203,7 +207,11 @@ def _summary(s: store_mod.Store, run_id: str, info: Mapping[str, Any], patients:
     if failed.height:
         cols = [c for c in ("patient_id", "error", "attempts", "worker", "image_path") if c in failed.columns]
         parts.append(f'<p class="bad">{failed.height} patient(s) failed</p>' + table(failed.select(cols)))
-        for rec in failed.iter_rows(named=True):
+        traced = failed.filter(pl.col("traceback").is_not_null()) if "traceback" in failed.columns else failed.head(0)
+        if traced.height > _TRACEBACKS:
+            parts.append(f'<p class="note">the tracebacks of the first {_TRACEBACKS} of {traced.height}; the rest are in '
+                         "<code>patients.traceback</code></p>")
+        for rec in traced.head(_TRACEBACKS).iter_rows(named=True):
             if rec.get("traceback"):
                 parts.append(f"<details><summary>traceback of {_e(rec['patient_id'])}</summary>"
                              f"<pre>{_e(rec['traceback'])}</pre></details>")
@@ -219,18 +227,24 @@ def _summary(s: store_mod.Store, run_id: str, info: Mapping[str, Any], patients:
     return section("summary", "Run summary", "\n".join(parts))
 
 
-def _distributions(imp: pl.DataFrame, method: str | None, saved: dict[str, bytes]) -> str:
-    if imp.height == 0 or method is None:
-        return section("distributions", "Local RoI importance (Fig. 3)",
-                       '<p class="note">the run holds no importance rows yet</p>')
-    png = figures.to_png(figures.importance_distributions(imp, method=method))
+def _distributions(s: store_mod.Store, run_id: str, method: str | None, saved: dict[str, bytes]) -> str:
+    title = "Local RoI importance (Fig. 3)"
+    if method is None:
+        return section("distributions", title, '<p class="note">the run holds no importance rows yet</p>')
+    # the boxes are DuckDB's statistics over every done patient, the dots those of at most _DOTS of them:
+    # the cohort never leaves the store
+    stats = s.importance_box_stats(run_id, method=method)
+    points = s.importance_points(run_id, method=method, patients=_DOTS)
+    n = int(stats["n"].max()) if stats.height else 0
+    png = figures.to_png(figures.distribution_figure(stats, points, n_patients=n, what=f"method={method}"))
     saved["distributions.png"] = png
-    n = imp.filter(pl.col("method") == method)["patient_id"].n_unique()
+    dots = points["patient_id"].n_unique()
+    who = f"one dot per patient ({n} patients)" if dots >= n else f"one dot per patient for {dots} of the {n} patients"
     body = (f'<p class="note">For each explained class (panel), the share of its attribution mass (|{_e(method)}|, '
-            f"stat <code>mass</code>, sign <code>abs</code>) that falls in each RoI; one dot per patient "
-            f"({n} patients), boxes coloured by anatomical group.</p>"
+            f"stat <code>mass</code>, sign <code>abs</code>) that falls in each RoI: boxes over every done patient, "
+            f"{who}, coloured by anatomical group.</p>"
             + img_tag(png, "distributions of local RoI importance per class"))
-    return section("distributions", "Local RoI importance (Fig. 3)", body)
+    return section("distributions", title, body)
 
 
 def _rule_text(rule: str, opts: Mapping[str, Any]) -> str:
@@ -247,17 +261,18 @@ def _rule_text(rule: str, opts: Mapping[str, Any]) -> str:
     return f"{text}; weight = cohort-mean attribution mass (sign abs); {bg}; {se}"
 
 
-def _graph(imp: pl.DataFrame, method: str | None, run_id: str, rule: str, opts: Mapping[str, Any],
+def _graph(s: store_mod.Store, run_id: str, method: str | None, rule: str, opts: Mapping[str, Any],
            saved: dict[str, bytes]) -> str:
-    from engine.analytics.graph import GraphError, global_matrix, select_edges
+    from engine.analytics.graph import GraphError, graph_run
 
     title = "Global RoI importance graph (Fig. 4)"
-    if imp.height == 0 or method is None:
+    if method is None:
         return section("graph", title, '<p class="note">the run holds no importance rows yet</p>')
-    try:
-        edges = select_edges(global_matrix(imp, method=method), rule=rule, **opts)  # type: ignore[arg-type]
+    try:  # the same SQL aggregates as `agg2exp graph`
+        graphs, _ = graph_run(s, run_id=run_id, method=method, rule=rule, **opts)
     except GraphError as exc:
         return section("graph", title, f'<p class="warn">the graph cannot be built: {_e(exc)}</p>')
+    edges = graphs["all"]
     png = figures.graph_figure(edges, title=f"{run_id}: {rule}")
     saved["graph.png"] = png
     body = (f"<p>Edge rule: <b>{_rule_text(rule, opts)}</b>. An edge <code>roi &rarr; class</code> means the "
@@ -502,14 +517,13 @@ def write_report(
         patients = s.patients(rid)
         if patients.height:
             patients = patients.with_columns(pl.col("patient_id").cast(pl.String))
-        imp = s.importances(rid)
-        method = choose_method(imp, config)
+        method = choose_method(s.importance_methods(rid), config)
         opts = {"threshold": 0.35, "k": 5, "quantile": 0.75} | dict(graph_options or {})
         saved: dict[str, bytes] = {}
         body = [
             _summary(s, rid, info, patients),
-            _distributions(imp, method, saved),
-            _graph(imp, method, rid, graph_rule, opts, saved),
+            _distributions(s, rid, method, saved),
+            _graph(s, rid, method, graph_rule, opts, saved),
             _anomalies(s, rid, config, patients, top_k, saved, recompute=recompute_maps, device=device),
             _audits(s, rid, info),
             _evaluation(s, rid),

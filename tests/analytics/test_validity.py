@@ -315,13 +315,20 @@ def test_the_importer_names_the_columns_it_cannot_parse_and_reads_pos_neg_merges
 
 
 # ---------------------------------------------------------------- the report's Fig. 3 and Fig. 4
-def test_the_reports_figures_leave_lung_out_beside_its_lobes(paper: pl.DataFrame) -> None:
+def test_the_reports_figures_leave_lung_out_beside_its_lobes(paper: pl.DataFrame, tmp_path: Path) -> None:
     from engine.report import figures, html
 
     lung = _with_lung(paper)
     saved: dict[str, bytes] = {}
-    body = html._graph(lung, "smoothgrad", "x", "cumulative", {"threshold": 0.35}, saved)
-    assert "240 edges kept" in body and "graph.png" in saved
+    with store.open_writer(tmp_path / "s.duckdb", live=False) as s:
+        s.import_frames("x", importances=lung, predictions=pl.DataFrame(schema={"patient_id": pl.String,
+                                                                                  "class": pl.String}))
+        body = html._graph(s, "x", "smoothgrad", "cumulative", {"threshold": 0.35}, saved)
+        assert "240 edges kept" in body and "graph.png" in saved
+        stats = s.importance_box_stats("x", method="smoothgrad").filter(pl.col("target") == "heart")
+        fig = figures.distribution_figure(stats, s.importance_points("x", method="smoothgrad"))
+        labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        assert "lung" not in labels and labels == list(THORAX_CLASSES)
     fig = figures.importance_distributions(lung.filter(pl.col("target") == "heart"))
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert "lung" not in labels and labels == list(THORAX_CLASSES)

@@ -8,7 +8,7 @@ from tests.benchmarks.script import run_benchmark
 
 
 KEYS = ("bytes_per_row", "write_patients_per_s_first10", "write_patients_per_s_last10", "read_latency_p95_s",
-        "read_staleness_max_s", "anomaly_s", "audit_s", "graph_s", "peak_rss_gb")
+        "read_staleness_max_s", "anomaly_s", "audit_s", "graph_s", "report_s", "peak_rss_gb")
 
 
 def test_store_scale_benchmark_reports_every_figure(tmp_path: Path) -> None:
@@ -27,4 +27,4 @@ def test_store_scale_benchmark_reports_every_figure(tmp_path: Path) -> None:
     proc, fig = run_benchmark("store_scale.py", "--analytics", "only", "--n-boot", "20", "--db",
                               str(tmp_path / "scale.duckdb"), out=again)
     assert fig["analytics_only"] and fig["patients"] == 40 and fig["importance_rows"] == 40 * 1938
-    assert all(fig[k] > 0 for k in ("anomaly_s", "audit_s", "graph_s", "peak_rss_gb"))
+    assert all(fig[k] > 0 for k in ("anomaly_s", "audit_s", "graph_s", "report_s", "peak_rss_gb"))

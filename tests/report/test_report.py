@@ -84,6 +84,42 @@ def test_anomalies_without_maps_show_plain_slices(small_run) -> None:
         assert_valid_png(data)
 
 
+def test_the_report_never_reads_the_cohorts_importances_into_memory(small_run, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fig. 3 and Fig. 4 come from DuckDB's aggregates (boxes, drawn dots, cohort means), so a run of
+    100,000 patients reports in the memory of a small one; reading the long table whole is refused here."""
+    from engine import store
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report read the whole importances table")
+
+    monkeypatch.setattr(store.Store, "importances", refuse)
+    path = write_report(small_run.db, run_id=small_run.run_id, out_dir=tmp_path, recompute_maps=False)
+    text = path.read_text()
+    assert "one dot per patient (4 patients)" in section_html(text, "distributions")
+    assert "edges kept" in section_html(text, "graph")
+
+
+def test_a_large_cohorts_ranking_is_a_curve_with_the_extremes_named() -> None:
+    import polars as pl
+
+    n = 5000
+    rng = np.random.default_rng(0)
+    ids = [f"p{i:05d}" for i in range(n)]
+    scores = pl.DataFrame({"patient_id": ids, "target": ["__mean__"] * n, "score": rng.normal(size=n)})
+    top = scores.sort("score", descending=True)["patient_id"][:2].to_list()
+    fig = figures.anomaly_ranking(scores, top_k=2, labels={top[1]: "[metal]", ids[7]: "[port]"})
+    ax = fig.axes[0]
+    assert len(ax.get_xticklabels()) < 50 and ax.get_xscale() == "log"  # not a tick per patient
+    names = [a.get_text() for a in ax.texts]
+    assert names == [top[0], f"{top[1]} [metal]"]
+    assert "2 patients with a note" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert_valid_png(figures.to_png(fig))
+    small = figures.anomaly_ranking(scores.head(figures.MAX_BARS), top_k=2)
+    assert len(small.axes[0].get_xticklabels()) == figures.MAX_BARS  # small cohorts keep a bar per patient
+    figures.to_png(small)
+
+
 def test_report_unknown_run(small_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--run", "nope", "--out", str(tmp_path), "--db", str(small_run.db)]) == 2
     assert "known runs" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 
@@ -361,3 +362,58 @@ def test_prediction_wide_holds_the_local_contrast_of_each_class(writer: store.St
     row = writer.prediction_wide(RUN).row(0, named=True)
     classes = r1.predictions["class"].to_list()
     assert row[f"input_local|{classes[1]}"] == 0.9 and row[f"input_local|{classes[2]}"] is None
+
+
+# ---------------------------------------------------------------------- Fig. 3's statistics, pushed down
+
+
+def _box_store(tmp_path: Path) -> tuple[store.Store, pl.DataFrame]:
+    """A run of 60 done patients and one failed one, values with outliers and a null; and every done row."""
+    rng = np.random.default_rng(11)
+    ids = [f"p{i:02d}" for i in range(61)]
+    w = store.open_writer(tmp_path / "box.duckdb", live=False)
+    w.create_run("r", config={})
+    w.register_patients("r", manifest(ids))
+    for i, pid in enumerate(ids[:60]):
+        res = result(pid, seed=i)
+        v = rng.lognormal(-3.0, 1.0, res.importances.height)
+        v[rng.random(v.size) < 0.05] *= 40  # far outliers beyond the whiskers
+        imp = res.importances.with_columns(pl.Series("value", v))
+        if i == 5:
+            imp = imp.with_columns(pl.when(pl.col("roi") == "heart").then(None).otherwise(pl.col("value")).alias("value"))
+        w.write_patient("r", PatientResult(patient_id=pid, importances=imp, predictions=res.predictions))
+    w.mark_failed("r", ids[60], error="unreadable")
+    done = w.importances("r").filter(pl.col("patient_id").is_in(ids[:60]))
+    return w, done
+
+
+def test_the_stores_box_statistics_are_matplotlibs(tmp_path: Path) -> None:
+    from matplotlib import cbook
+
+    w, done = _box_store(tmp_path)
+    with w:
+        got = w.importance_box_stats("r", method="smoothgrad", sign="pos", stat="mass")
+    want = done.filter((pl.col("sign") == "pos") & (pl.col("stat") == "mass")).drop_nulls("value")
+    assert got.height == want.select("target", "roi").n_unique() == 12
+    for row in got.iter_rows(named=True):
+        v = want.filter((pl.col("target") == row["target"]) & (pl.col("roi") == row["roi"]))["value"].to_numpy()
+        (ref,) = cbook.boxplot_stats(v)  # matplotlib's own definition, on the raw values
+        assert row["n"] == v.size == (59 if row["roi"] == "heart" else 60)
+        for key in ("q1", "med", "q3", "whislo", "whishi"):
+            assert row[key] == pytest.approx(float(ref[key]), rel=1e-12), (row["target"], row["roi"], key)
+        assert (row["vmin"], row["vmax"]) == (v.min(), v.max())
+    assert (got["whishi"] < got["vmax"]).any()  # the outliers lie beyond the whiskers somewhere
+
+
+def test_the_dots_are_the_same_drawn_patients_in_every_box(tmp_path: Path) -> None:
+    w, _ = _box_store(tmp_path)
+    with w:
+        dots = w.importance_points("r", method="smoothgrad", patients=7, seed=3)
+        again = w.importance_points("r", method="smoothgrad", patients=7, seed=3)
+        other = w.importance_points("r", method="smoothgrad", patients=7, seed=4)
+        everyone = w.importance_points("r", method="smoothgrad", patients=1000)
+    drawn = set(dots["patient_id"])
+    assert len(drawn) == 7 and "p60" not in drawn  # done patients only
+    assert all(set(g["patient_id"]) == drawn for _, g in dots.group_by("target", "roi") if g.height == 7)
+    assert dots.equals(again) and set(other["patient_id"]) != drawn
+    assert everyone["patient_id"].n_unique() == 60
