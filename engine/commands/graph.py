@@ -21,12 +21,15 @@ def handle(args: argparse.Namespace) -> int:
 
     options = {"rule": args.rule, "k": args.k, "threshold": args.threshold, "quantile": args.quantile,
                "exclude_background": not args.keep_background, "self_edges": not args.no_self_edges}
-    opener = store.open_writer if args.save else store.open
+    opener = store.open_writer_or_live if args.save else store.open
     with opener(args.db) as s:
         run_id = s.require_run(args.run)
         graphs, params = graph_run(s, run_id=run_id, by=args.by, method=args.method, sign=args.sign,
                                    rois=args.rois, **options)
-        if args.save:
+        if args.save and s.read_only:
+            print(f"not stored: a run is writing {args.db}, so this graph is of its committed patients only; rerun "
+                  "with --save after it finishes to store the edges")
+        elif args.save:
             graph_id = "graph-" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
             n = s.write_graph(graph_id=graph_id, run_id=run_id, edges=graphs, params=params)
             print(f"stored {n} edges as {graph_id}")

@@ -193,8 +193,8 @@ def test_another_process_reads_through_the_endpoint(live_writer: store.Store) ->
 
 def test_the_analytics_commands_run_in_another_process_while_a_run_writes(tmp_path: Path) -> None:
     """graph, report, show, anomaly and audit on a store a run is writing: each reads the committed
-    patients through the endpoint (graph and show failed with an internal error before); anomaly and
-    audit show what they computed and say it was not stored."""
+    patients through the endpoint (graph and show failed with an internal error before); anomaly, audit
+    and graph --save show what they computed and say it was not stored."""
     db = tmp_path / "s.duckdb"
     ids = [f"p{i}" for i in range(24)]
     with store.open_writer(db) as w:
@@ -205,7 +205,7 @@ def test_the_analytics_commands_run_in_another_process_while_a_run_writes(tmp_pa
         out = _python(f"""
             from engine.cli import main
             db, out = {str(db)!r}, {str(tmp_path)!r}
-            for argv in (["graph", "--out", out + "/graph"], ["anomaly"], ["audit", "--by", "site"],
+            for argv in (["graph", "--out", out + "/graph", "--save"], ["anomaly"], ["audit", "--by", "site"],
                          ["show", "p3", "--target", "heart", "--out", out + "/p3.png"],
                          ["report", "--out", out + "/report", "--no-maps"]):
                 print("exit", argv[0], main([argv[0], "--run", {RUN!r}, *argv[1:], "--db", db]), flush=True)
@@ -217,11 +217,12 @@ def test_the_analytics_commands_run_in_another_process_while_a_run_writes(tmp_pa
         # show read what it needs through the endpoint; this run names no model to recompute maps with
         assert "exit show 2" in out.stdout and "cannot recompute maps for run 'live'" in out.stderr
         assert "20 patients scored" in out.stdout
-        assert out.stdout.count("not stored: a run is writing") == 2  # anomaly and audit, not the readers
+        assert out.stdout.count("not stored: a run is writing") == 3  # graph --save, anomaly and audit
         assert (tmp_path / "report" / f"report-{RUN}.html").is_file() and (tmp_path / "graph").is_dir()
         # nothing was written beside the run: the commands could not, and did not try
         assert w.sql("SELECT count(*) AS n FROM anomaly_models").item() == 0
         assert w.sql("SELECT count(*) AS n FROM audits").item() == 0
+        assert w.sql("SELECT count(*) AS n FROM graph_edges").item() == 0
     # once the run has ended, the same command stores its scores
     out = _python(f"""
         from engine.cli import main
