@@ -47,6 +47,8 @@ BOOKKEEPING_COLUMNS = ("run_id", "patient_id", "image_path", "label_path", "meta
 #: and caps DuckDB's memory (it spills larger work to ``<db>.tmp``) so that a long run's cache
 #: does not grow with the store: ``$AGG2EXP_DUCKDB_MEMORY`` (default 2GB).
 _CONFIG = {"enable_external_access": False, "memory_limit": os.environ.get("AGG2EXP_DUCKDB_MEMORY", "2GB")}
+#: The most importance rows :meth:`Store.importances` reads into one frame unless told otherwise (~1.6 GB).
+EAGER_ROWS = 20_000_000
 
 # Layout choices, measured (BENCHMARKS.md, "Store at scale"): no key index on the long tables
 # (a 7-column text key cost ~220 B/row); ``stat`` and ``sign`` as ENUMs, and each patient's rows
@@ -852,11 +854,15 @@ class Store:
                            "ORDER BY patient_id", [run_id])
 
     # ------------------------------------------------------------------ readers: results
-    def importances(self, run_id: str | None = None, *, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
+    def importances(self, run_id: str | None = None, *, lazy: bool = False,
+                    max_rows: int | None = EAGER_ROWS) -> pl.DataFrame | pl.LazyFrame:
         """The importances of one run (or all), in the long format.
 
         ``lazy=True`` returns a Polars LazyFrame over a DuckDB relation: filters and column
-        selections are pushed down to DuckDB, so only the rows asked for are read.
+        selections are pushed down to DuckDB, so only the rows asked for are read. An eager read of
+        more than ``max_rows`` rows is refused with what to do instead (a frame takes ~80 B a row and
+        twice that while it is read: a 100,000-patient run, 194 M rows, took 24 GB before it was
+        killed); ``max_rows=None`` reads whatever there is.
         """
         query = f"SELECT {_IMPORTANCE_SELECT} FROM importances"
         params: list[Any] = []
@@ -864,6 +870,15 @@ class Store:
             query += " WHERE run_id = ?"
             params.append(self.require_run(run_id))
         if not lazy:
+            if max_rows is not None:
+                (n,) = self._rows(f"SELECT count(*) FROM ({query})", params)[0]  # noqa: S608
+                if n > max_rows:
+                    what = f"run {run_id!r}" if run_id is not None else "the store"
+                    raise StoreError(
+                        f"{what} holds {n:,} importance rows (about {n * 80 / 2**30:.0f} GB as one frame, twice that while "
+                        f"it is read), more than "
+                        f"max_rows={max_rows:,}; read it lazily and filter, e.g. importances(run_id, lazy=True)"
+                        ".filter(pl.col('target') == 'heart').collect(), or pass max_rows=None to load it whole")
             return self._frame(query, params).cast(IMPORTANCE_SCHEMA)  # type: ignore[arg-type]
         if self._client is None:
             return self.con.cursor().sql(query, params=params or None).pl(lazy=True)  # type: ignore[union-attr]

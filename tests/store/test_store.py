@@ -417,3 +417,17 @@ def test_the_dots_are_the_same_drawn_patients_in_every_box(tmp_path: Path) -> No
     assert all(set(g["patient_id"]) == drawn for _, g in dots.group_by("target", "roi") if g.height == 7)
     assert dots.equals(again) and set(other["patient_id"]) != drawn
     assert everyone["patient_id"].n_unique() == 60
+
+
+def test_an_eager_read_of_too_many_rows_says_to_read_lazily(writer: store.Store) -> None:
+    """A notebook's ``importances(run)`` on a 100,000-patient run took 24 GB before the kernel killed it."""
+    writer.write_patient(RUN, result("p1"))
+    n = writer.table_counts(RUN)["importances"]
+    assert n > 10
+    with pytest.raises(store.StoreError, match=rf"run '{RUN}' holds {n:,} importance rows .* max_rows=10; "
+                                               r"read it lazily and filter, e\.g\. importances\(run_id, lazy=True\)"):
+        writer.importances(RUN, max_rows=10)
+    with pytest.raises(store.StoreError, match="the store holds"):
+        writer.importances(max_rows=10)
+    assert writer.importances(RUN, max_rows=None).height == n == writer.importances(RUN, max_rows=n).height
+    assert writer.importances(RUN, lazy=True, max_rows=10).collect().height == n  # lazy reads are not capped
