@@ -1083,6 +1083,13 @@ class Store:
                            "worker", "seconds", "timings", "updated_at", "finished_at")
 
     _DONE = "patient_id IN (SELECT patient_id FROM patients WHERE run_id = $run AND status = 'done')"
+    #: The rows of one method/sign/stat of a run's done patients (``_selection``'s parameters).
+    _SELECTION = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND {_DONE}"
+
+    @staticmethod
+    def _selection(run_id: str, method: str, sign: str, stat: str) -> dict[str, Any]:
+        """The bound parameters of :attr:`_SELECTION`."""
+        return {"run": run_id, "method": method, "sign": sign, "stat": stat}
 
     def importance_methods(self, run_id: str) -> list[str]:
         """Attribution methods with importance rows of done patients."""
@@ -1097,8 +1104,7 @@ class Store:
 
         Columns: ``patient_id`` then ``f"{target}{FEATURE_SEP}{roi}"``; null where a patient has no row.
         """
-        where = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND {self._DONE}"
-        params = {"run": run_id, "method": method, "sign": sign, "stat": stat}
+        where, params = self._SELECTION, self._selection(run_id, method, sign, stat)
         features = self._rows(
             f"SELECT DISTINCT target, roi FROM importances WHERE {where} ORDER BY target, roi", params  # noqa: S608
         )
@@ -1152,7 +1158,7 @@ class Store:
         """Box-plot statistics per (target, roi) over done patients, as matplotlib's ``boxplot_stats`` defines
         them: ``n``, quartiles ``q1, med, q3`` (linear interpolation), whiskers ``whislo, whishi`` (the furthest
         values within 1.5 IQR of the box, never inside it), ``vmin, vmax``. Null values are left out."""
-        where = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND value IS NOT NULL AND {self._DONE}"
+        where = f"{self._SELECTION} AND value IS NOT NULL"
         return self._frame(
             # v is read twice (the quartiles, then the whiskers against them) rather than held: at 100,000
             # patients it is 32 M values
@@ -1168,7 +1174,7 @@ class Store:
             "CASE WHEN w.lo IS NULL OR w.lo > q.q1 THEN q.q1 ELSE w.lo END AS whislo, "
             "CASE WHEN w.hi IS NULL OR w.hi < q.q3 THEN q.q3 ELSE w.hi END AS whishi, q.vmin, q.vmax "
             "FROM q JOIN w ON q.target = w.target AND q.roi = w.roi ORDER BY 1, 2",
-            {"run": run_id, "method": method, "sign": sign, "stat": stat},
+            self._selection(run_id, method, sign, stat),
         )
 
     def importance_points(
@@ -1183,7 +1189,7 @@ class Store:
             "AS patient_id, value FROM importances WHERE run_id = $run AND method = $method AND sign = $sign "
             "AND stat = $stat AND value IS NOT NULL AND patient_id IN (SELECT patient_id FROM chosen) "
             "ORDER BY target, roi, patient_id",
-            {"run": run_id, "method": method, "sign": sign, "stat": stat, "patients": int(patients), "seed": int(seed)},
+            self._selection(run_id, method, sign, stat) | {"patients": int(patients), "seed": int(seed)},
         )
 
     def importance_sums(
@@ -1195,8 +1201,7 @@ class Store:
         ``n_patients`` counts the done patients with any row for the target, so that a mean over
         them counts a patient without a row for a RoI as 0 (an empty RoI has no mass).
         """
-        where = f"run_id = $run AND method = $method AND sign = $sign AND stat = $stat AND {self._DONE}"
-        params: dict[str, Any] = {"run": run_id, "method": method, "sign": sign, "stat": stat}
+        where, params = self._SELECTION, self._selection(run_id, method, sign, stat)
         if patient_ids is not None:
             # a hash semi-join on the unnested list: at 100,000 patients in three groups `graph --by site`
             # took 8.5 s against 15.6 s with list_contains per row (the same edges)
